@@ -1,0 +1,193 @@
+"""Command line: ``toolkit COMMAND ...`` (also ``python -m toolkit``).
+
+Thin on purpose: parse arguments, load the study, call the library. A
+:class:`~toolkit.errors.ToolkitError` becomes one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from toolkit.errors import ToolkitError
+
+
+def _study(args: argparse.Namespace) -> Any:
+    from toolkit.config import load_study
+
+    study = load_study(args.study, args.set or [])
+    if getattr(args, "out", None):
+        study = dataclasses.replace(study, output_dir=args.out)
+    return study
+
+
+def _add_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="study file, e.g. jobs/demo.toml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a study key, e.g. --set training.steps=10 (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="study output folder (default: studies/<name>)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from toolkit.study import members, prepare_keys
+
+    study = _study(args)
+    print(f"study {study.name}: {len(study.corpora)} corpora, {len(study.runs)} runs, "
+          f"{len(members(study))} members, output {study.root}")
+    for corpus, tok in prepare_keys(study):
+        print(f"  tokens  {corpus} x {tok}  ({study.corpora[corpus].source})")
+    for name, run in study.runs.items():
+        print(f"  run     {name}: {run.corpus} x {run.tokenizer}, model {run.model.shape}, "
+              f"seeds {list(study.seeds)}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from toolkit.prepare import prepare_study
+
+    prepare_study(_study(args), force=args.force)
+    return 0
+
+
+def cmd_corpus_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from toolkit.prepare import corpus_stats, format_profile
+
+    profile = corpus_stats(args.source, tokenizer=args.tokenizer, kind=args.kind,
+                           max_records=args.max_records, orders=args.orders)
+    print(json.dumps(profile, indent=2) if args.json else format_profile(profile))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.study import Member
+    from toolkit.train import train_member
+
+    study = _study(args)
+    train_member(study, Member.parse(args.member, study))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from toolkit.evaluate import evaluate_member
+    from toolkit.study import Member
+
+    study = _study(args)
+    evaluate_member(study, Member.parse(args.member, study))
+    return 0
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    from toolkit.analyse import analyse_study
+
+    analyse_study(_study(args))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from toolkit.report import write_report
+
+    path = write_report(_study(args))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from toolkit.dispatch import run_study
+
+    study = _study(args)
+    run_study(study, executor=args.executor, wait=not args.no_wait)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from toolkit.dispatch import run_study
+
+    run_study(_study(args), executor="slurm", wait=False)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from toolkit.dispatch import status_table
+
+    print(status_table(_study(args)))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from toolkit.dispatch import cancel_study
+
+    cancel_study(_study(args))
+    return 0
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    from toolkit.units import run_unit
+
+    run_unit(_study(args), args.stage, args.key, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="toolkit",
+        description="Entropy versus learnability: train seed ensembles of masked LMs on a corpus "
+                    "and measure entropy, disagreement, embedding stability and Fisher information.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Any, help: str, study: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if study:
+            _add_study(p)
+        p.set_defaults(func=func)
+        return p
+
+    add("validate", cmd_validate, "check a study file and list its runs and members")
+    p = add("prepare", cmd_prepare, "build the token stores (corpus x tokenizer) of a study")
+    p.add_argument("--force", action="store_true", help="rebuild stores that already exist")
+    p = add("corpus-stats", cmd_corpus_stats, "print the data-side entropy profile of a corpus",
+            study=False)
+    p.add_argument("source", help="a file, folder, glob or builtin:NAME (e.g. builtin:arabidopsis-thaliana-chr1)")
+    p.add_argument("--tokenizer", default="char", help="char, kmer<k>, kmer<k>-overlap or bpe<V> (default char)")
+    p.add_argument("--kind", choices=["auto", "dna", "text"], default="auto")
+    p.add_argument("--max-records", type=int, default=None, help="read at most this many records")
+    p.add_argument("--orders", type=int, default=4, help="conditional entropy up to this context length J")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = add("train", cmd_train, "train one ensemble member (resumes from its last checkpoint)")
+    p.add_argument("--member", required=True, help="member id RUN/seedN, e.g. dna-6mer/seed1")
+    p = add("evaluate", cmd_evaluate, "write a member's predictions, embeddings and Fisher")
+    p.add_argument("--member", required=True, help="member id RUN/seedN")
+    add("analyse", cmd_analyse, "aggregate every analysis into summary.zarr")
+    add("report", cmd_report, "write the HTML report and figures")
+    p = add("run", cmd_run, "run the whole study through an executor (default: the study's)")
+    p.add_argument("--executor", choices=["local", "slurm", "debug"], default=None)
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    add("submit", cmd_submit, "queue the whole study on SLURM and return at once")
+    add("status", cmd_status, "show every unit: done / running / pending / failed")
+    add("cancel", cmd_cancel, "cancel the study's queued and running jobs")
+    p = add("unit", cmd_unit, "run one unit of work (used by the dispatcher)")
+    p.add_argument("stage", choices=["prepare", "train", "evaluate", "analyse"])
+    p.add_argument("key", help="corpus--tokenizer, RUN/seedN or summary")
+    p.add_argument("--force", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except ToolkitError as e:
+        print(f"toolkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("toolkit: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,147 @@
+"""The study folder: where every unit of work writes, and how members are named.
+
+Layout (all paths below the study root, ``StudyConfig.root``)::
+
+    study.toml                          the resolved study definition (copied by prepare)
+    tokens/<corpus>--<tokenizer>/       one prepare unit: token store, tokenizer, eval masks
+        tokens.zarr  tokenizer.json  masks.zarr  complete.json
+    members/<run>/seed<N>/              one ensemble member
+        checkpoints/                    resumable training state (train unit)
+        train.zarr                      loss curve and evaluation loss
+        train.complete.json             marker: training finished
+        predictions.zarr embeddings.zarr fisher.zarr
+        evaluate.complete.json          marker: per-member outputs written
+    summary.zarr                        aggregated analyses (analyse unit)
+    report/index.html                   the report
+    manifest.json                       jobs submitted by the dispatcher
+
+The member id ``<run>/seed<N>`` is the one key for job names, folders and store
+coordinates. A unit is complete only when its marker exists; markers are written
+last, after every store of the unit was renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolkit.config import StudyConfig
+from toolkit.errors import ConfigError
+
+
+@dataclass(frozen=True, order=True)
+class Member:
+    run: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.run}/seed{self.seed}"
+
+    @classmethod
+    def parse(cls, text: str, study: StudyConfig | None = None) -> Member:
+        run, _, seed = text.partition("/seed")
+        if not run or not seed.isdigit():
+            raise ConfigError(f"member '{text}' must look like RUN/seedN, e.g. dna-6mer/seed1")
+        member = cls(run, int(seed))
+        if study is not None:
+            valid = [m.id for m in members(study)]
+            if member.id not in valid:
+                raise ConfigError(f"member '{text}' is not in study '{study.name}'; "
+                                  f"members: {', '.join(valid)}")
+        return member
+
+
+def members(study: StudyConfig) -> list[Member]:
+    """Every ensemble member, generated from the runs and the seeds (never listed by hand)."""
+    return [Member(run, seed) for run in study.runs for seed in study.seeds]
+
+
+def token_key(corpus: str, tokenizer: str) -> str:
+    return f"{corpus}--{tokenizer}"
+
+
+def prepare_keys(study: StudyConfig) -> list[tuple[str, str]]:
+    """Distinct (corpus, tokenizer) pairs, in run order: one prepare unit each."""
+    seen: dict[tuple[str, str], None] = {}
+    for run in study.runs.values():
+        seen[(run.corpus, run.tokenizer)] = None
+    return list(seen)
+
+
+class Layout:
+    """Paths of a study folder. Pure path arithmetic: nothing is created here."""
+
+    def __init__(self, study: StudyConfig) -> None:
+        self.study = study
+        self.root = study.root
+
+    def tokens_dir(self, corpus: str, tokenizer: str) -> Path:
+        return self.root / "tokens" / token_key(corpus, tokenizer)
+
+    def run_tokens_dir(self, run: str) -> Path:
+        cfg = self.study.runs[run]
+        return self.tokens_dir(cfg.corpus, cfg.tokenizer)
+
+    def member_dir(self, member: Member) -> Path:
+        return self.root / "members" / member.run / f"seed{member.seed}"
+
+    def checkpoints_dir(self, member: Member) -> Path:
+        return self.member_dir(member) / "checkpoints"
+
+    def train_marker(self, member: Member) -> Path:
+        return self.member_dir(member) / "train.complete.json"
+
+    def evaluate_marker(self, member: Member) -> Path:
+        return self.member_dir(member) / "evaluate.complete.json"
+
+    def prepare_marker(self, corpus: str, tokenizer: str) -> Path:
+        return self.tokens_dir(corpus, tokenizer) / "complete.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.zarr"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def iter_units(study: StudyConfig) -> Iterator[tuple[str, str, Path]]:
+    """(stage, unit id, completion marker) for every unit of the study, in dependency order."""
+    layout = Layout(study)
+    for corpus, tok in prepare_keys(study):
+        yield "prepare", token_key(corpus, tok), layout.prepare_marker(corpus, tok)
+    for m in members(study):
+        yield "train", m.id, layout.train_marker(m)
+    for m in members(study):
+        yield "evaluate", m.id, layout.evaluate_marker(m)
+    yield "analyse", "summary", layout.report_dir / "index.html"

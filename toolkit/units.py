@@ -1,0 +1,52 @@
+"""One unit of work of a study, runnable on its own (the dispatcher's job body).
+
+A unit is ``(stage, key)``: ``prepare`` with key ``<corpus>--<tokenizer>``, ``train``
+and ``evaluate`` with a member id ``<run>/seed<N>``, ``analyse`` with key
+``summary`` (aggregation and report). A unit whose completion marker exists is
+skipped, so running a unit twice is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from toolkit.config import StudyConfig
+from toolkit.errors import ConfigError
+from toolkit.study import Member, iter_units
+
+log = logging.getLogger(__name__)
+
+
+def is_done(study: StudyConfig, stage: str, key: str) -> bool:
+    for s, k, marker in iter_units(study):
+        if s == stage and k == key:
+            return marker.exists()
+    raise ConfigError(f"no unit {stage}:{key} in study '{study.name}'")
+
+
+def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -> None:
+    """Run one unit in this process; skipped when its marker exists (unless ``force``)."""
+    if not force and is_done(study, stage, key):
+        log.info("%s %s: already complete, skipped", stage, key)
+        return
+    if stage == "prepare":
+        from toolkit.prepare import prepare_unit
+
+        corpus, _, tokenizer = key.partition("--")
+        prepare_unit(study, corpus, tokenizer)
+    elif stage == "train":
+        from toolkit.train import train_member
+
+        train_member(study, Member.parse(key, study))
+    elif stage == "evaluate":
+        from toolkit.evaluate import evaluate_member
+
+        evaluate_member(study, Member.parse(key, study))
+    elif stage == "analyse":
+        from toolkit.analyse import analyse_study
+        from toolkit.report import write_report
+
+        analyse_study(study)
+        write_report(study)
+    else:
+        raise ConfigError(f"unknown stage '{stage}'; stages: prepare, train, evaluate, analyse")
