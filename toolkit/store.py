@@ -57,6 +57,14 @@ def _spec(kind: str, name: str) -> dict[str, Any]:
     return arrays[name]
 
 
+def _norm(dtype: Any) -> str:
+    """Schema name of a dtype: numpy's name, or "str" for any string dtype."""
+    dt = np.dtype(dtype) if not isinstance(dtype, str) or dtype != "str" else None
+    if dt is None or dt.kind in "TUO":
+        return "str"
+    return dt.name
+
+
 def _dtypes(spec: dict[str, Any]) -> list[str]:
     d = spec["dtype"]
     return [d] if isinstance(d, str) else list(d)
@@ -77,7 +85,7 @@ def create_array(group: Any, kind: str, name: str, *, shape: tuple[int, ...] | N
     dims = spec["dims"]
     if len(shape) != len(dims):
         raise StoreError(f"{kind}.{name}: shape {shape} does not match dims {dims}")
-    dtype = dtype or (str(data.dtype) if data is not None and str(data.dtype) in _dtypes(spec) else _dtypes(spec)[0])
+    dtype = dtype or (_norm(data.dtype) if data is not None and _norm(data.dtype) in _dtypes(spec) else _dtypes(spec)[0])
     if dtype not in _dtypes(spec):
         raise StoreError(f"{kind}.{name}: dtype {dtype} not allowed; schema allows {_dtypes(spec)}")
     if chunks is None:
@@ -88,15 +96,17 @@ def create_array(group: Any, kind: str, name: str, *, shape: tuple[int, ...] | N
             chunks = tuple(max(1, s if c == -1 else min(c, max(s, 1))) for c, s in zip(want, shape, strict=True))
     parent, _, leaf = name.rpartition("/")
     target = group.require_group(parent) if parent else group
-    arr = target.create_array(leaf, shape=shape, chunks=chunks, dtype=dtype,
-                              dimension_names=dims, fill_value=spec.get("fill_value", 0),
+    is_str = dtype == "str"
+    arr = target.create_array(leaf, shape=shape, chunks=chunks, dtype=str if is_str else dtype,
+                              dimension_names=dims,
+                              fill_value="" if is_str else spec.get("fill_value", 0),
                               overwrite=True)
     if spec.get("units"):
         arr.attrs["units"] = spec["units"]
     if spec.get("description"):
         arr.attrs["description"] = spec["description"]
     if data is not None:
-        arr[...] = data.astype(dtype, copy=False)
+        arr[...] = data.astype(str) if is_str else data.astype(dtype, copy=False)
     return arr
 
 
@@ -123,7 +133,7 @@ def validate(group: Any, kind: str, where: str | Path) -> None:
                 continue
             raise StoreError(f"{where}: array '{name}' missing; the store is incomplete or from "
                              "another tool, rebuild it") from None
-        if str(arr.dtype) not in _dtypes(spec):
+        if _norm(arr.dtype) not in _dtypes(spec):
             raise StoreError(f"{where}: array '{name}' has dtype {arr.dtype}, schema wants {_dtypes(spec)}")
         dims = list(arr.metadata.dimension_names or [])
         if dims != list(spec["dims"]):
