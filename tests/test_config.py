@@ -95,3 +95,16 @@ def test_cli_prints_one_line_and_exits_2_on_user_error(tmp_path: Path, capsys: p
     assert err.count("\n") == 1 and "unknown key 'training.stepz'" in err and "Traceback" not in err
     assert main(["validate", str(tmp_path / "missing.toml")]) == 2
     assert "study file not found" in capsys.readouterr().err
+
+
+def test_study_round_trips_through_json(tmp_path: Path) -> None:
+    import json
+
+    from toolkit.config import study_to_dict
+
+    s = load_study(REPO / "jobs" / "demo.toml", ["training.steps=7"])
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study_to_dict(s)))
+    back = load_study(path)
+    assert back.training == s.training and back.corpora == s.corpora and back.runs == s.runs
+    assert back.root == s.root and back.seeds == s.seeds

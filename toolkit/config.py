@@ -162,6 +162,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AnalysisConfig:
+    checkpoint: Literal["best", "final"] = "best"
+    """Weights the per-member outputs are computed from (paper: best by evaluation loss)."""
     eval_records: int | None = None
     """Held-out records used for predictions (None: the whole evaluation split)."""
     seq_len: int | None = None
@@ -253,6 +255,10 @@ class StudyConfig:
     def base_dir(self) -> Path:
         """Folder that relative corpus paths are resolved against."""
         return Path(self.source_file).resolve().parent if self.source_file else Path.cwd()
+
+    def resolve_path(self, path: str) -> Path:
+        """A data path from the study file, resolved against :attr:`base_dir`."""
+        return (self.base_dir / Path(path).expanduser()).resolve()
 
     @property
     def root(self) -> Path:
@@ -406,13 +412,44 @@ def study_from_dict(raw: dict[str, Any], *, where: str, source_file: str | None 
     return study
 
 
+def study_to_dict(study: StudyConfig) -> dict[str, Any]:
+    """The inverse of :func:`study_from_dict`: a document that rebuilds the same study.
+
+    The dispatcher saves it as ``<study root>/study.json`` so that every job sees
+    exactly the configuration (overrides included) that was submitted.
+    """
+    flat = dataclasses.asdict(study)
+    flat.pop("source_file")
+    base = study.base_dir
+
+    def absolute(p: str) -> str:
+        return p if ":" in p.split("/", 1)[0] else str((base / Path(p).expanduser()))
+
+    for corpus in flat["corpora"].values():
+        corpus["source"] = absolute(corpus["source"])
+    for run in flat["runs"].values():
+        run["checkpoints"] = [absolute(c) for c in run["checkpoints"]]
+    header = {k: flat.pop(k) for k in ("name", "seeds", "data_seed", "output_dir", "description")}
+    header["output_dir"] = str(study.root)
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return clean({"study": header, **flat})
+
+
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
     """Read, override and validate a study file.
 
     Parameters
     ----------
     path
-        The TOML file (``jobs/demo.toml``).
+        The TOML file (``jobs/demo.toml``), or a ``study.json`` written by
+        :func:`study_to_dict` (relative data paths in it are already absolute).
     overrides
         ``dotted.key=value`` strings applied before validation, e.g.
         ``training.steps=10`` or ``study.seeds=[1,2]``.
@@ -425,9 +462,14 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read study file ({e})") from e
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        if path.suffix == ".json":
+            import json
+
+            raw = json.loads(text)
+        else:
+            raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from e
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
