@@ -29,7 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["demo.toml"])
+@pytest.mark.parametrize("name", ["demo.toml", "paper.toml", "entropy-sweep.toml"])
 def test_shipped_studies_validate(name: str) -> None:
     study = load_study(REPO / "jobs" / name)
     assert study.name
