@@ -198,9 +198,14 @@ def open_store(path: str | Path, kind: str, mode: str = "r") -> Any:
     return group
 
 
-def open_dataset(path: str | Path, kind: str, chunks: Any = "auto") -> Any:
-    """Open a store lazily as a Dask-backed ``xarray.Dataset`` (validated first)."""
+def open_dataset(path: str | Path, kind: str, chunks: Any = None, group: str | None = None) -> Any:
+    """Open a store lazily as a Dask-backed ``xarray.Dataset`` (validated first).
+
+    ``chunks=None`` keeps the stored chunking (``"auto"`` cannot chunk string
+    arrays); ``group`` opens a sub-group such as ``distribution`` of a masks store.
+    """
     import xarray as xr
 
     open_store(path, kind)
-    return xr.open_zarr(str(path), chunks=chunks, zarr_format=3, consolidated=True)
+    return xr.open_zarr(str(path), chunks={} if chunks is None else chunks, zarr_format=3,
+                        consolidated=True, group=group)
