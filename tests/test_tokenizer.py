@@ -1,0 +1,204 @@
+"""Tokenizers: numpy encoders == the saved HuggingFace file == naive Python references."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from toolkit.errors import ConfigError, StoreError
+from toolkit.sequences import SPECIAL_TOKENS, UNK
+from toolkit.tokenizer import build_tokenizer, load_tokenizer
+
+
+def _random_dna(rng: np.random.Generator, n: int) -> str:
+    """Random bases with N runs of 1-12, so ACGT runs have every remainder modulo k."""
+    s = np.array(list("ACGT"))[rng.integers(0, 4, n)]
+    for _ in range(max(1, n // 40)):
+        i = int(rng.integers(0, max(n, 1)))
+        s[i:i + int(rng.integers(1, 13))] = "N"
+    return "".join(s)
+
+
+def _dna_batch(seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    seqs = [_random_dna(rng, int(rng.integers(0, 400))) for _ in range(80)]
+    # edge cases: empty, all N, shorter than k, one symbol, non-ACGTN symbols, newline, non-latin-1
+    return seqs + ["", "N", "NNNNNNN", "A", "ACGTA", "ACGTACGTACGTA", "ACGRYACGTACGT",
+                   "acgtACGTAC", "ACG\nTACGTACGT", "ACGTAC\u20acGTACGT", "ACGTACNACGTACG"]
+
+
+def _naive_kmer(seq: str, k: int) -> list[int]:
+    """The rule written out as a per-k-mer Python loop (independent of the implementation)."""
+    kmer_id = {"".join(t): 10 + i for i, t in enumerate(itertools.product("ACGT", repeat=k))}
+    single = {b: 5 + i for i, b in enumerate("ACGTN")}
+    out, i = [], 0
+    while i < len(seq):
+        chunk = seq[i:i + k]
+        if len(chunk) == k and all(ch in "ACGT" for ch in chunk):
+            out.append(kmer_id[chunk])
+            i += k
+        else:
+            out.append(single.get(seq[i], UNK) if k > 1 or seq[i] == "N" else kmer_id.get(seq[i], UNK))
+            i += 1
+    return out
+
+
+def _naive_overlap(seq: str, k: int) -> list[int]:
+    kmer_id = {"".join(t): 10 + i for i, t in enumerate(itertools.product("ACGT", repeat=k))}
+    if len(seq) < k:
+        return [5 + "ACGTN".index(ch) if ch in "ACGTN" else UNK for ch in seq]
+    return [kmer_id.get(seq[i:i + k], UNK) for i in range(len(seq) - k + 1)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_kmer_numpy_equals_hf_file_and_naive_loop(k: int, tmp_path: Path) -> None:
+    tok = build_tokenizer(f"kmer{k}", "dna")
+    assert tok.vocab_size == 4**k + 10
+    tok.save(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    seqs = _dna_batch(k)
+    batch = tok.encode_batch(seqs)
+    for seq, ids in zip(seqs, batch, strict=True):
+        expected = _naive_kmer(seq, k)
+        assert ids.dtype == np.int32
+        assert ids.tolist() == expected, seq
+        assert hf.encode(seq, add_special_tokens=False).ids == expected, seq
+        assert tok.encode(seq).tolist() == expected
+    # the regex the file uses is the documented rule
+    pieces = [m.group() for m in re.finditer(f"[ACGT]{{{k}}}|.", seqs[0], re.S)]
+    assert len(pieces) == len(batch[0])
+
+
+def test_kmer_vocabulary_layout() -> None:
+    tok = build_tokenizer("kmer6", "dna")
+    names = tok.id_to_token()
+    assert {names[i]: i for i in range(5)} == SPECIAL_TOKENS
+    assert names[5:10] == list("ACGTN")
+    assert names[10] == "AAAAAA" and names[11] == "AAAAAC" and names[-1] == "TTTTTT"
+    assert len(names) == 4106
+
+
+def test_kmer_spans_cover_the_record() -> None:
+    tok = build_tokenizer("kmer4", "dna")
+    for seq in _dna_batch(9):
+        ids, starts, ends = tok.encode_spans(seq)
+        assert "".join(seq[a:b] for a, b in zip(starts, ends, strict=True)) == seq
+        names = tok.id_to_token()
+        assert all(names[i] == seq[a:b] for i, a, b in zip(ids, starts, ends, strict=True) if i != UNK)
+
+
+def test_kmer_large_batch_is_blocked_consistently(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tiny block size forces the multi-block path; results must not change.
+    import toolkit.tokenizer as tk
+
+    tok = build_tokenizer("kmer5", "dna")
+    seqs = _dna_batch(11)
+    whole, counts = tok.encode_flat(seqs)
+    monkeypatch.setattr(tk, "_ENCODE_BLOCK", 500)
+    blocked, counts2 = tok.encode_flat(seqs)
+    assert np.array_equal(whole, blocked) and np.array_equal(counts, counts2)
+    assert counts.tolist() == [len(_naive_kmer(s, 5)) for s in seqs]
+    empty_ids, empty_counts = tok.encode_flat([])
+    assert len(empty_ids) == 0 and len(empty_counts) == 0 and tok.encode_batch([]) == []
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_overlap_windows_against_naive(k: int, tmp_path: Path) -> None:
+    tok = build_tokenizer(f"kmer{k}-overlap", "dna")
+    assert tok.vocab_size == 4**k + 10
+    for seq, ids in zip(_dna_batch(20 + k), tok.encode_batch(_dna_batch(20 + k)), strict=True):
+        assert ids.tolist() == _naive_overlap(seq, k), seq
+    tok.save(tmp_path / "tok.json")
+    again = load_tokenizer(tmp_path / "tok.json")
+    assert again.spec == f"kmer{k}-overlap" and again.hash == tok.hash
+    seq = _dna_batch(3)[0]
+    assert again.encode(seq).tolist() == tok.encode(seq).tolist()
+
+
+def test_char_tokenizer_text_and_dna(tmp_path: Path) -> None:
+    train = ["Hello, world!", "Zürich is nice.\tyes"]
+    tok = build_tokenizer("char", "text", train)
+    chars = sorted(set("".join(train)))
+    assert tok.vocab_size == 5 + len(chars)
+    assert tok.id_to_token()[5:] == chars
+    tok.save(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in ["Hello Zürich\n", "unseen: Ω [UNK] [MASK] !", ""]:
+        expected = [5 + chars.index(c) if c in chars else UNK for c in text]
+        assert tok.encode(text).tolist() == expected
+        assert hf.encode(text, add_special_tokens=False).ids == expected
+    dna = build_tokenizer("char", "dna", ["ACCA"])
+    assert dna.id_to_token()[5:] == sorted("ACGTN")  # A C G T N always, even if unseen
+    assert dna.encode("GNTX").tolist() == [7, 8, 9, UNK]
+
+
+def test_bpe_trains_with_specials_first_and_exact_vocab(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), int(rng.integers(2, 9)))) for _ in range(400)]
+    texts = [" ".join(rng.choice(words, 30)) for _ in range(300)]
+    tok = build_tokenizer("bpe500", "text", iter(texts))
+    assert tok.spec == "bpe500" and tok.vocab_size == 500
+    names = tok.id_to_token()
+    assert {names[i]: i for i in range(5)} == SPECIAL_TOKENS
+    tok.save(tmp_path / "tokenizer.json")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.get_vocab_size() == 500
+    for t in texts[:20] + ["zzz unseen"]:
+        ids = tok.encode(t)
+        assert ids.tolist() == hf.encode(t, add_special_tokens=False).ids
+        assert ids.min() >= 0 and ids.max() < 500
+    assert UNK in tok.encode("zzz").tolist()
+
+
+def test_bpe_dna_record_is_one_word_and_small_corpus_is_padded() -> None:
+    rng = np.random.default_rng(1)
+    seqs = ["".join(np.array(list("ACGT"))[rng.integers(0, 4, 300)]) for _ in range(20)]
+    tok = build_tokenizer("bpe4096", "dna", seqs)
+    # 20 random records cannot support 4091 merges: padded to exactly V with unreachable entries
+    assert tok.vocab_size == 4096
+    ids, starts, ends = tok.encode_spans(seqs[0])
+    assert "".join(seqs[0][a:b] for a, b in zip(starts, ends, strict=True)) == seqs[0]
+    assert ids.max() < 4096 and len(ids) < 300  # merges happen inside the one word
+    assert all(not n.startswith("[unused") for n in np.array(tok.id_to_token())[ids])
+
+
+def test_hash_stable_across_save_load_and_rebuild(tmp_path: Path) -> None:
+    for spec, kind, train in [("kmer6", "dna", None), ("char", "text", ["abc d"]),
+                              ("bpe60", "text", ["abc abd abe " * 20] * 5)]:
+        a = build_tokenizer(spec, kind, train)
+        b = build_tokenizer(spec, kind, train)
+        assert a.hash == b.hash
+        a.save(tmp_path / f"{spec}.json")
+        loaded = load_tokenizer(tmp_path / f"{spec}.json")
+        assert loaded.hash == a.hash and loaded.spec == a.spec and loaded.vocab_size == a.vocab_size
+        loaded.save(tmp_path / f"{spec}-again.json")
+        assert (tmp_path / f"{spec}-again.json").read_bytes() == (tmp_path / f"{spec}.json").read_bytes()
+    a = build_tokenizer("char", "text", ["abc"])
+    assert a.hash != build_tokenizer("char", "text", ["abd"]).hash
+
+
+def test_bad_specs_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="bpe4"):
+        build_tokenizer("bpe4", "text", ["abc"])
+    with pytest.raises(ConfigError, match="unknown tokenizer"):
+        build_tokenizer("wordpiece", "text", ["abc"])
+    with pytest.raises(ConfigError, match="DNA"):
+        build_tokenizer("kmer6", "text")
+    with pytest.raises(ConfigError, match="trained"):
+        build_tokenizer("char", "dna")
+    with pytest.raises(ConfigError, match="k <= "):
+        build_tokenizer("kmer14", "dna")
+    with pytest.raises(StoreError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(StoreError, match="bad.json"):
+        load_tokenizer(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
+    with pytest.raises(StoreError, match="not a tokenizer written by this toolkit"):
+        load_tokenizer(tmp_path / "other.json")

@@ -1,0 +1,471 @@
+"""``toolkit prepare`` and ``toolkit corpus-stats``: corpora -> tokenizer -> token stores.
+
+One prepare unit is one (corpus, tokenizer) pair of the study. It writes the folder
+``tokens/<corpus>--<tokenizer>/`` all-or-nothing::
+
+    tokens.zarr      tokens, record offsets, split, symbols per record (storage_schemas/tokens.json)
+    tokenizer.json   the tokenizer (its sha256 is the store's tokenizer_hash)
+    complete.json    the completion marker, written last
+
+The folder is built under a hidden temporary name next to it and renamed into place
+once complete, so a killed prepare never leaves a folder that has ``complete.json``;
+the next prepare removes the dead temporary folder.
+
+Memory stays bounded: records are streamed, encoded in batches and appended to the
+Zarr array a whole chunk at a time. Trainable tokenizers (``char``, ``bpe<V>``) read
+the corpus once more beforehand: a pass counting records (the split needs their
+number) and a pass over the training split to train on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
+from toolkit.errors import ConfigError, StoreError
+from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
+from toolkit.study import Layout, prepare_keys, token_key, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ORDERS = 4  # conditional entropy up to 4 tokens of context in every store's profile
+RAW_SAMPLE_SYMBOLS = 1_000_000  # lzma preset 9 runs at well under 1 MB/s on DNA: 1 MB is enough
+PROFILE_TOKENS = 20_000_000  # the profile of a store uses at most this many training tokens
+STATS_SYMBOLS = 4_000_000  # corpus-stats without --max-records reads about this many symbols
+BATCH_SYMBOLS = 1 << 20  # symbols encoded per vectorised batch
+LOG_EVERY_S = 10.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Progress:
+    """Periodic log lines with records/s and tokens/s."""
+
+    def __init__(self, what: str, total: int | None = None) -> None:
+        self.what, self.total = what, total
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, records: int, tokens: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < LOG_EVERY_S:
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        eta = ""
+        if self.total and records:
+            eta = f", ETA {(self.total - records) * dt / records:.0f} s"
+        log.info("%s: %d records (%.0f records/s), %d tokens (%.2f M tokens/s)%s",
+                 self.what, records, records / dt, tokens, tokens / dt / 1e6, eta)
+
+
+def _check_spec(spec: str) -> None:
+    """Fail fast, before any corpus is read, on a spec no tokenizer can have."""
+    m = TOKENIZER_PATTERN.match(spec)
+    if not m:
+        tokenizer_vocab_size(spec)  # raises the ConfigError listing the valid specs
+    if m and m.group("v") and int(m.group("v")) <= len(SPECIAL_TOKENS):
+        raise ConfigError(f"tokenizer '{spec}': vocabulary {m.group('v')} is not larger than the "
+                          f"{len(SPECIAL_TOKENS)} special tokens; use e.g. bpe4096")
+
+
+def _needs_training(spec: str) -> bool:
+    return not spec.startswith("kmer")
+
+
+def _batches(records: Iterator[Any]) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    size = 0
+    for rec in records:
+        batch.append(rec)
+        size += len(rec.seq)
+        if size >= BATCH_SYMBOLS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _Appender:
+    """Append to a 1-D Zarr array whole chunks at a time (no read-modify-write of chunks)."""
+
+    def __init__(self, array: Any, dtype: str) -> None:
+        self.array, self.dtype = array, dtype
+        self.chunk = int(array.chunks[0])
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def add(self, data: np.ndarray) -> None:
+        self.parts.append(data.astype(self.dtype, copy=False))
+        self.buffered += len(data)
+        if self.buffered >= self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        data = np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
+        n = len(data) if final else (len(data) // self.chunk) * self.chunk
+        if n:
+            self.array.resize((self.written + n,))
+            self.array[self.written:self.written + n] = data[:n]
+            self.written += n
+        self.parts = [data[n:]] if n < len(data) else []
+        self.buffered = len(data) - n
+
+    def close(self) -> int:
+        self._flush(final=True)
+        return self.written
+
+
+def _profile_records(offsets: np.ndarray, split: np.ndarray, max_tokens: int | None) -> np.ndarray:
+    """Training records the entropy profile reads: in order, until ``max_tokens`` is reached."""
+    idx = np.flatnonzero(split == TRAIN)
+    if max_tokens is not None:
+        cum = np.cumsum(offsets[idx + 1] - offsets[idx])
+        idx = idx[: int(np.searchsorted(cum, max_tokens)) + 1]
+    return idx
+
+
+def _read_records(tokens: Any, offsets: np.ndarray, which: np.ndarray) -> Iterator[np.ndarray]:
+    """Tokens of records ``which`` (ascending), read back from the Zarr array block by block."""
+    block = max(int(tokens.chunks[0]), 1)
+    lo = hi = 0
+    buf = np.zeros(0, dtype=np.int64)
+    for r in which:
+        a, b = int(offsets[r]), int(offsets[r + 1])
+        if a < lo or b > hi:
+            lo, hi = a, min(max(b, a + block), int(offsets[-1]))
+            buf = np.asarray(tokens[lo:hi])
+        yield buf[a - lo:b - lo]
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare_study(study: StudyConfig, force: bool = False) -> None:
+    """Build every token store of the study (one per distinct corpus x tokenizer).
+
+    Stores whose ``complete.json`` exists are skipped unless ``force``.
+    """
+    layout = Layout(study)
+    keys = prepare_keys(study)
+    for i, (corpus, tok) in enumerate(keys, 1):
+        if layout.prepare_marker(corpus, tok).exists() and not force:
+            log.info("prepare %d/%d %s: complete, skipped (--force rebuilds it)", i, len(keys),
+                     token_key(corpus, tok))
+            continue
+        log.info("prepare %d/%d %s", i, len(keys), token_key(corpus, tok))
+        prepare_unit(study, corpus, tok)
+
+
+def _clean_stale(parent: Path, key: str) -> None:
+    """Remove temporary folders of this unit left by prepares that died on this host."""
+    host = socket.gethostname()
+    for tmp in parent.glob(f".{key}.tmp-*"):
+        rest = tmp.name[len(f".{key}.tmp-"):]
+        h, _, tail = rest.rpartition("-")[0].rpartition("-")
+        pid = tail
+        if h != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s left by a prepare that died", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
+    """Build ``tokens/<corpus>--<tokenizer>/`` (replacing an existing one) and return it.
+
+    Raises
+    ------
+    ConfigError
+        Invalid tokenizer spec (e.g. a BPE vocabulary not larger than the specials).
+    CorpusError
+        The corpus cannot be read.
+    StoreError
+        The output folder cannot be written.
+    """
+    from toolkit.corpora import open_corpus
+
+    _check_spec(tokenizer)
+    layout = Layout(study)
+    final = layout.tokens_dir(corpus, tokenizer)
+    key = token_key(corpus, tokenizer)
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{parent}: cannot create the token folder ({e.strerror}); "
+                         "choose a writable output_dir (--out)") from e
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"{parent}: folder is not writable; choose a writable output_dir (--out)")
+    _clean_stale(parent, key)
+    src = open_corpus(corpus, study)
+    tmp = parent / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _build_unit(study, corpus, tokenizer, src, tmp)
+        write_json_atomic(tmp / "complete.json", {
+            "unit": f"prepare:{key}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(), "tokenizer_hash": _read_hash(tmp)})
+        if final.exists():
+            trash = parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepare %s: done -> %s", key, final)
+    return final
+
+
+def _read_hash(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -> None:
+    """Write tokenizer.json and tokens.zarr of one unit into the (temporary) folder ``out``."""
+    from toolkit import __version__, store
+
+    cfg = study.corpora[name]
+    what = f"prepare {token_key(name, spec)}"
+    tok, split = _make_tokenizer(spec, src, cfg, what)
+    tok.save(out / "tokenizer.json")
+    attrs = {
+        "corpus": name, "source": cfg.source, "kind": src.kind, "tokenizer": spec,
+        "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size,
+        "special_tokens": dict(SPECIAL_TOKENS), "provenance": src.provenance(),
+        "toolkit_version": __version__,
+    }
+    with store.writing(out / "tokens.zarr", "tokens", attrs) as group:
+        keep_mask = src.kind == "dna" and cfg.dna.keep_softmask
+        counts, record_symbols, sample = _write_tokens(group, tok, src, keep_mask, what,
+                                                       len(split) if split is not None else None)
+        n_rec = len(counts)
+        if split is None:
+            from toolkit.corpora import split_assignment
+
+            split = split_assignment(n_rec, cfg)
+        elif len(split) != n_rec:
+            raise StoreError(f"corpus {name}: {n_rec} records on the encoding pass but {len(split)} "
+                             "on the counting pass; the source changed while it was read")
+        offsets = np.zeros(n_rec + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        store.create_array(group, "tokens", "offsets", data=offsets)
+        store.create_array(group, "tokens", "split", data=split)
+        store.create_array(group, "tokens", "record_symbols", data=record_symbols)
+        group.attrs.update({
+            "split": {"method": cfg.split, "seed": cfg.split_seed,
+                      "train_records": int((split == TRAIN).sum()),
+                      "eval_records": int((split == EVAL).sum()),
+                      "requested_train_records": cfg.train_records,
+                      "requested_eval_records": cfg.eval_records},
+            "n_records": n_rec, "n_tokens": int(offsets[-1]), "n_symbols": int(record_symbols.sum()),
+        })
+        raw = ("" if src.kind == "dna" else "\n").join(s for i, s in sample if split[i] == TRAIN)
+        which = _profile_records(offsets, split, PROFILE_TOKENS)
+        from toolkit.entropy import entropy_profile
+
+        profile = entropy_profile(
+            _read_records(group["tokens"], offsets, which),
+            n_symbols=int(record_symbols[which].sum()), vocab_size=tok.vocab_size, orders=ORDERS,
+            raw_sample=raw.encode("utf-8"), raw_sample_symbols=len(raw),
+            analytic_entropy_rate=src.analytic_entropy_rate, max_tokens=PROFILE_TOKENS)
+        group.attrs["entropy_profile"] = {"corpus": name, "source": cfg.source, "kind": src.kind,
+                                          "tokenizer": spec, "split": "train", **profile}
+
+
+def _make_tokenizer(spec: str, src: Any, cfg: Any, what: str) -> tuple[Any, np.ndarray | None]:
+    """The unit's tokenizer and, for trainable ones, the split (needed first to train on it)."""
+    from toolkit.corpora import split_assignment
+    from toolkit.tokenizer import build_tokenizer
+
+    if not _needs_training(spec):
+        return build_tokenizer(spec, src.kind), None
+    # The split depends on the number of records: count them first.
+    progress = _Progress(f"{what}: counting records")
+    n = 0
+    for _ in src.records():
+        n += 1
+        if n % 4096 == 0:
+            progress.update(n, 0)
+    split = split_assignment(n, cfg)
+    log.info("%s: %d records; training the %s tokenizer on the %d training records", what, n, spec,
+             int((split == TRAIN).sum()))
+    texts = (r.seq for i, r in enumerate(src.records()) if i < n and split[i] == TRAIN)
+    return build_tokenizer(spec, src.kind, texts), split
+
+
+def _write_tokens(group: Any, tok: Any, src: Any, keep_mask: bool, what: str,
+                  total: int | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Stream the corpus into the ``tokens`` (and ``softmasked``) arrays.
+
+    Returns tokens per record, symbols per record and the first records' text
+    (about RAW_SAMPLE_SYMBOLS symbols, with their indices) for the compression estimate.
+    """
+    from toolkit import store
+
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
+    chunk = int(store.schema("tokens")["arrays"]["tokens"]["chunks"][0])
+    tokens = _Appender(store.create_array(group, "tokens", "tokens", shape=(0,), dtype=dtype,
+                                          chunks=(chunk,)), dtype)
+    masks = (_Appender(store.create_array(group, "tokens", "softmasked", shape=(0,),
+                                          chunks=(chunk,)), "uint8") if keep_mask else None)
+    counts: list[np.ndarray] = []
+    symbols: list[np.ndarray] = []
+    sample: list[tuple[int, str]] = []
+    sample_size = n_rec = n_tok = 0
+    progress = _Progress(what, total)
+    for batch in _batches(src.records()):
+        seqs = [r.seq for r in batch]
+        if masks is None:
+            ids, cnt = tok.encode_flat(seqs)
+        else:
+            ids, cnt, flags = _encode_with_softmask(tok, batch)
+            masks.add(flags)
+        tokens.add(ids)
+        counts.append(cnt)
+        symbols.append(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)))
+        for s in seqs:
+            if sample_size < RAW_SAMPLE_SYMBOLS:
+                sample.append((n_rec, s))
+                sample_size += len(s)
+            n_rec += 1
+        n_tok += len(ids)
+        progress.update(n_rec, n_tok)
+    progress.update(n_rec, n_tok, force=True)
+    written = tokens.close()
+    if masks is not None:
+        masks.close()
+    assert written == n_tok, (written, n_tok)
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(counts) if counts else empty,
+            np.concatenate(symbols) if symbols else empty, sample)
+
+
+def _encode_with_softmask(tok: Any, batch: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, tokens per record and, per token, 1 if any of its bases was soft-masked."""
+    ids_all, counts, flags = [], [], []
+    for rec in batch:
+        ids, starts, ends = tok.encode_spans(rec.seq)
+        mask = rec.softmask if rec.softmask is not None else np.zeros(len(rec.seq), dtype=bool)
+        cum = np.zeros(len(mask) + 1, dtype=np.int64)
+        np.cumsum(mask, out=cum[1:])
+        flags.append((cum[ends] > cum[starts]).astype(np.uint8))
+        ids_all.append(ids)
+        counts.append(len(ids))
+    return (np.concatenate(ids_all) if ids_all else np.zeros(0, np.int32),
+            np.asarray(counts, dtype=np.int64),
+            np.concatenate(flags) if flags else np.zeros(0, np.uint8))
+
+
+# --------------------------------------------------------------------------- corpus-stats
+
+
+def corpus_stats(source: str, *, tokenizer: str = "char", kind: str = "auto",
+                 max_records: int | None = None, orders: int = 4) -> dict[str, Any]:
+    """The entropy profile of any corpus source (``toolkit corpus-stats``).
+
+    Every record read counts (no split); ``char`` and ``bpe<V>`` are trained on them.
+    Without ``max_records`` reading stops after about 4 M symbols, so builtins print
+    in seconds.
+
+    Parameters
+    ----------
+    source
+        A file, folder, glob, ``builtin:NAME`` or ``synthetic:markov``.
+    tokenizer
+        ``char``, ``kmer<k>``, ``kmer<k>-overlap`` or ``bpe<V>``.
+    kind
+        ``auto``, ``dna`` or ``text``.
+    max_records
+        Read at most this many records.
+    orders
+        Conditional entropies for 1..orders tokens of context.
+
+    Returns
+    -------
+    dict
+        The profile of :func:`toolkit.entropy.entropy_profile`, plus ``source``,
+        ``kind`` and ``tokenizer``.
+    """
+    from toolkit.corpora import open_source
+    from toolkit.entropy import entropy_profile
+    from toolkit.tokenizer import build_tokenizer
+
+    _check_spec(tokenizer)
+    if orders < 0:
+        raise ConfigError(f"--orders {orders}: must be 0 or more")
+    src = open_source(source, kind=kind, max_records=max_records)
+    seqs: list[str] = []
+    size = 0
+    for rec in src.records():
+        seqs.append(rec.seq)
+        size += len(rec.seq)
+        if max_records is None and size >= STATS_SYMBOLS:
+            log.info("corpus-stats: stopping after %d records (%d symbols); --max-records reads more",
+                     len(seqs), size)
+            break
+    tok = build_tokenizer(tokenizer, src.kind, seqs if _needs_training(tokenizer) else None)
+    ids, counts = tok.encode_flat(seqs)
+    records = np.split(ids, np.cumsum(counts)[:-1]) if len(seqs) else []
+    raw, raw_size = [], 0
+    for s in seqs:
+        if raw_size >= RAW_SAMPLE_SYMBOLS:
+            break
+        raw.append(s)
+        raw_size += len(s)
+    raw_text = ("" if src.kind == "dna" else "\n").join(raw)
+    profile = entropy_profile(records, n_symbols=size, vocab_size=tok.vocab_size, orders=orders,
+                              raw_sample=raw_text.encode("utf-8"), raw_sample_symbols=len(raw_text),
+                              analytic_entropy_rate=src.analytic_entropy_rate)
+    return {"source": source, "kind": src.kind, "tokenizer": tok.spec, **profile}
+
+
+def format_profile(profile: dict[str, Any]) -> str:
+    """A readable table of an entropy profile (``corpus-stats`` without ``--json``)."""
+
+    def f(x: Any, fmt: str = ".4f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    head = [
+        f"corpus      {profile.get('source', profile.get('corpus', '?'))} ({profile.get('kind', '?')}), "
+        f"tokenizer {profile.get('tokenizer', '?')}, vocabulary {profile['vocab_size']} "
+        f"({profile.get('vocab_used', '?')} used)",
+        f"records     {profile.get('records', '?')}, symbols {profile['symbols']}, tokens "
+        f"{profile['tokens_total']} ({profile['tokens']} used for estimates), "
+        f"{f(profile['symbols_per_token'], '.3f')} symbols/token",
+        f"unigram     {f(profile['unigram_bits'])} bits/token, "
+        f"{f(profile['unigram_bits_per_symbol'])} bits/symbol",
+        f"lzma -9     {f(profile['compression_bits_per_symbol'])} bits/symbol "
+        f"(sample of {profile.get('compression_sample_symbols', 0)} symbols)",
+        f"analytic    {f(profile['analytic_entropy_rate_bits_per_symbol'])} bits/symbol",
+        "",
+        "  j  H(X|j prev) bits/token  plug-in  bits/symbol  contexts   tokens/context",
+    ]
+    rows = []
+    n = len(profile["conditional_bits"])
+    for j, (mm, pi, ps, ctx, cov, ok) in enumerate(zip(
+            profile["conditional_bits"], profile["conditional_bits_plugin"],
+            profile.get("conditional_bits_per_symbol", [None] * n),
+            profile["contexts_seen"], profile["context_coverage"],
+            profile.get("conditional_reliable", [True] * n), strict=True), 1):
+        warn = "" if ok else "  <- too few tokens per context for this vocabulary: biased low"
+        rows.append(f"{j:3d}  {f(mm):>22}  {f(pi):>7}  {f(ps):>11}  {ctx:>8}  {f(cov, '>14.1f')}{warn}")
+    return "\n".join(head + rows)

@@ -1,0 +1,522 @@
+"""Tokenizers: ``char``, ``kmer<k>``, ``kmer<k>-overlap`` and ``bpe<V>``.
+
+Every tokenizer shares the five special tokens of :mod:`toolkit.sequences`
+(``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``); :meth:`Tokenizer.encode` returns ids
+WITHOUT specials (``[CLS]``/``[SEP]`` are added when sequences are built), although
+``[UNK]`` can appear.
+
+Vocabularies and rules
+----------------------
+``kmer<k>`` (paper's 6-mer tokenizer)
+    ids 0..4 specials, 5..9 the single bases ``A C G T N``, then the ``4**k`` k-mers in
+    lexicographic order (``AA..A`` = 10). Scanning left to right, the regex
+    ``[ACGT]{k}|.`` decides the tokens: within each maximal ACGT run of length L,
+    ``L // k`` k-mers from the run start, then ``L % k`` single bases; every ``N`` is a
+    single base and any other character is one ``[UNK]``. Encoding is vectorised
+    with numpy (run detection and lookup tables, no per-base Python loop).
+``kmer<k>-overlap``
+    Same vocabulary. Every window of k symbols (stride 1) is one token, so a record of
+    length L gives ``L - k + 1`` tokens; a window that contains anything other than
+    ``ACGT`` (e.g. an ``N``) is ``[UNK]``. A record shorter than k falls back to single
+    bases. The saved ``tokenizer.json`` carries the vocabulary, but HuggingFace
+    pre-tokenizers cannot produce overlapping windows: loaded with
+    ``tokenizers.Tokenizer.from_file`` it encodes non-overlapping k-mers. Use
+    :func:`load_tokenizer` for the exact ids.
+``char``
+    Specials, then the sorted set of characters seen in training (DNA: ``A C G T N``
+    always included). Unseen characters map to ``[UNK]``.
+``bpe<V>``
+    HuggingFace ``tokenizers`` BPE with the Whitespace pre-tokenizer, trained on the
+    training split; the vocabulary has exactly V entries including the specials at
+    0..4 (a DNA record has no whitespace, so it is one "word", as in the paper). When
+    the corpus is too small for V - 5 tokens, the vocabulary is padded with
+    unreachable ``[unusedN]`` entries so that model shapes do not depend on the corpus.
+
+The :attr:`Tokenizer.hash` is the sha256 of the saved ``tokenizer.json`` bytes and is
+recorded in every downstream store. ``tokenizer.json`` is a regular HuggingFace
+tokenizer file (WordLevel or BPE model) and gives the same ids (except the overlap
+caveat above); :func:`load_tokenizer` recognises the spec from its structure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from toolkit.config import N_SPECIALS, TOKENIZER_PATTERN
+from toolkit.errors import ConfigError, StoreError
+from toolkit.sequences import SPECIAL_TOKENS, UNK
+
+log = logging.getLogger(__name__)
+
+BASES = "ACGTN"
+MAX_K = 10  # 4**10 + 10 ids: a million-token vocabulary is already far beyond a BERT
+_KMER_REGEX = "[ACGT]{{{k}}}|(?m:.)"  # Oniguruma: (?m) makes '.' match newlines too
+_CHAR_REGEX = "(?m:.)"
+_KMER_REGEX_RE = re.compile(r"^\[ACGT\]\{(\d+)\}\|\(\?m:\.\)$")
+_ENCODE_BLOCK = 1 << 22  # symbols per vectorised block: bounds the temporaries (~100 MB)
+
+# Byte -> code: A C G T = 0..3, N = 4, anything else = 5 (one [UNK]).
+_CODES = np.full(256, 5, dtype=np.uint8)
+for _i, _b in enumerate(b"ACGTN"):
+    _CODES[_b] = _i
+_OTHER = 5
+_SEPARATOR = 6  # between records in a batch: ends runs, yields no token
+_CODES_TABLE = bytes(_CODES.tolist())  # bytes.translate: far faster than a numpy gather
+_TABLE = bytes(np.where(np.arange(256) == ord("\n"), _SEPARATOR, _CODES).astype(np.uint8).tolist())
+
+
+class Tokenizer:
+    """A tokenizer with a fixed vocabulary (specials at 0..4).
+
+    Attributes
+    ----------
+    spec
+        ``char``, ``kmer<k>``, ``kmer<k>-overlap`` or ``bpe<V>``.
+    vocab_size
+        Number of ids, specials included; every id is below it.
+    hash
+        sha256 hex digest of the ``tokenizer.json`` bytes that :meth:`save` writes.
+    """
+
+    def __init__(self, spec: str, json_text: str) -> None:
+        self.spec = spec
+        self._json = json_text.encode("utf-8")
+        self.hash = hashlib.sha256(self._json).hexdigest()
+        vocab = _model_vocab(json.loads(json_text))
+        self.vocab_size = len(vocab)
+        self._hf: Any = None
+        self._names: list[str] | None = None
+
+    # -- encoding -----------------------------------------------------------------
+    def encode(self, seq: str) -> np.ndarray:
+        """Token ids of one record (no specials), int32, shape (n_tokens,)."""
+        ids, _ = self.encode_flat([seq])
+        return ids
+
+    def encode_batch(self, seqs: Sequence[str]) -> list[np.ndarray]:
+        """:meth:`encode` of every record."""
+        ids, counts = self.encode_flat(seqs)
+        return np.split(ids, np.cumsum(counts)[:-1]) if len(seqs) else []
+
+    def encode_flat(self, seqs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All records' ids concatenated (int32) and the number of tokens of each (int64)."""
+        ids, _, _, counts = self._encode_spans(seqs, spans=False)
+        return ids, counts
+
+    def encode_spans(self, seq: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids of one record and, per token, the symbols it covers: ``seq[start:end]``."""
+        ids, starts, ends, _ = self._encode_spans([seq])
+        return ids, starts, ends
+
+    def symbols_per_token(self, seqs: Sequence[str]) -> float:
+        """Mean symbols (bases or characters) per token over ``seqs``."""
+        _, counts = self.encode_flat(seqs)
+        total = int(counts.sum())
+        return sum(len(s) for s in seqs) / total if total else float("nan")
+
+    def _encode_spans(self, seqs: Sequence[str], spans: bool = True) -> tuple[Any, Any, Any, np.ndarray]:
+        # -> (ids (T,) int32, token starts (T,) or None, token ends (T,) or None, tokens per record (R,))
+        raise NotImplementedError
+
+    # -- vocabulary and files ------------------------------------------------------
+    @property
+    def hf(self) -> Any:
+        """The ``tokenizers.Tokenizer`` of the saved JSON (same ids, except kmer<k>-overlap)."""
+        if self._hf is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._hf = HFTokenizer.from_str(self._json.decode("utf-8"))
+        return self._hf
+
+    def id_to_token(self) -> list[str]:
+        """The token string of every id, in id order (a new list each call)."""
+        if self._names is None:
+            vocab = _model_vocab(json.loads(self._json))
+            self._names = [""] * len(vocab)
+            for tok, i in vocab.items():
+                self._names[i] = tok
+        return list(self._names)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` (a HuggingFace tokenizer file; its sha256 is :attr:`hash`)."""
+        path = Path(path)
+        try:
+            path.write_bytes(self._json)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot write the tokenizer ({e.strerror}); "
+                             "choose a writable output folder") from e
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.spec!r}, vocab_size={self.vocab_size}, hash={self.hash[:12]})"
+
+
+# --------------------------------------------------------------------------- k-mers
+
+
+def _codes_of(seqs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated symbol codes (uint8) and record lengths; non-latin-1 chars are one code."""
+    joined = "".join(seqs).encode("latin-1", errors="replace")
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    return np.frombuffer(joined.translate(_CODES_TABLE), dtype=np.uint8), lengths
+
+
+def _record_index(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start of each record in the concatenation, and the position of every symbol in its record."""
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    n = int(lengths.sum())
+    pos = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+    return starts, pos
+
+
+def _kmer_values(c: np.ndarray, at: np.ndarray, k: int) -> np.ndarray:
+    """Lexicographic index (int32, k <= 15) of the k-mer starting at each position ``at``;
+    the codes there must be ACGT (0..3)."""
+    val = np.take(c, at).astype(np.int32)  # np.take: much faster than c[at] for 1-D gathers
+    idx = at.copy()
+    for _ in range(k - 1):  # in place: k passes over the K starts, no temporaries
+        idx += 1
+        val <<= 2
+        val |= np.take(c, idx)
+    return val
+
+
+class KmerTokenizer(Tokenizer):
+    """Non-overlapping (``kmer<k>``) or stride-1 (``kmer<k>-overlap``) k-mers."""
+
+    def __init__(self, k: int, overlap: bool, json_text: str) -> None:
+        super().__init__(f"kmer{k}" + ("-overlap" if overlap else ""), json_text)
+        self.k = k
+        self.overlap = overlap
+
+    def _encode_spans(self, seqs: Sequence[str], spans: bool = True) -> tuple[Any, Any, Any, np.ndarray]:
+        # Encode in blocks of whole records so temporaries stay bounded for huge batches.
+        parts: list[tuple[Any, Any, Any, np.ndarray]] = []
+        block: list[str] = []
+        size = 0
+        for s in seqs:
+            block.append(s)
+            size += len(s)
+            if size >= _ENCODE_BLOCK:
+                parts.append(self._encode_block(block, spans))
+                block, size = [], 0
+        if block or not parts:
+            parts.append(self._encode_block(block, spans))
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(np.concatenate(p) if p[0] is not None else None  # type: ignore[return-value]
+                     for p in zip(*parts, strict=True))
+
+    def _encode_block(self, seqs: Sequence[str], spans: bool) -> tuple[Any, Any, Any, np.ndarray]:
+        if not self.overlap:
+            return self._nonoverlap(seqs, spans)
+        c, lengths = _codes_of(seqs)
+        starts, pos = _record_index(lengths)
+        ids, tstart, tend = self._overlap(c, lengths, starts, pos)
+        # Tokens never straddle records, so each token belongs to the record of its start.
+        rec = np.searchsorted(starts, tstart, side="right") - 1
+        counts = np.bincount(rec, minlength=len(seqs)).astype(np.int64)
+        local = tstart - starts[rec] if len(rec) else tstart
+        return ids, local, local + (tend - tstart), counts
+
+    def _nonoverlap(self, seqs: Sequence[str], spans: bool) -> tuple[Any, Any, Any, np.ndarray]:
+        """Work per run of ACGT, not per base: only a few cheap passes touch every symbol.
+
+        The output is laid out directly: each run contributes its k-mers then its
+        remainder singles, and the other symbols (N, unknown) sit between runs, so every
+        token's output index follows from cumulative counts (no sort, no per-base scatter).
+        """
+        k = self.k
+        # Records joined by a separator that ends every run; it yields no token.
+        raw = "\n".join(seqs).encode("latin-1", errors="replace")
+        c = np.frombuffer(raw.translate(_TABLE), dtype=np.uint8)  # (n,) codes
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        rstart = np.zeros(len(seqs) + 1, dtype=np.int64)  # record r starts at rstart[r] in c
+        np.cumsum(lengths + 1, out=rstart[1:])
+        if raw.count(b"\n") != len(seqs) - 1:  # a record holds a newline: it is an [UNK]
+            c = c.copy()
+            c[c == _SEPARATOR] = _OTHER
+            c[rstart[1:-1] - 1] = _SEPARATOR
+        acgt = np.zeros(len(c) + 2, dtype=bool)
+        np.less(c, 4, out=acgt[1:-1])
+        edges = np.flatnonzero(acgt[1:] != acgt[:-1])  # alternating run starts and run ends
+        run0, run1 = edges[0::2], edges[1::2]  # (R,) runs of ACGT: [run0, run1)
+        nk = (run1 - run0) // k  # k-mers of each run
+        r0 = run0 + k * nk  # start of each run's remainder
+        nr = run1 - r0  # remainder singles of each run
+        # k-mer values: the covered parts of the runs, compacted, are whole k-mers in a row.
+        gaps = np.empty(2 * len(run0) + 1, dtype=np.int64)
+        gaps[0:-1:2] = run0 - np.r_[0, r0[:-1]]
+        gaps[1::2] = r0 - run0
+        gaps[-1] = len(c) - (r0[-1] if len(r0) else 0)
+        pattern = np.zeros(len(gaps), dtype=bool)
+        pattern[1::2] = True
+        kmers = c[np.repeat(pattern, gaps)].reshape(-1, k)  # (K, k)
+        val = kmers[:, 0].astype(np.int32)
+        for j in range(1, k):  # in place over columns: no temporaries
+            val <<= 2
+            val |= kmers[:, j]
+        opos = np.flatnonzero(c >= 4)  # N, unknown symbols and separators
+        oc = np.take(c, opos)
+        keep = oc != _SEPARATOR
+        opos, oc = opos[keep], oc[keep]
+        # Output index of each run's first token: tokens of earlier runs + singles before it.
+        per_run = nk + nr
+        run_cum = np.zeros(len(run0) + 1, dtype=np.int64)
+        np.cumsum(per_run, out=run_cum[1:])
+        run_base = run_cum[:-1] + np.searchsorted(opos, run0)
+        ids = np.empty(len(opos) + int(run_cum[-1]), dtype=np.int32)
+        k_out = np.repeat(run_base - (np.cumsum(nk) - nk), nk)
+        k_out += np.arange(len(k_out), dtype=np.int64)
+        ids[k_out] = val + 10
+        r_shift = np.cumsum(nr) - nr
+        r_out = np.repeat(run_base + nk - r_shift, nr)
+        r_pos = np.repeat(r0 - r_shift, nr)
+        inner = np.arange(len(r_out), dtype=np.int64)
+        r_out += inner
+        r_pos += inner
+        ids[r_out] = np.take(c, r_pos).astype(np.int32) + 5
+        o_out = np.arange(len(opos), dtype=np.int64) + run_cum[np.searchsorted(run0, opos)]
+        ids[o_out] = np.where(oc == 4, 9, UNK)
+        # Tokens per record: runs and singles never straddle a separator.
+        n_rec = len(seqs)
+        counts = (np.bincount(np.searchsorted(rstart, run0, side="right") - 1, weights=per_run,
+                              minlength=n_rec).astype(np.int64)
+                  + np.bincount(np.searchsorted(rstart, opos, side="right") - 1, minlength=n_rec))
+        if not spans:
+            return ids, None, None, counts
+        tpos = np.empty(len(ids), dtype=np.int64)  # symbol position of each token in c
+        tpos[k_out] = np.repeat(run0 - k * (np.cumsum(nk) - nk), nk) + k * np.arange(len(k_out))
+        tpos[r_out] = r_pos
+        tpos[o_out] = opos
+        local = tpos - np.repeat(rstart[:-1], counts)
+        return ids, local, local + np.where(ids >= 10, k, 1), counts
+
+    def _overlap(self, c: np.ndarray, lengths: np.ndarray, starts: np.ndarray,
+                 pos_in_record: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        k = self.k
+        n = len(c)
+        rec_len = np.repeat(lengths, lengths)
+        short = rec_len < k  # records shorter than k: single bases
+        window = ~short & (pos_in_record <= rec_len - k)
+        tpos = np.flatnonzero(window | short)
+        bad = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(c >= 4, out=bad[1:])
+        is_win = window[tpos]
+        wpos = tpos[is_win]
+        clean = bad[wpos + k] - bad[wpos] == 0
+        cc = c[tpos]
+        ids = np.where(cc < _OTHER, 5 + cc.astype(np.int32), UNK).astype(np.int32)
+        wid = np.full(len(wpos), UNK, dtype=np.int64)
+        wid[clean] = 10 + _kmer_values(c, wpos[clean], k)
+        ids[is_win] = wid.astype(np.int32)
+        tend = tpos + np.where(is_win, k, 1)
+        return ids, tpos, tend
+
+
+# --------------------------------------------------------------------------- char and BPE
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character; unseen characters are ``[UNK]``."""
+
+    def __init__(self, json_text: str) -> None:
+        super().__init__("char", json_text)
+        vocab = _model_vocab(json.loads(json_text))
+        chars = sorted((tok, i) for tok, i in vocab.items() if i >= N_SPECIALS)
+        self._cps = np.array([ord(t) for t, _ in chars], dtype=np.uint32)
+        self._ids = np.array([i for _, i in chars], dtype=np.int32)
+        order = np.argsort(self._cps)
+        self._cps, self._ids = self._cps[order], self._ids[order]
+
+    def _encode_spans(self, seqs: Sequence[str], spans: bool = True) -> tuple[Any, Any, Any, np.ndarray]:
+        cps = np.frombuffer("".join(seqs).encode("utf-32-le"), dtype="<u4")
+        counts = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        where = np.minimum(np.searchsorted(self._cps, cps), max(len(self._cps) - 1, 0))
+        if len(self._cps):
+            ids = np.where(self._cps[where] == cps, self._ids[where], UNK).astype(np.int32)
+        else:
+            ids = np.full(len(cps), UNK, dtype=np.int32)
+        _, local = _record_index(counts)
+        return ids, local, local + 1, counts
+
+
+class BpeTokenizer(Tokenizer):
+    """HuggingFace BPE (Whitespace pre-tokenizer)."""
+
+    def __init__(self, json_text: str) -> None:
+        vocab = _model_vocab(json.loads(json_text))
+        super().__init__(f"bpe{len(vocab)}", json_text)
+
+    def _encode_spans(self, seqs: Sequence[str], spans: bool = True) -> tuple[Any, Any, Any, np.ndarray]:
+        encs = self.hf.encode_batch(list(seqs), add_special_tokens=False)
+        counts = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32,
+                          count=int(counts.sum()))
+        offs = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets)
+                                                         for e in encs),
+                           dtype=np.int64, count=2 * int(counts.sum())).reshape(-1, 2)
+        return ids, offs[:, 0], offs[:, 1], counts
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _specials() -> list[str]:
+    return sorted(SPECIAL_TOKENS, key=SPECIAL_TOKENS.__getitem__)
+
+
+def _word_level_json(vocab: dict[str, int], regex: str, wrap: bool = False) -> str:
+    """A HuggingFace WordLevel tokenizer whose pre-tokenizer isolates every regex match."""
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
+    # The overlap tokenizer marks itself by wrapping its Split in a Sequence (a no-op
+    # for HuggingFace), so load_tokenizer can tell kmer<k> and kmer<k>-overlap apart.
+    hf.pre_tokenizer = pre_tokenizers.Sequence([split]) if wrap else split
+    # The specials are plain vocabulary entries, not "added tokens": HuggingFace would
+    # otherwise match a literal "[UNK]" in a text record as one token, unlike our encoders.
+    return hf.to_str()
+
+
+def _model_vocab(doc: dict[str, Any]) -> dict[str, int]:
+    try:
+        vocab = doc["model"]["vocab"]
+    except (KeyError, TypeError):
+        raise StoreError("tokenizer file has no model vocabulary; not a tokenizer.json") from None
+    return dict(vocab)
+
+
+def _kmer_vocab(k: int) -> dict[str, int]:
+    vocab = {t: i for i, t in enumerate(_specials())}
+    for b in BASES:
+        # k = 1: the 1-mers A C G T own those strings; their single-base twins are unreachable.
+        vocab[f"[single-{b}]" if k == 1 and b != "N" else b] = len(vocab)
+    for t in itertools.product("ACGT", repeat=k):
+        vocab["".join(t)] = len(vocab)
+    return vocab
+
+
+def build_tokenizer(spec: str, kind: Literal["dna", "text"],
+                    train_texts: Iterable[str] | None = None) -> Tokenizer:
+    """Build (and for ``char`` and ``bpe<V>`` train) a tokenizer.
+
+    Parameters
+    ----------
+    spec
+        ``char``, ``kmer<k>``, ``kmer<k>-overlap`` or ``bpe<V>``.
+    kind
+        ``dna`` or ``text``; k-mer tokenizers need DNA.
+    train_texts
+        The training split's records (``char`` and ``bpe<V>`` learn from them; any
+        iterable, consumed once and streamed to the BPE trainer).
+
+    Raises
+    ------
+    ConfigError
+        Unknown spec, k-mers on text, a BPE vocabulary not larger than the specials,
+        or a trainable tokenizer without training texts.
+    """
+    m = TOKENIZER_PATTERN.match(spec)
+    if not m:
+        raise ConfigError(f"unknown tokenizer '{spec}'; use char, kmer<k> (e.g. kmer6), "
+                          "kmer<k>-overlap or bpe<V> (e.g. bpe4096)")
+    if m.group("k"):
+        k = int(m.group("k"))
+        if kind != "dna":
+            raise ConfigError(f"tokenizer '{spec}' needs a DNA corpus, this one is {kind}; "
+                              "use char or bpe<V> for text")
+        if k > MAX_K:
+            raise ConfigError(f"tokenizer '{spec}': k = {k} gives 4^{k} tokens; use k <= {MAX_K}")
+        overlap = bool(m.group("overlap"))
+        text = _word_level_json(_kmer_vocab(k), _KMER_REGEX.format(k=k), wrap=overlap)
+        return KmerTokenizer(k, overlap, text)
+    if train_texts is None:
+        raise ConfigError(f"tokenizer '{spec}' must be trained: give the training texts")
+    if spec == "char":
+        seen: set[str] = set(BASES) if kind == "dna" else set()
+        for t in train_texts:
+            seen.update(t)
+        vocab = {t: i for i, t in enumerate(_specials())}
+        for ch in sorted(seen):
+            vocab[ch] = len(vocab)
+        return CharTokenizer(_word_level_json(vocab, _CHAR_REGEX))
+    return _train_bpe(int(m.group("v")), train_texts)
+
+
+def _train_bpe(v: int, train_texts: Iterable[str]) -> BpeTokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    if v <= N_SPECIALS:
+        raise ConfigError(f"tokenizer 'bpe{v}': vocabulary {v} is not larger than the "
+                          f"{N_SPECIALS} special tokens; use e.g. bpe4096")
+    hf = HFTokenizer(models.BPE(unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    # limit_alphabet keeps the initial alphabet inside V on corpora with many characters.
+    trainer = trainers.BpeTrainer(vocab_size=v, special_tokens=_specials(), show_progress=False,
+                                  limit_alphabet=v - N_SPECIALS)
+    n = 0
+
+    def counted() -> Iterable[str]:
+        nonlocal n
+        for t in train_texts:
+            n += 1
+            yield t
+
+    hf.train_from_iterator(counted(), trainer=trainer)
+    if n == 0:
+        raise ConfigError(f"tokenizer 'bpe{v}': no training records to learn from")
+    doc = json.loads(hf.to_str())
+    vocab = doc["model"]["vocab"]
+    if any(vocab.get(t) != i for t, i in SPECIAL_TOKENS.items()):
+        raise AssertionError("BPE trainer did not put the specials at ids 0..4")
+    if len(vocab) > v:
+        raise AssertionError(f"BPE trainer returned {len(vocab)} > {v} tokens")
+    if len(vocab) < v:
+        log.warning("bpe%d: the training records only support %d tokens; padding the vocabulary "
+                    "with %d unreachable [unusedN] entries", v, len(vocab), v - len(vocab))
+        # Multi-character entries without merge rules can never be produced by BPE.
+        for i in range(v - len(vocab)):
+            vocab[f"[unused{i}]"] = len(vocab)
+    return BpeTokenizer(HFTokenizer.from_str(json.dumps(doc)).to_str())
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json`` written by :meth:`Tokenizer.save`; the spec is recognised
+    from the file's structure and :attr:`Tokenizer.hash` is the sha256 of its bytes."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        doc = json.loads(text)
+    except FileNotFoundError as e:
+        raise StoreError(f"{path}: no tokenizer here; run `toolkit prepare` first") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: not a readable tokenizer.json ({e}); rebuild it with "
+                         "`toolkit prepare --force`") from e
+    model = (doc.get("model") or {}).get("type") if isinstance(doc, dict) else None
+    if model == "BPE":
+        return BpeTokenizer(text)
+    pre = doc.get("pre_tokenizer") or {} if model == "WordLevel" else {}
+    wrapped = pre.get("type") == "Sequence"
+    if wrapped and len(pre.get("pretokenizers", [])) == 1:
+        pre = pre["pretokenizers"][0]
+    pattern = (pre.get("pattern") or {}).get("Regex") if pre.get("type") == "Split" else None
+    if pattern == _CHAR_REGEX and not wrapped:
+        return CharTokenizer(text)
+    km = _KMER_REGEX_RE.match(pattern or "")
+    if km:
+        return KmerTokenizer(int(km.group(1)), wrapped, text)
+    raise StoreError(f"{path}: not a tokenizer written by this toolkit (model {model!r}); "
+                     "rebuild it with `toolkit prepare --force`")
