@@ -183,6 +183,10 @@ class AnalysisConfig:
     """RBF CKA bandwidth as a fraction of the median distance (None: the median itself)."""
     bootstrap: int = 200
     confidence: float = 0.95
+    entropy_orders: int = 4
+    """Data-side profile: conditional entropy given up to this many previous tokens."""
+    entropy_max_tokens: int = 20_000_000
+    """Data-side profile: at most this many training tokens are counted."""
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -423,7 +427,7 @@ def study_to_dict(study: StudyConfig) -> dict[str, Any]:
     base = study.base_dir
 
     def absolute(p: str) -> str:
-        return p if ":" in p.split("/", 1)[0] else str((base / Path(p).expanduser()))
+        return p if ":" in p.split("/", 1)[0] else str(base / Path(p).expanduser())
 
     for corpus in flat["corpora"].values():
         corpus["source"] = absolute(corpus["source"])

@@ -38,9 +38,7 @@ from toolkit.study import Layout, prepare_keys, token_key, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-ORDERS = 4  # conditional entropy up to 4 tokens of context in every store's profile
 RAW_SAMPLE_SYMBOLS = 1_000_000  # lzma preset 9 runs at well under 1 MB/s on DNA: 1 MB is enough
-PROFILE_TOKENS = 20_000_000  # the profile of a store uses at most this many training tokens
 STATS_SYMBOLS = 4_000_000  # corpus-stats without --max-records reads about this many symbols
 BATCH_SYMBOLS = 1 << 20  # symbols encoded per vectorised batch
 LOG_EVERY_S = 10.0
@@ -279,14 +277,15 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
             "n_records": n_rec, "n_tokens": int(offsets[-1]), "n_symbols": int(record_symbols.sum()),
         })
         raw = ("" if src.kind == "dna" else "\n").join(s for i, s in sample if split[i] == TRAIN)
-        which = _profile_records(offsets, split, PROFILE_TOKENS)
+        which = _profile_records(offsets, split, study.analysis.entropy_max_tokens)
         from toolkit.entropy import entropy_profile
 
         profile = entropy_profile(
             _read_records(group["tokens"], offsets, which),
-            n_symbols=int(record_symbols[which].sum()), vocab_size=tok.vocab_size, orders=ORDERS,
+            n_symbols=int(record_symbols[which].sum()), vocab_size=tok.vocab_size,
+            orders=study.analysis.entropy_orders,
             raw_sample=raw.encode("utf-8"), raw_sample_symbols=len(raw),
-            analytic_entropy_rate=src.analytic_entropy_rate, max_tokens=PROFILE_TOKENS)
+            analytic_entropy_rate=src.analytic_entropy_rate, max_tokens=study.analysis.entropy_max_tokens)
         group.attrs["entropy_profile"] = {"corpus": name, "source": cfg.source, "kind": src.kind,
                                           "tokenizer": spec, "split": "train", **profile}
 

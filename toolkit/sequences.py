@@ -138,13 +138,20 @@ def load_sequences(group: Any, split: int, seq_len: int, mode: Literal["truncate
     cur_seps: list[int] = []
     cur_rec = -1
     prev_stop = -1
+
+    def close(stop: int) -> None:
+        nonlocal cur_start, cur_len, cur_seps
+        seq_starts.append(cur_start)
+        seq_stops.append(stop)
+        seq_records.append(cur_rec)
+        seps.append(np.array(cur_seps, dtype=np.int64))
+        cur_start, cur_len, cur_seps = -1, 0, []
+
     for rec, s, n in zip(which.tolist(), starts.tolist(), lengths.tolist(), strict=True):
         pos = s
         remaining = n
         if cur_start >= 0 and s != prev_stop:
-            seq_starts.append(cur_start); seq_stops.append(prev_stop)
-            seq_records.append(cur_rec); seps.append(np.array(cur_seps, dtype=np.int64))
-            cur_start, cur_len, cur_seps = -1, 0, []
+            close(prev_stop)
         while remaining > 0:
             if cur_start < 0:
                 cur_start, cur_rec = pos, rec
@@ -157,13 +164,10 @@ def load_sequences(group: Any, split: int, seq_len: int, mode: Literal["truncate
                 cur_seps.append(pos - cur_start)
                 cur_len += 1
             if cur_len >= room:
-                seq_starts.append(cur_start); seq_stops.append(pos)
-                seq_records.append(cur_rec); seps.append(np.array(cur_seps, dtype=np.int64))
-                cur_start, cur_len, cur_seps = -1, 0, []
+                close(pos)
         prev_stop = s + n
     if cur_start >= 0:
-        seq_starts.append(cur_start); seq_stops.append(prev_stop)
-        seq_records.append(cur_rec); seps.append(np.array(cur_seps, dtype=np.int64))
+        close(prev_stop)
     # Separator positions are in original (separator-free) coordinates, as np.insert wants.
     return SequenceSet(reader, np.array(seq_starts, dtype=np.int64), np.array(seq_stops, dtype=np.int64),
                        seq_len, mode, np.array(seq_records, dtype=np.int64), seps)

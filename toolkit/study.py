@@ -2,7 +2,7 @@
 
 Layout (all paths below the study root, ``StudyConfig.root``)::
 
-    study.toml                          the resolved study definition (copied by prepare)
+    study.json                          the resolved study, written by the dispatcher for its jobs
     tokens/<corpus>--<tokenizer>/       one prepare unit: token store, tokenizer, eval masks
         tokens.zarr  tokenizer.json  masks.zarr  complete.json
     members/<run>/seed<N>/              one ensemble member
