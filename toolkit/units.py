@@ -9,6 +9,7 @@ skipped, so running a unit twice is harmless.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from toolkit.config import StudyConfig
 from toolkit.errors import ConfigError
@@ -17,16 +18,27 @@ from toolkit.study import Member, iter_units
 log = logging.getLogger(__name__)
 
 
-def is_done(study: StudyConfig, stage: str, key: str) -> bool:
-    for s, k, marker in iter_units(study):
+def marker(study: StudyConfig, stage: str, key: str) -> Path:
+    for s, k, path in iter_units(study):
         if s == stage and k == key:
-            return marker.exists()
+            return path
     raise ConfigError(f"no unit {stage}:{key} in study '{study.name}'")
 
 
+def is_done(study: StudyConfig, stage: str, key: str) -> bool:
+    return marker(study, stage, key).exists()
+
+
 def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -> None:
-    """Run one unit in this process; skipped when its marker exists (unless ``force``)."""
-    if not force and is_done(study, stage, key):
+    """Run one unit in this process; skipped when its marker exists.
+
+    ``force`` removes the marker first, so the stage redoes its final outputs
+    (training resumes from its last checkpoint rather than starting over).
+    """
+    done = marker(study, stage, key)
+    if force:
+        done.unlink(missing_ok=True)
+    elif done.exists():
         log.info("%s %s: already complete, skipped", stage, key)
         return
     if stage == "prepare":
