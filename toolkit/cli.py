@@ -83,18 +83,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_results(study: Any) -> None:
+    """The entropy-versus-learnability table and where the report is."""
+    from toolkit.report import summary_table
+    from toolkit.study import Layout
+
+    print(summary_table(study))
+    report = Layout(study).report_dir / "index.html"
+    if report.exists():
+        print(f"report: {report}")
+
+
 def cmd_analyse(args: argparse.Namespace) -> int:
     from toolkit.analyse import analyse_study
 
-    analyse_study(_study(args))
+    study = _study(args)
+    analyse_study(study)
+    _print_results(study)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from toolkit.report import write_report
 
-    path = write_report(_study(args))
-    print(f"report: {path}")
+    study = _study(args)
+    write_report(study)
+    _print_results(study)
     return 0
 
 
@@ -103,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     study = _study(args)
     run_study(study, executor=args.executor, wait=not args.no_wait)
+    if not args.no_wait and (args.executor or study.dispatch.executor) != "slurm":
+        _print_results(study)
     return 0
 
 

@@ -1,0 +1,425 @@
+"""analyse_study on real Zarr stores written per the schemas, checked against direct computations.
+
+The stores are synthetic but realistic: two runs x three members, log-softmax of random
+logits with a low temperature for the text-like run (peaked outputs) and a high one for
+the DNA-like run (near uniform), word embeddings correlated across members (less so for
+the DNA run), random positive Fisher traces, loss curves and safetensors weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.spatial
+import scipy.special
+import scipy.stats
+
+from toolkit import store
+from toolkit.config import StudyConfig, study_from_dict
+from toolkit.errors import StoreError
+from toolkit.study import Layout, Member, write_json_atomic
+
+RUNS = {
+    # vocab: tokenizer_vocab_size(bpe64) and (kmer2) = 4**2 + 5 + 5
+    "text-bpe": dict(corpus="wiki", tokenizer="bpe64", kind="text", vocab=64, scale=3.0,
+                     noise=0.3, layers=2, emb_noise=0.3, fisher=(1.0, 4.0, 1.0)),
+    "dna-kmer2": dict(corpus="genome", tokenizer="kmer2", kind="dna", vocab=26, scale=0.3,
+                      noise=1.0, layers=1, emb_noise=1.5, fisher=(6.0, 1.0, 0.5)),
+}
+N_POSITIONS = 300
+DIM = 16
+N_CONTEXTUAL = 24
+FLOW_STEPS = (10, 20, 30)
+
+
+def make_study(root: Path, seeds: tuple[int, ...] = (1, 2, 3),
+               complete: dict[str, tuple[int, ...]] | None = None,
+               runs: dict[str, dict] | None = None) -> StudyConfig:
+    """Write a study folder with every store analyse reads; returns its StudyConfig.
+
+    ``complete`` maps a run to the seeds that get an evaluate marker (default: all);
+    the others get every store but no marker, as a member still being evaluated.
+    ``runs`` defaults to :data:`RUNS` (each run on its own corpus).
+    """
+    runs = RUNS if runs is None else runs
+    raw = {
+        "study": {"name": "synthetic", "seeds": list(seeds), "output_dir": str(root)},
+        "corpora": {r["corpus"]: {"source": f"{r['corpus']}.txt", "kind": r["kind"]}
+                    for r in runs.values()},
+        "runs": {name: {"corpus": r["corpus"], "tokenizer": r["tokenizer"]} for name, r in runs.items()},
+        "analysis": {"topk": [1, 3, 5, 10, 40], "top_p": [0.1, 0.5, 0.9, 1.0], "bootstrap": 50},
+    }
+    study = study_from_dict(raw, where="synthetic")
+    layout = Layout(study)
+    rng = np.random.default_rng(1234)
+    for run, spec in runs.items():
+        vocab = spec["vocab"]
+        _write_tokens(layout.run_tokens_dir(run) / "tokens.zarr", run, spec, rng)
+        shared = rng.normal(size=(N_POSITIONS, vocab))  # what every member learnt in common
+        probs = scipy.special.softmax(spec["scale"] * shared, axis=1)
+        target = np.array([rng.choice(vocab, p=p) for p in probs], np.int32)
+        base_emb = rng.normal(size=(vocab, DIM))
+        base_ctx = rng.normal(size=(N_CONTEXTUAL, DIM))
+        for seed in seeds:
+            m = Member(run, seed)
+            done = complete is None or seed in complete.get(run, seeds)
+            _write_member(layout, m, spec, rng, shared, target, base_emb, base_ctx, done)
+    return study
+
+
+def _write_tokens(path: Path, run: str, spec: dict, rng: np.random.Generator) -> None:
+    vocab = spec["vocab"]
+    tokens = rng.integers(5, vocab, size=2000).astype(np.uint16)
+    counts = np.bincount(tokens, minlength=vocab)
+    unigram = float(scipy.stats.entropy(counts, base=2))
+    spt = 2.0 if spec["kind"] == "dna" else 3.7
+    profile = {
+        "tokens": int(tokens.size), "symbols_per_token": spt, "unigram_bits": unigram,
+        "unigram_bits_per_symbol": unigram / spt,
+        "conditional_bits": sorted(rng.uniform(0.5, unigram, size=3).tolist(), reverse=True),
+        "conditional_bits_plugin": [0.0, 0.0, 0.0], "contexts_seen": [10, 100, 1000],
+        # the last order is undersampled (fewer than 10 tokens per context) for the DNA-like run
+        "context_coverage": [200.0, 20.0, 2.0 if spec["kind"] == "dna" else 12.0],
+        "compression_bits_per_symbol": float(rng.uniform(1.5, 2.5)),
+        "analytic_entropy_rate_bits_per_symbol": None, "vocab_size": vocab,
+    }
+    attrs = {
+        "corpus": spec["corpus"], "source": "synthetic", "kind": spec["kind"],
+        "tokenizer": spec["tokenizer"], "tokenizer_hash": f"hash-{run}", "vocab_size": vocab,
+        "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
+        "provenance": [], "split": {"method": "sequential", "seed": 0, "train_records": 15,
+                                    "eval_records": 5},
+        "entropy_profile": profile, "toolkit_version": "test",
+    }
+    with store.writing(path, "tokens", attrs) as g:
+        store.create_array(g, "tokens", "tokens", data=tokens)
+        store.create_array(g, "tokens", "offsets", data=np.arange(0, 2001, 100, dtype=np.int64))
+        store.create_array(g, "tokens", "split", data=np.array([0] * 15 + [1] * 5, np.uint8))
+        store.create_array(g, "tokens", "record_symbols", data=np.full(20, int(100 * spt), np.int64))
+
+
+def _write_member(layout: Layout, m: Member, spec: dict, rng: np.random.Generator,
+                  shared: np.ndarray, target: np.ndarray, base_emb: np.ndarray,
+                  base_ctx: np.ndarray, complete: bool) -> None:
+    from safetensors.numpy import save_file
+
+    d = layout.member_dir(m)
+    vocab = spec["vocab"]
+    common = {"member": m.id, "run": m.run, "seed": m.seed, "tokenizer_hash": f"hash-{m.run}"}
+    logits = spec["scale"] * (shared + spec["noise"] * rng.normal(size=shared.shape))
+    lp = scipy.special.log_softmax(logits, axis=1).astype(np.float16)  # (P, V)
+    with store.writing(d / "predictions.zarr", "predictions",
+                       {**common, "checkpoint": "final", "vocab_size": vocab}) as g:
+        # small chunks so that the lazy reduction really runs over several blocks
+        store.create_array(g, "predictions", "log_probs", data=lp, chunks=(64, vocab))
+        store.create_array(g, "predictions", "target", data=target)
+    word = (base_emb + spec["emb_noise"] * rng.normal(size=base_emb.shape)).astype(np.float32)
+    ctx = (base_ctx + spec["emb_noise"] * rng.normal(size=base_ctx.shape)).astype(np.float32)
+    with store.writing(d / "embeddings.zarr", "embeddings", {**common, "checkpoint": "final"}) as g:
+        store.create_array(g, "embeddings", "word_embeddings", data=word)
+        store.create_array(g, "embeddings", "contextual", data=ctx)
+    groups = ["embeddings", *[f"layer.{i}" for i in range(spec["layers"])], "head"]
+    weight = np.array([spec["fisher"][0]] + [spec["fisher"][1]] * spec["layers"] + [spec["fisher"][2]])
+    trace = rng.gamma(2.0, size=(2, len(FLOW_STEPS), len(groups))) * weight  # (E, S, G)
+    params = [f"param.{g}" for g in groups]
+    with store.writing(d / "fisher.zarr", "fisher",
+                       {**common, "n_sequences": 8, "n_masked_tokens": 40}) as g:
+        store.create_array(g, "fisher", "estimator", data=np.array(["batch", "per-example"]))
+        store.create_array(g, "fisher", "step", data=np.array(FLOW_STEPS, np.int64))
+        store.create_array(g, "fisher", "group", data=np.array(groups))
+        store.create_array(g, "fisher", "parameter", data=np.array(params))
+        store.create_array(g, "fisher", "parameter_group", data=np.array(groups))
+        store.create_array(g, "fisher", "fisher_trace", data=trace)
+        store.create_array(g, "fisher", "parameter_trace", data=trace)
+    steps = np.arange(0, 31, 5, dtype=np.int64)
+    loss = (math.log(vocab) * np.exp(-steps / 20) + rng.uniform(0, 0.2, steps.size)).astype(np.float32)
+    with store.writing(d / "train.zarr", "train", {
+            **common, "data_seed": 0, "model_config": {}, "n_parameters": 100, "final_step": 30,
+            "tokens_seen": 1000, "tokens_per_second": 10.0, "device": "cpu",
+            "best_eval_loss": float(loss.min())}) as g:
+        store.create_array(g, "train", "step", data=steps)
+        store.create_array(g, "train", "loss", data=loss)
+        store.create_array(g, "train", "lr", data=np.full(steps.size, 1e-3, np.float32))
+        store.create_array(g, "train", "tokens_seen", data=steps * 10)
+        store.create_array(g, "train", "eval_step", data=np.array([30], np.int64))
+        store.create_array(g, "train", "eval_loss", data=loss[-1:])
+    final = d / "checkpoints" / "final"
+    final.mkdir(parents=True)
+    save_file({"bert.embeddings.word_embeddings.weight": word,
+               "cls.predictions.bias": rng.normal(size=vocab).astype(np.float32)},
+              str(final / "model.safetensors"))
+    write_json_atomic(layout.train_marker(m), {"member": m.id, "final": "checkpoints/final",
+                                               "best": "checkpoints/final", "flow": [],
+                                               "final_step": 30})
+    if complete:
+        write_json_atomic(layout.evaluate_marker(m), {"member": m.id})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def summary(study: StudyConfig):
+    return store.open_dataset(Layout(study).summary, "summary", chunks={}).compute()
+
+
+def stored(study: StudyConfig, run: str, seed: int, kind: str):
+    return store.open_store(Layout(study).member_dir(Member(run, seed)) / f"{kind}.zarr", kind)
+
+
+def pair_stats(values: list[float]) -> tuple[float, float]:
+    from toolkit.metrics import pair_mean_std
+
+    return pair_mean_std(np.asarray(values))
+
+
+_SHARED: dict[str, StudyConfig] = {}
+
+
+def shared_study(factory: pytest.TempPathFactory) -> StudyConfig:
+    """One analysed study (every member complete) per session, shared by the analyse, results
+    and report tests, which only read it."""
+    from toolkit.analyse import analyse_study
+
+    if "study" not in _SHARED:
+        study = make_study(factory.mktemp("study"))
+        assert analyse_study(study) == Layout(study).summary
+        _SHARED["study"] = study
+    return _SHARED["study"]
+
+
+@pytest.fixture
+def analysed(tmp_path_factory: pytest.TempPathFactory) -> StudyConfig:
+    return shared_study(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+REQUIRED = {
+    "kl_to_uniform_bits": ("run",), "entropy_bits": ("run",), "perplexity": ("run",),
+    "top1_accuracy": ("run",), "js_distance": ("run", "top_p"), "js_distance_std": ("run", "top_p"),
+    "argmax_agreement": ("run",), "argmax_agreement_std": ("run",),
+    "topk_overlap": ("run", "k"), "topk_overlap_std": ("run", "k"),
+    "local_spearman": ("run", "k"), "local_spearman_std": ("run", "k"),
+    "procrustes_disparity": ("run",), "procrustes_disparity_std": ("run",),
+    "fisher_share": ("run", "group"), "unigram_entropy_bits": ("run",),
+    "rank_curve": ("run", "rank"), "fisher_block_share": ("run", "block"),
+    "fisher_flow": ("run", "estimator", "flow_step_index", "group"),
+    "conditional_entropy_bits": ("run", "order"), "contextual_cka_linear": ("run",),
+    "cka_linear": ("run",), "cka_rbf": ("run",), "weight_distance": ("run",),
+}
+
+
+def test_summary_has_every_variable_with_dims_units_and_description(analysed: StudyConfig) -> None:
+    ds = summary(analysed)
+    assert list(ds["run"].values) == list(RUNS)
+    assert list(ds["group"].values) == ["embeddings", "transformer", "head"]
+    for name, dims in REQUIRED.items():
+        assert ds[name].dims == dims, name
+    for name, var in ds.variables.items():
+        if name not in ds.dims:
+            assert "run" in var.dims, name
+        assert var.attrs.get("description"), name
+    for name in REQUIRED:
+        assert "units" in ds[name].attrs, name
+    assert list(ds["corpus"].values) == ["wiki", "genome"]
+    assert list(ds["kind"].values) == ["text", "dna"]
+    assert ds.attrs["members_missing"] == []
+    # the DNA-like run is near uniform and its members disagree more: the synthetic design shows
+    text, dna = ds.sel(run="text-bpe"), ds.sel(run="dna-kmer2")
+    assert float(dna.entropy_fraction) > float(text.entropy_fraction)
+    assert float(dna.js_distance.sel(top_p=0.5)) > float(text.js_distance.sel(top_p=0.5))
+
+
+def test_distribution_metrics_equal_direct_float64_computation(analysed: StudyConfig) -> None:
+    from toolkit.metrics import js_distance
+
+    ds = summary(analysed)
+    for run in RUNS:
+        lps = [np.asarray(stored(analysed, run, s, "predictions")["log_probs"][...], np.float64)
+               for s in (1, 2, 3)]
+        target = np.asarray(stored(analysed, run, 1, "predictions")["target"][...])
+        vocab = lps[0].shape[1]
+        ent, kl, ppl, acc, ranked = [], [], [], [], []
+        for lp in lps:
+            p = np.exp(lp)
+            h = scipy.stats.entropy(p, base=2, axis=1)  # scipy renormalises the float16 rows
+            ent.append(h.mean())
+            kl.append(scipy.stats.entropy(p, np.full(vocab, 1 / vocab), base=2, axis=1).mean())
+            ppl.append(math.exp(-lp[np.arange(len(target)), target].mean()))
+            acc.append((lp.argmax(1) == target).mean())
+            ranked.append(-np.sort(-p, axis=1).mean(0))
+        r = ds.sel(run=run)
+        np.testing.assert_allclose(float(r.entropy_bits), np.mean(ent), rtol=2e-3)
+        np.testing.assert_allclose(float(r.kl_to_uniform_bits), np.mean(kl), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(float(r.perplexity), np.mean(ppl), rtol=1e-4)
+        np.testing.assert_allclose(float(r.top1_accuracy), np.mean(acc), rtol=1e-12)
+        np.testing.assert_allclose(float(r.top1_accuracy_std), np.std(acc), rtol=1e-9)  # ddof = 0
+        np.testing.assert_allclose(r.rank_curve.values[:vocab], np.mean(ranked, 0), rtol=2e-3, atol=1e-6)
+        assert np.isnan(r.rank_curve.values[vocab:]).all()
+        assert float(r.top1_accuracy_ci_low) < float(r.top1_accuracy) < float(r.top1_accuracy_ci_high)
+        pairs = list(itertools.combinations(range(3), 2))
+        agree = [(lps[i].argmax(1) == lps[j].argmax(1)).mean() for i, j in pairs]
+        np.testing.assert_allclose(float(r.argmax_agreement), np.mean(agree), rtol=1e-12)
+        js = np.stack([js_distance(lps[i], lps[j], [0.1, 0.5, 0.9, 1.0]).mean(0) for i, j in pairs])
+        np.testing.assert_allclose(r.js_distance.values, js.mean(0), rtol=1e-4)
+        np.testing.assert_allclose(r.js_distance_std.values,
+                                   [pair_stats(js[:, i])[1] for i in range(4)], rtol=1e-3)
+        # p = 1.0 independently of toolkit.metrics: scipy on the full distributions
+        ref = np.mean([scipy.spatial.distance.jensenshannon(
+            np.exp(lps[i]), np.exp(lps[j]), base=2, axis=1).mean() for i, j in pairs])
+        np.testing.assert_allclose(float(r.js_distance.sel(top_p=1.0)), ref, rtol=2e-3)
+
+
+def test_embedding_metrics_equal_direct_computation(analysed: StudyConfig) -> None:
+    from toolkit.metrics import local_spearman, topk_overlap
+
+    ds = summary(analysed)
+    for run, spec in RUNS.items():
+        word = [np.asarray(stored(analysed, run, s, "embeddings")["word_embeddings"][...], np.float64)
+                for s in (1, 2, 3)]
+        ctx = [np.asarray(stored(analysed, run, s, "embeddings")["contextual"][...], np.float64)
+               for s in (1, 2, 3)]
+        pairs = list(itertools.combinations(range(3), 2))
+        ks = [k for k in (1, 3, 5, 10, 40) if k < spec["vocab"]]
+        r = ds.sel(run=run)
+        over = np.stack([topk_overlap(word[i], word[j], ks).mean(1) for i, j in pairs])
+        np.testing.assert_allclose(r.topk_overlap.sel(k=ks).values, over.mean(0), rtol=1e-9)
+        spear = np.stack([np.nanmean(local_spearman(word[i], word[j], ks)[1:], 1) for i, j in pairs])
+        np.testing.assert_allclose(r.local_spearman.sel(k=ks[1:]).values, spear.mean(0), rtol=1e-6)
+        assert np.isnan(float(r.local_spearman.sel(k=1)))  # undefined for a single neighbour
+        if spec["vocab"] <= 40:
+            assert np.isnan(float(r.topk_overlap.sel(k=40)))
+        disp = [scipy.spatial.procrustes(word[i], word[j])[2] for i, j in pairs]
+        np.testing.assert_allclose(float(r.procrustes_disparity), np.mean(disp), rtol=1e-4)
+
+        def cka(x: np.ndarray, y: np.ndarray) -> float:  # naive linear CKA, float64
+            x, y = x - x.mean(0), y - y.mean(0)
+            return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+        np.testing.assert_allclose(float(r.cka_linear), np.mean([cka(word[i], word[j]) for i, j in pairs]),
+                                   rtol=1e-4)
+        np.testing.assert_allclose(float(r.contextual_cka_linear),
+                                   np.mean([cka(ctx[i], ctx[j]) for i, j in pairs]), rtol=1e-4)
+        assert float(r.weight_distance) > 0
+    assert float(ds.procrustes_disparity.sel(run="dna-kmer2")) > float(
+        ds.procrustes_disparity.sel(run="text-bpe"))
+
+
+def test_fisher_shares_sum_to_one_and_match_direct_normalisation(analysed: StudyConfig) -> None:
+    ds = summary(analysed)
+    np.testing.assert_allclose(ds.fisher_share.sum("group").values, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(ds.fisher_share_estimator.sum("group").values, 1.0, rtol=1e-12)
+    for run in RUNS:
+        traces = [np.asarray(stored(analysed, run, s, "fisher")["fisher_trace"][...]) for s in (1, 2, 3)]
+        norm = np.stack([t / t.sum(2, keepdims=True) for t in traces])  # (M, E, S, G)
+        paper = np.stack([norm[..., 0], norm[..., 1:-1].sum(-1), norm[..., -1]], -1)
+        r = ds.sel(run=run)
+        np.testing.assert_allclose(r.fisher_share.values, paper[:, 0, -1].mean(0), rtol=1e-12)
+        np.testing.assert_allclose(r.fisher_flow.values[:, :3], paper.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(r.fisher_flow_step.values, FLOW_STEPS)
+        blocks = list(ds.block.values)
+        layers = RUNS[run]["layers"]
+        want = norm[:, 0, -1].mean(0)
+        got = r.fisher_block_share.values
+        np.testing.assert_allclose(got[[blocks.index(b) for b in
+                                        ["embeddings", *[f"layer.{i}" for i in range(layers)], "head"]]],
+                                   want, rtol=1e-12)
+        assert np.isnan(got).sum() == len(blocks) - layers - 2  # shallower run padded with NaN
+    # the design puts the DNA run's Fisher mass into the embeddings
+    assert float(ds.fisher_share.sel(run="dna-kmer2", group="embeddings")) > float(
+        ds.fisher_share.sel(run="text-bpe", group="embeddings"))
+
+
+def test_entropy_profile_and_loss_curves_come_from_the_stores(analysed: StudyConfig) -> None:
+    ds = summary(analysed)
+    for run in RUNS:
+        profile = dict(store.open_store(Layout(analysed).run_tokens_dir(run) / "tokens.zarr",
+                                        "tokens").attrs)["entropy_profile"]
+        r = ds.sel(run=run)
+        assert float(r.unigram_entropy_bits) == pytest.approx(profile["unigram_bits"])
+        np.testing.assert_allclose(r.conditional_entropy_bits.values, profile["conditional_bits"])
+        np.testing.assert_allclose(r.conditional_entropy_bits_per_symbol.values,
+                                   np.array(profile["conditional_bits"]) / profile["symbols_per_token"])
+        assert np.isnan(float(r.analytic_entropy_rate_bits_per_symbol))
+        order = 2 if RUNS[run]["kind"] == "dna" else 3  # the longest context seen >= 10 times
+        assert int(r.entropy_rate_order) == order
+        assert float(r.entropy_rate_bits_per_symbol) == pytest.approx(
+            profile["conditional_bits"][order - 1] / profile["symbols_per_token"])
+        np.testing.assert_allclose(r.context_coverage.values, profile["context_coverage"])
+        loss = np.asarray(stored(analysed, run, 2, "train")["loss"][...], np.float64)
+        np.testing.assert_allclose(r.loss_curve.sel(member=2).values, loss)
+
+
+def test_incomplete_members_are_left_out_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from toolkit.analyse import analyse_study
+
+    # seed 4 has every store but no evaluate marker in text-bpe; dna-kmer2 has one complete member
+    study = make_study(tmp_path, seeds=(1, 2, 3, 4),
+                       complete={"text-bpe": (1, 2, 3), "dna-kmer2": (2,)})
+    with caplog.at_level(logging.WARNING, logger="toolkit.analyse"):
+        analyse_study(study)
+    ds = summary(study)
+    assert sorted(ds.attrs["members_missing"]) == sorted(
+        ["text-bpe/seed4", "dna-kmer2/seed1", "dna-kmer2/seed3", "dna-kmer2/seed4"])
+    assert "text-bpe/seed4" in caplog.text and "dna-kmer2/seed3" in caplog.text
+    assert list(ds.n_members.values) == [3, 1]
+    lps = [np.asarray(stored(study, "text-bpe", s, "predictions")["log_probs"][...], np.float64)
+           for s in (1, 2, 3)]
+    target = np.asarray(stored(study, "text-bpe", 1, "predictions")["target"][...])
+    acc = np.mean([(lp.argmax(1) == target).mean() for lp in lps])
+    np.testing.assert_allclose(float(ds.top1_accuracy.sel(run="text-bpe")), acc, rtol=1e-12)
+    dna = ds.sel(run="dna-kmer2")
+    assert np.isnan(dna.js_distance.values).all() and np.isnan(float(dna.argmax_agreement))
+    assert np.isnan(dna.topk_overlap.values).all() and np.isnan(float(dna.procrustes_disparity))
+    assert np.isfinite(float(dna.entropy_bits)) and np.isnan(float(dna.entropy_bits_std))
+    assert "dna-kmer2: 1 complete member" in caplog.text
+
+
+def test_no_complete_member_is_a_store_error_naming_what_to_run(tmp_path: Path) -> None:
+    from toolkit.analyse import analyse_study
+
+    study = make_study(tmp_path, seeds=(1, 2), complete={"text-bpe": (), "dna-kmer2": ()})
+    with pytest.raises(StoreError, match="toolkit run"):
+        analyse_study(study)
+    assert not Layout(study).summary.exists()
+
+
+def test_schema_mismatch_is_the_store_error_and_leaves_no_summary(tmp_path: Path) -> None:
+    import zarr
+
+    from toolkit.analyse import analyse_study
+
+    study = make_study(tmp_path, seeds=(1, 2))
+    path = Layout(study).member_dir(Member("dna-kmer2", 2)) / "predictions.zarr"
+    zarr.open_group(str(path), mode="r+").attrs["schema_version"] = 99
+    zarr.consolidate_metadata(str(path))
+    with pytest.raises(StoreError, match="schema version 99"):
+        analyse_study(study)
+    assert not Layout(study).summary.exists()
+
+
+def test_distributions_are_reduced_chunk_by_chunk(analysed: StudyConfig) -> None:
+    """No Dask task ever holds a member's whole (position, vocab) array, only 64-row chunks."""
+    from dask.callbacks import Callback
+
+    from toolkit.analyse import distribution_run
+
+    sizes: list[int] = []
+
+    class Record(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id) -> None:  # noqa: ANN001
+            sizes.append(int(getattr(result, "nbytes", 0)))
+
+    vocab = RUNS["text-bpe"]["vocab"]
+    ms = [Member("text-bpe", s) for s in (1, 2, 3)]
+    with Record():
+        out = distribution_run(analysed, "text-bpe", ms)
+    assert out["n_positions"] == N_POSITIONS and len(sizes) > 20
+    whole = N_POSITIONS * vocab * 2  # one member's float16 log-probs
+    assert max(sizes) <= 64 * vocab * 8 < whole  # at most one float64 chunk of 64 positions

@@ -1,0 +1,184 @@
+"""A study's results as one lazy ``xarray.DataTree`` (``toolkit.open_results``).
+
+Everything is opened through :mod:`toolkit.store` (schema-validated) as Dask-backed
+arrays; nothing is read until a value is computed, so the tree of a paper-scale
+study (hundreds of GB of log-probabilities) opens in a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from toolkit import store
+from toolkit.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+_KINDS = ("predictions", "embeddings", "fisher")
+# Dims whose labels mean the same thing in every run: runs are joined on them (outer join,
+# NaN where a run lacks a label). Any other dim (positions, vocabulary, tokens, ...) differs
+# in meaning between corpora and tokenizers, so runs are combined only when its size agrees.
+_LABELLED = {"member", "estimator", "step", "group", "parameter"}
+
+
+def _members(root: Path) -> dict[str, list[int]]:
+    """Run -> seeds of the complete members (evaluate marker), runs in study order."""
+    base = root / "members"
+    found: dict[str, list[int]] = {}
+    if base.is_dir():
+        for run_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            seeds = sorted(int(p.name[4:]) for p in run_dir.glob("seed*")
+                           if p.name[4:].isdigit() and (p / "evaluate.complete.json").exists())
+            if seeds:
+                found[run_dir.name] = seeds
+    # Run order: the study's (from study.json, the dispatcher's copy), else the folder's.
+    runs: list[str] = []
+    study_json = root / "study.json"
+    if study_json.exists():
+        try:
+            runs = list(json.loads(study_json.read_text(encoding="utf-8")).get("runs", {}))
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); runs in folder order", study_json, e)
+    order = [r for r in runs if r in found] + [r for r in found if r not in runs]
+    return {r: found[r] for r in order}
+
+
+def _param_key(name: str) -> tuple[int, int]:
+    """Network position of a parameter tensor from its name (bert.encoder.layer.3.* -> (1, 3))."""
+    match = re.search(r"(?:^|\.)layer\.(\d+)\.", name)
+    if match:
+        return (1, int(match.group(1)))
+    return (0, 0) if "embeddings" in name else (2, 0)
+
+
+def _block_key(name: str) -> tuple[int, int, str]:
+    """embeddings, layer.0, layer.1, ..., head: the order of the network."""
+    if name.startswith("layer."):
+        head, _, _ = name[6:].partition(".")
+        return (1, int(head) if head.isdigit() else 0, name)
+    return (0 if name == "embeddings" else 2, 0, name)
+
+
+def _run_dataset(root: Path, run: str, seeds: list[int], kind: str) -> Any:
+    """One run's stores of ``kind`` stacked along a new ``member`` dim (labelled by seed)."""
+    import xarray as xr
+
+    parts = []
+    for seed in seeds:
+        ds = store.open_dataset(root / "members" / run / f"seed{seed}" / f"{kind}.zarr", kind,
+                                chunks={})
+        # target (predictions) and parameter_group (fisher) are shared by the members of a run
+        per_member = [n for n in ds.data_vars if n not in ("target", "parameter_group")]
+        ds = ds.drop_attrs(deep=False)
+        parts.append(ds.assign({n: ds[n].expand_dims(member=[seed]) for n in per_member}))
+    out = xr.concat(parts, dim="member", data_vars="minimal", coords="minimal", join="outer",
+                    compat="override", combine_attrs="override")
+    out["member"].attrs.update(description="initialisation seed of the ensemble member")
+    return out
+
+
+def _combinable(sets: dict[str, Any]) -> bool:
+    sizes = [{d: n for d, n in ds.sizes.items() if d not in _LABELLED} for ds in sets.values()]
+    return all(s == sizes[0] for s in sizes)
+
+
+def open_results(study_dir: str | Path) -> Any:
+    """Open a study's results as a lazy :class:`xarray.DataTree`.
+
+    Reads the study folder alone (no study file needed): ``summary.zarr`` and the
+    stores of every complete member (``members/<run>/seed<N>/evaluate.complete.json``
+    present). Every variable is Dask-backed and keeps the ``units`` and
+    ``description`` attributes of its schema (``storage_schemas/``).
+
+    Groups
+    ------
+    ``/summary``
+        The analysed summary (``toolkit analyse``): dims ``run``, ``top_p``, ``k``,
+        ``group``, ``estimator``, ``block``, ... (storage_schemas/summary.json).
+    ``/predictions``
+        ``log_probs`` (run, member, position, vocab), natural-log softmax at each masked
+        position; ``target`` (run, position).
+    ``/embeddings``
+        ``word_embeddings`` (run, member, token, dim); ``contextual`` (run, member,
+        contextual_sequence, dim).
+    ``/fisher``
+        ``fisher_trace`` (run, member, estimator, step, group) and ``parameter_trace``
+        (run, member, estimator, step, parameter); runs joined on the step and group
+        labels, NaN where a run has no such step or block.
+
+    The ``member`` coordinate is the initialisation seed (member id ``<run>/seed<N>``).
+    Runs whose vocabulary size, position count or embedding shape differ cannot share
+    an array: then each run is a sub-group (``/predictions/<run>``,
+    ``/embeddings/<run>``) holding the same variable names without the ``run`` dim.
+    Missing members of a combined group are NaN.
+
+    Parameters
+    ----------
+    study_dir
+        The study folder (``StudyConfig.root``, e.g. ``studies/demo``).
+
+    Returns
+    -------
+    xarray.DataTree
+
+    Raises
+    ------
+    StoreError
+        The folder holds neither a summary nor a complete member, or a store does not
+        match its schema.
+
+    Examples
+    --------
+    >>> tree = toolkit.open_results("studies/demo")
+    >>> s = tree["summary"].to_dataset()
+    >>> s.js_distance.sel(run="dna-6mer").plot(x="top_p")              # one run, all p
+    >>> s.topk_overlap.sel(k=10).to_series()                           # one k, every run
+    >>> s.fisher_share.plot.line(x="group", hue="run")
+    >>> lp = tree["predictions/dna-6mer"].to_dataset().log_probs       # per-run sub-group
+    >>> pair = lp.sel(member=[1, 2])                                   # a member pair
+    >>> (pair.isel(member=0) - pair.isel(member=1)).mean("vocab").compute()
+    >>> tree["fisher"].to_dataset().fisher_trace.sel(estimator="batch").isel(step=-1)
+    """
+    import xarray as xr
+
+    root = Path(study_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise StoreError(f"{root}: no study folder here; give the study's output folder "
+                         "(e.g. studies/demo)")
+    runs = _members(root)
+    nodes: dict[str, Any] = {}
+    if (root / "summary.zarr").exists():
+        summary = store.open_dataset(root / "summary.zarr", "summary", chunks={})
+        nodes["/summary"] = summary
+        first = [str(r) for r in summary["run"].values if str(r) in runs]
+        runs = {r: runs[r] for r in first + [r for r in runs if r not in first]}
+    if not runs and not nodes:
+        raise StoreError(f"{root}: no summary.zarr and no complete member (members/<run>/seed<N>/"
+                         "evaluate.complete.json); run `toolkit run STUDY` first")
+    for kind in _KINDS:
+        sets = {run: _run_dataset(root, run, seeds, kind) for run, seeds in runs.items()}
+        if not sets:
+            continue
+        if kind == "fisher" or _combinable(sets):
+            nodes[f"/{kind}"] = xr.concat(
+                [ds.expand_dims(run=[run]) for run, ds in sets.items()], dim="run", join="outer",
+                data_vars="all", coords="minimal", compat="override", combine_attrs="override",
+                fill_value={"parameter_group": ""})  # a string array cannot hold NaN
+            if kind == "fisher":  # the outer join sorted the labels; back to network order
+                seen = list(dict.fromkeys(str(p) for d in sets.values() for p in d["parameter"].values))
+                ds = nodes[f"/{kind}"]
+                nodes[f"/{kind}"] = ds.reindex(
+                    group=sorted((str(g) for g in ds["group"].values), key=_block_key),
+                    parameter=sorted(seen, key=lambda p: (_param_key(p), seen.index(p))))
+        else:
+            nodes[f"/{kind}"] = xr.Dataset()
+            for run, ds in sets.items():
+                nodes[f"/{kind}/{run}"] = ds.assign_coords(run=run)
+    tree = xr.DataTree.from_dict(nodes)
+    tree.attrs.update(study_dir=str(root), runs=list(runs),
+                      members=[f"{r}/seed{s}" for r, seeds in runs.items() for s in seeds])
+    return tree
