@@ -127,6 +127,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForM
         The folder is missing or does not hold a BertForMaskedLM checkpoint.
     """
     from transformers import BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint load drowns the progress lines
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -140,8 +143,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForM
         raise CheckpointError(f"{path}: a '{model_type}' checkpoint, not BERT; the toolkit's members "
                               "are BertForMaskedLM models")
     try:
-        model, info = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa",
+        loaded: Any = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa",
                                                       use_safetensors=True, output_loading_info=True)
+        model, info = loaded
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot load as BertForMaskedLM ({e})") from e
     # The tied decoder weight may be listed as missing; any other gap means random weights.
@@ -149,7 +153,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForM
     if missing or info.get("mismatched_keys"):
         raise CheckpointError(f"{path}: weights missing or of the wrong shape for BertForMaskedLM "
                               f"({(missing or info['mismatched_keys'])[:3]}); is it a masked-LM checkpoint?")
-    return model.to(device).eval()  # type: ignore[arg-type]
+    return model.to(device).eval()
 
 
 def masked_logits(model: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
