@@ -1,0 +1,587 @@
+"""Dispatch: the job body, the manifest, status, the local executor and real SLURM.
+
+The SLURM tests run against a real single-node cluster (munged, slurmctld, slurmd on
+this machine with two fake GPUs, ``tests/slurm_cluster.py``) started once per session.
+Most tests run a *payload* instead of the real stages: a small script that writes the
+unit's real completion marker (with start and end times), sleeps for a configurable
+time, can fail on request, and on SIGTERM/SIGUSR2 saves its progress and exits 75
+exactly like ``toolkit/train.py``. The payload goes through the real dispatcher
+(submitit, sbatch arrays, afterok chains, requeue); only the command inside the job
+differs. The last tests run the real tiny study end to end (``toolkit submit``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.config import ResourceConfig, load_study, study_from_dict, study_to_dict
+from toolkit.dispatch import (
+    cancel_study,
+    pending_units,
+    run_study,
+    save_study,
+    status_table,
+    wait_study,
+)
+from toolkit.dispatch import local as dlocal
+from toolkit.dispatch import slurm as dslurm
+from toolkit.dispatch.job import EXIT_REQUEUE, UnitFailedError, UnitJob
+from toolkit.dispatch.manifest import JobRecord, Manifest
+from toolkit.dispatch.status import last_error_line, unit_states
+from toolkit.errors import SubmissionError
+from toolkit.study import Layout, iter_units
+
+PAYLOAD = textwrap.dedent('''\
+    """Test payload: a unit that takes WORK seconds, checkpoints on SIGTERM/SIGUSR2 (exit 75)."""
+    import json, os, signal, sys, time
+    marker, state_path, control, unit = sys.argv[1:5]
+    ctl = json.load(open(control)) if os.path.exists(control) else {}
+    work = float(ctl.get(unit, ctl.get("*", 0.0)))
+    state = json.load(open(state_path)) if os.path.exists(state_path) else {"progress": 0.0, "runs": 0, "signals": []}
+    state["runs"] += 1
+    t0 = time.time()
+    open(state_path + ".started", "w").write(str(t0))
+    if ctl.get("fail") == unit:
+        print("ValueError: payload asked to fail", file=sys.stderr)
+        sys.exit(1)
+    got = []
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, lambda s, f: got.append(s))
+    until_signal = ctl.get("until_signal") == unit and state["runs"] == 1
+    if ctl.get("exit75_once") == unit and state["runs"] == 1:  # asks to be requeued on its own
+        json.dump(state, open(state_path, "w"))
+        sys.exit(75)
+    while state["progress"] < work or until_signal:
+        time.sleep(0.05)
+        state["progress"] += 0.05
+        if got:
+            state["signals"].append(got[0])
+            json.dump(state, open(state_path, "w"))
+            sys.exit(75)
+    json.dump(state, open(state_path, "w"))
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    json.dump({"start": t0, "end": time.time(), "runs": state["runs"],
+               "job": os.environ.get("SLURM_JOB_ID"), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")},
+              open(marker, "w"))
+''')
+
+
+def tiny_doc(root: Path, seeds: int = 3, **dispatch: object) -> dict:
+    """A study with two corpora, two runs and ``seeds`` members per run (no files needed)."""
+    return {
+        "study": {"name": "tiny", "seeds": list(range(1, seeds + 1)), "output_dir": str(root)},
+        "corpora": {
+            "m1": {"source": "synthetic:markov", "train_records": 40, "eval_records": 8,
+                   "synthetic": {"records": 48, "length": 200, "order": 1, "entropy_rate": 1.5}},
+            "m2": {"source": "synthetic:markov", "train_records": 40, "eval_records": 8,
+                   "synthetic": {"records": 48, "length": 200, "order": 2, "entropy_rate": 1.0, "seed": 3}},
+        },
+        "runs": {"r1": {"corpus": "m1", "tokenizer": "kmer3"}, "r2": {"corpus": "m2", "tokenizer": "kmer3"}},
+        "dispatch": dict(dispatch),
+    }
+
+
+def tiny_study(root: Path, seeds: int = 3, **dispatch: object):
+    return study_from_dict(tiny_doc(root, seeds, **dispatch), where="test")
+
+
+def write_payload(folder: Path) -> Path:
+    path = folder / "payload.py"
+    path.write_text(PAYLOAD)
+    return path
+
+
+@pytest.fixture
+def payload_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Make every dispatched unit run the payload; returns the control file (unit -> seconds)."""
+    script = write_payload(tmp_path)
+    control = tmp_path / "control.json"
+    control.write_text("{}")
+    states = tmp_path / "states"
+    states.mkdir()
+
+    def argv(study, stage, key, python=None):
+        marker = next(m for s, k, m in iter_units(study) if (s, k) == (stage, key))
+        state = states / f"{stage}-{key.replace('/', '-')}.json"
+        return [sys.executable, str(script), str(marker), str(state), str(control), f"{stage}:{key}"]
+
+    monkeypatch.setattr(dslurm, "unit_argv", argv)
+    monkeypatch.setattr(dlocal, "unit_argv", argv)
+    return control
+
+
+def markers(study) -> dict[tuple[str, str], dict]:
+    return {(s, k): json.loads(m.read_text()) for s, k, m in iter_units(study) if m.exists()}
+
+
+def assert_stage_order(study) -> None:
+    """Every unit of a stage started after every unit of the previous stage ended."""
+    done = markers(study)
+    stages = ["prepare", "train", "evaluate", "analyse"]
+    for before, after in zip(stages, stages[1:], strict=False):
+        ends = [v["end"] for (s, _), v in done.items() if s == before]
+        starts = [v["start"] for (s, _), v in done.items() if s == after]
+        assert ends and starts and max(ends) <= min(starts), (before, after)
+
+
+# --------------------------------------------------------------------------- no scheduler
+
+
+def test_save_study_round_trips_overrides(tmp_path: Path) -> None:
+    study = tiny_study(tmp_path / "out", seeds=2)
+    path = save_study(study)
+    again = load_study(path)
+    assert study_to_dict(again) == study_to_dict(study)
+    pending = pending_units(study)
+    assert pending["prepare"] == ["m1--kmer3", "m2--kmer3"]
+    assert pending["train"] == ["r1/seed1", "r1/seed2", "r2/seed1", "r2/seed2"]
+    assert pending["analyse"] == ["summary"]
+
+
+def test_manifest_latest_and_corruption(tmp_path: Path) -> None:
+    m = Manifest(tmp_path / "manifest.json")
+    m.add(JobRecord(stage="train", key="a/seed1", executor="slurm", job_id="1_0", submitted="t"))
+    m.add(JobRecord(stage="train", key="a/seed1", executor="slurm", job_id="7_0", submitted="t"))
+    m.save()
+    assert Manifest.load(m.path).latest()[("train", "a/seed1")].job_id == "7_0"
+    m.path.write_text("{not json")
+    with pytest.raises(SubmissionError, match="manifest.json: not a valid job manifest"):
+        Manifest.load(m.path)
+
+
+def test_last_error_line_prefers_the_units_message(tmp_path: Path) -> None:
+    log_file = tmp_path / "x_log.err"
+    log_file.write_text("INFO start\nTraceback (most recent call last):\n  File x\n"
+                        "ValueError: bad record 17 in corpus.fa\n"
+                        "submitit ERROR: job failed\n"
+                        "toolkit.dispatch.job.UnitFailedError: train a/seed1: exited with status 1\n")
+    assert last_error_line(log_file) == "ValueError: bad record 17 in corpus.fa"
+    log_file.write_text("toolkit: error: corpora.x.source: missing\nUnitFailedError: exited 2\n")
+    assert last_error_line(log_file) == "toolkit: error: corpora.x.source: missing"
+    assert last_error_line(tmp_path / "absent") == ""
+
+
+def test_unit_job_resumes_locally_after_exit_75(tmp_path: Path) -> None:
+    script = tmp_path / "once.py"
+    script.write_text("import os,sys\nf=sys.argv[1]\n"
+                      "if not os.path.exists(f): open(f,'w').write('ckpt'); sys.exit(75)\n"
+                      "print('resumed from', open(f).read())\n")
+    job = UnitJob([sys.executable, str(script), str(tmp_path / "state")], name="train a/seed1")
+    assert job() == "train a/seed1: done"
+    assert job.requeues == 1
+    bad = UnitJob([sys.executable, "-c", "raise SystemExit(3)"], name="prepare x")
+    with pytest.raises(UnitFailedError, match="prepare x: exited with status 3"):
+        bad()
+
+
+def test_checkpoint_forwards_sigterm_and_requeues(tmp_path: Path) -> None:
+    """checkpoint() (what submitit calls on USR2) stops the child cleanly and returns a requeue."""
+    script = write_payload(tmp_path)
+    control = tmp_path / "control.json"
+    control.write_text(json.dumps({"*": 30}))
+    state = tmp_path / "state.json"
+    marker = tmp_path / "m" / "done.json"
+    job = UnitJob([sys.executable, str(script), str(marker), str(state), str(control), "u"], name="u",
+                  grace_s=20)
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(job()))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not Path(str(state) + ".started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    control.write_text(json.dumps({"*": 0}))  # read at start only: lets the local resume finish at once
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        delayed = job.checkpoint()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    saved = json.loads(state.read_text())
+    assert saved["signals"] == [15] and 0 < saved["progress"] < 30  # SIGTERM, mid-way
+    fresh = delayed.function
+    assert isinstance(fresh, UnitJob) and fresh.argv == job.argv and fresh._proc is None
+    # 1, or 2 when the thread's own local resume (exit 75) counted first: a test-only race,
+    # under submitit checkpoint() runs in the thread that runs the unit.
+    assert fresh.requeues in (1, 2)
+    thread.join(30)
+    assert out == ["u: done"] and json.loads(marker.read_text())["runs"] == 2
+
+
+def test_parse_gpus_and_check_resources(tmp_path: Path) -> None:
+    assert dslurm.parse_gpus("gpu:2") == 2
+    assert dslurm.parse_gpus("gpu:a100:4(S:0-1),gpu:v100:2") == 6
+    assert dslurm.parse_gpus("(null)") == 0
+    info = dslurm.ClusterInfo({"cpu": 0, "gpu": 2}, "cpu", 4)
+    ok = tiny_study(tmp_path, resources={"train": {"partition": "gpu", "gpus_per_node": 2}})
+    dslurm.check_resources(ok, ["prepare", "train"], info)
+    with pytest.raises(SubmissionError, match=r"resources.train.gpus_per_node: 3 GPUs .* at most 2"):
+        dslurm.check_resources(tiny_study(tmp_path, resources={"train": {"partition": "gpu", "gpus_per_node": 3}}),
+                               ["train"], info)
+    with pytest.raises(SubmissionError, match="'big' is not a partition .* cpu, gpu"):
+        dslurm.check_resources(tiny_study(tmp_path, resources={"evaluate": {"partition": "big"}}),
+                               ["evaluate"], info)
+
+
+def test_submit_without_sbatch_fails_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    study = tiny_study(tmp_path / "out")
+    with pytest.raises(SubmissionError, match="sbatch not found"):
+        run_study(study, executor="slurm", wait=False)
+    assert not study.root.exists()
+
+
+@pytest.mark.slow
+def test_local_executor_stages_progress_and_failure(tmp_path: Path, payload_units: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    study = tiny_study(tmp_path / "out", seeds=1, max_parallel=2)
+    caplog.set_level(logging.INFO, logger="toolkit.dispatch")
+    run_study(study, executor="local")
+    assert_stage_order(study)
+    lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    assert len(lines) == 7 and "[7/7," in lines[-1]
+    assert "7 done, 0 running, 0 pending, 0 failed" in status_table(study)
+    # A failing unit: the stage fails naming its log, the next stage is not started.
+    other = tiny_study(tmp_path / "out2", seeds=1, max_parallel=2)
+    payload_units.write_text(json.dumps({"fail": "train:r2/seed1"}))
+    with pytest.raises(SubmissionError, match=r"stage train: 1 unit\(s\) failed: r2/seed1 \(log .*_log.err\)"):
+        run_study(other, executor="local")
+    rows = {(r.stage, r.key): r for r in unit_states(other)}
+    assert rows[("train", "r2/seed1")].state == "failed"
+    assert "ValueError: payload asked to fail" in rows[("train", "r2/seed1")].detail
+    assert rows[("evaluate", "r1/seed1")].state == "pending"
+
+
+# --------------------------------------------------------------------------- real SLURM
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real single-node SLURM cluster for the whole session (see tests/slurm_cluster.py)."""
+    from tests.slurm_cluster import SlurmCluster
+
+    if os.geteuid() != 0 and not all(map(shutil.which, ("slurmctld", "slurmd"))):
+        pytest.skip("SLURM daemons are not installed and this user cannot install them")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    cluster.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def squeue_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+@pytest.mark.slurm
+def test_submitit_round_trip_with_fake_gpus(slurm_cluster, tmp_path: Path) -> None:
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs")
+    study = tiny_study(tmp_path, resources={"train": {"partition": "gpu", "gpus_per_node": 2,
+                                                     "gpu_style": "gres", "time_minutes": 5}})
+    ex.update_parameters(**dslurm.slurm_parameters(study, "train", None))
+    job = ex.submit(UnitJob([sys.executable, "-c", "import os; print('gpus', os.environ['CUDA_VISIBLE_DEVICES'])"],
+                            name="train x"))
+    wait_for(job.paths.result_pickle.exists, 60, "the job's result")
+    assert job.result() == "train x: done"
+    assert "gpus 0,1" in job.paths.stdout.read_text()
+    assert "#SBATCH --gres=gpu:2" in job.paths.submission_file.read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_chain_arrays_resubmit_kill_and_status(slurm_cluster, tmp_path: Path, payload_units: Path) -> None:
+    """Stages chained with afterok, arrays split at MaxArraySize, fake GPUs, idempotent resubmits."""
+    study = tiny_study(tmp_path / "out", seeds=3, resources={
+        "train": {"partition": "gpu", "gpus_per_node": 1, "time_minutes": 5},
+        "evaluate": {"partition": "gpu", "gpus_per_node": 1, "gpu_style": "gres", "time_minutes": 5}})
+    # One member is slow, so that it is still running when we resubmit and then kill it.
+    payload_units.write_text(json.dumps({"train:r1/seed2": 120}))
+    t0 = time.monotonic()
+    run_study(study, executor="slurm", wait=False)
+    assert time.monotonic() - t0 < 20  # returns once queued
+    manifest = Manifest.load(Layout(study).manifest)
+    assert len(manifest.records) == 2 + 6 + 6 + 1
+    arrays = {r.job_id.split("_")[0] for r in manifest.records if r.stage == "train"}
+    assert len(arrays) == 2  # 6 members > MaxArraySize 4: split into two arrays
+    slow = manifest.latest()[("train", "r1/seed2")].job_id
+    wait_for(lambda: {r.key for r in unit_states(study) if r.state == "done" and r.stage == "train"}
+             == {"r1/seed1", "r1/seed3", "r2/seed1", "r2/seed2", "r2/seed3"}, 90, "the fast members")
+    table = status_table(study)
+    assert re.search(rf"^train\s+r1/seed2\s+running\s+{slow}\s", table, re.M), table
+    assert all(r.state == "pending" for r in unit_states(study) if r.stage in ("evaluate", "analyse"))
+    # Resubmitting while the member runs and its dependents wait queues nothing new.
+    run_study(study, executor="slurm", wait=False)
+    assert len(Manifest.load(Layout(study).manifest).records) == 15
+    # Kill the member: its dependents are cancelled too (kill-on-invalid-dep), status says so.
+    subprocess.run(["scancel", slow], check=True)
+    wait_for(lambda: {r.key for r in unit_states(study) if r.state == "failed"} >= {"r1/seed2", "summary"},
+             60, "the killed member and its dependents to show as failed")
+    failed = {(r.stage, r.key): r for r in unit_states(study)}[("train", "r1/seed2")]
+    assert "CANCELLED" in failed.detail and failed.log.endswith("_log.err")
+    # Resubmit: only the killed member, the evaluations and the analysis run again.
+    payload_units.write_text("{}")
+    run_study(study, executor="slurm", wait=False)
+    again = Manifest.load(Layout(study).manifest).records[15:]
+    assert sorted((r.stage, r.key) for r in again if r.stage != "evaluate") == [
+        ("analyse", "summary"), ("train", "r1/seed2")]
+    assert len([r for r in again if r.stage == "evaluate"]) == 6
+    wait_study(study, poll_s=0.5, timeout_s=120)
+    assert_stage_order(study)
+    done = markers(study)
+    assert done[("train", "r1/seed1")]["gpus"] in ("0", "1")  # one fake GPU each
+    assert done[("evaluate", "r2/seed3")]["gpus"] in ("0", "1")
+    assert "15 done, 0 running, 0 pending, 0 failed" in status_table(study)
+
+
+@pytest.mark.slurm
+def test_cancel_study_and_bad_requests(slurm_cluster, tmp_path: Path, payload_units: Path) -> None:
+    before = squeue_ids()
+    for resources, message in [
+        ({"train": {"partition": "nope"}}, r"dispatch.resources.train.partition: 'nope' is not a partition of this cluster; choose one of cpu, gpu"),
+        ({"evaluate": {"partition": "gpu", "gpus_per_node": 4}}, r"dispatch.resources.evaluate.gpus_per_node: 4 GPUs asked but nodes of partition 'gpu' have at most 2"),
+    ]:
+        bad = tiny_study(tmp_path / "bad", seeds=1, resources=resources)
+        with pytest.raises(SubmissionError, match=message):
+            run_study(bad, executor="slurm", wait=False)
+        assert not Layout(bad).manifest.exists()
+    assert not squeue_ids() - before  # nothing was queued
+    study = tiny_study(tmp_path / "out", seeds=1)
+    payload_units.write_text(json.dumps({"*": 120}))
+    run_study(study, executor="slurm", wait=False)
+    ids = [r.job_id for r in Manifest.load(Layout(study).manifest).records]
+    wait_for(lambda: any(r.state == "running" for r in unit_states(study)), 30, "a running unit")
+    cancel_study(study)
+    wait_for(lambda: not (set(ids) & {i for i, s in dslurm.job_states(ids).items() if s in dslurm.ACTIVE}),
+             30, "every job to leave the queue")
+    assert all(r.state == "failed" for r in unit_states(study))
+    assert "0 running, 0 pending, 7 failed" in status_table(study)
+
+
+def _submit_payload(tmp_path: Path, control: dict, **params) -> tuple:
+    import submitit
+
+    script = write_payload(tmp_path)
+    (tmp_path / "control.json").write_text(json.dumps(control))
+    state = tmp_path / "state.json"
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs", max_num_timeout=3)
+    ex.update_parameters(**params)
+    job = ex.submit(UnitJob([sys.executable, str(script), str(tmp_path / "done.json"), str(state),
+                             str(tmp_path / "control.json"), "u"], name="train u", grace_s=20))
+    return job, state
+
+
+@pytest.mark.slurm
+def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path: Path) -> None:
+    """job._interrupt(): SIGTERM then USR2, as on preemption; the unit saves, exits 75, resumes."""
+    job, state = _submit_payload(tmp_path, {"*": 6}, time=15, signal_delay_s=30)
+    wait_for(lambda: Path(str(state) + ".started").exists(), 30, "the unit to start")
+    time.sleep(1.0)
+    job._interrupt()
+    wait_for(job.paths.result_pickle.exists, 60, "the requeued job to finish")
+    assert job.result() == "train u: done"
+    saved = json.loads(state.read_text())
+    assert saved["runs"] == 2 and saved["signals"][0] in (15, 12)
+    assert json.loads((tmp_path / "done.json").read_text())["runs"] == 2
+    logs = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "this job is preempted" in logs and "Requeued job" in logs
+
+
+@pytest.mark.slurm
+def test_unit_exiting_75_on_its_own_is_requeued(slurm_cluster, tmp_path: Path) -> None:
+    job, state = _submit_payload(tmp_path, {"exit75_once": "u"}, time=15)
+    wait_for(job.paths.result_pickle.exists, 60, "the requeued job to finish")
+    assert job.result() == "train u: done"
+    assert json.loads(state.read_text())["runs"] == 2
+    logs = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "saved its state (exit 75); requeueing" in logs and "Requeued job" in logs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path: Path) -> None:
+    """A 1-minute limit with USR2 45 s before it: the unit checkpoints, is requeued, finishes."""
+    job, state = _submit_payload(tmp_path, {"until_signal": "u"}, time=1, signal_delay_s=45)
+    wait_for(job.paths.result_pickle.exists, 110, "the job to time out, requeue and finish")
+    assert job.result() == "train u: done"
+    saved = json.loads(state.read_text())
+    assert saved["runs"] == 2 and saved["signals"][0] in (12, 15)  # USR2 (--signal) or forwarded TERM
+    logs = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "this job is timed-out" in logs and "Requeued job" in logs
+
+
+def test_exit_requeue_matches_training() -> None:
+    from toolkit.train import EXIT_PREEMPTED
+
+    assert EXIT_REQUEUE == EXIT_PREEMPTED
+
+
+def test_resources_defaults() -> None:
+    params = dslurm.slurm_parameters(tiny_study(Path("/tmp/x")), "analyse", None)
+    assert params["time"] == ResourceConfig().time_minutes and "partition" not in params
+    assert params["additional_parameters"] == {"kill_on_invalid_dep": "yes"}
+
+
+# --------------------------------------------------------------------------- the real study
+
+E2E_TOML = """\
+# A real tiny study for the dispatcher's end-to-end test (about 2 minutes on 2 cores).
+[study]
+name = "e2e"
+seeds = [1, 2]
+
+[corpora.markov]
+source = "synthetic:markov"
+train_records = 48
+eval_records = 16
+synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 64, length = 300 }}
+
+[runs.markov-3mer]
+corpus = "markov"
+tokenizer = "kmer3"
+
+[model]
+shape = "tiny"
+
+[training]
+steps = 40
+batch_size = 8
+seq_len = 64
+checkpoint_every_steps = 20
+eval_every_steps = 20
+eval_batches = 1
+log_every_steps = 2
+fisher_flow = [0.5]
+
+[analysis]
+eval_records = 16
+batch_size = 8
+fisher_records = 8
+contextual_records = 8
+bootstrap = 10
+top_p = [0.5, 1.0]
+topk = [1, 3, 5]
+
+[dispatch.container]
+runtime = "apptainer"
+image = "img/toolkit.sif"
+scratch = "scratch"
+
+[dispatch.resources.train]
+partition = "gpu"
+gpus_per_node = 1
+time_minutes = 20
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: Path, tmp_path: Path) -> None:
+    """`toolkit submit` (what `make submit` runs) on a real tiny study, end to end.
+
+    Every unit runs through the STAND-IN `apptainer` (tests/test_container.py; the real
+    runtime cannot be installed here) in a folder whose path has spaces and quotes. One
+    training job is preempted mid-way (job._interrupt(): SIGTERM then USR2); training
+    saves a checkpoint and exits 75, submitit requeues the job, and it resumes from that
+    checkpoint. At the end every unit is done and the report exists.
+    """
+    import submitit
+
+    from tests.test_container import write_standin
+
+    (weird_tmp_path / "img").mkdir()
+    (weird_tmp_path / "img" / "toolkit.sif").write_bytes(b"SIF stand-in")
+    toml = weird_tmp_path / "e2e.toml"
+    toml.write_text(E2E_TOML.format())
+    calls = tmp_path / "apptainer-calls.jsonl"
+    bin_dir = weird_tmp_path / "bin"
+    write_standin(bin_dir, calls)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = weird_tmp_path / "out dir"
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "toolkit", "submit", str(toml), "--out", str(out),
+                          "--set", "study.description=submitted by the test"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - t0 < 60
+    study = load_study(out / "study.json")
+    assert study.description == "submitted by the test"  # --set reaches the jobs
+    record = Manifest.load(Layout(study).manifest).latest()[("train", "markov-3mer/seed1")]
+    log_err = Path(record.stderr)
+
+    def training_started() -> bool:
+        failed = [f"{r.stage} {r.key}: {r.detail}" for r in unit_states(study) if r.state == "failed"]
+        assert not failed, failed
+        return log_err.exists() and " step " in log_err.read_text()
+
+    wait_for(training_started, 240, "the first training steps of markov-3mer/seed1", poll_s=0.3)
+    job = submitit.SlurmJob(folder=log_err.parent, job_id=record.job_id)
+    job._interrupt()
+    wait_study(study, poll_s=1.0, timeout_s=300)
+    text = log_err.read_text() + Path(record.stdout).read_text()
+    assert "exiting with code 75" in text and "Requeued job" in text
+    assert re.search(r"resuming from .* \(step \d+/40\)", text), text[-3000:]
+    assert (out / "report" / "index.html").exists()
+    assert "6 done, 0 running, 0 pending, 0 failed" in status_table(study)
+    seen = [json.loads(line) for line in calls.read_text().splitlines()]
+    units = [c["argv"][-3:] for c in seen]
+    assert [str(out / "study.json"), "train", "markov-3mer/seed1"] in units
+    assert all(c["nv"] == (c["argv"][-2] == "train") for c in seen)  # GPUs asked for train only
+    assert len(seen) == 7  # 6 units + the requeued training run
+
+
+def test_unit_command_parses_with_the_real_cli(tmp_path: Path) -> None:
+    from toolkit.cli import build_parser
+    from toolkit.dispatch.container import unit_argv
+
+    study = tiny_study(tmp_path / "out")
+    argv = unit_argv(study, "train", "r2/seed3")
+    assert argv[:3] == [sys.executable, "-m", "toolkit"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.command, args.stage, args.key) == ("unit", "train", "r2/seed3")
+    assert args.study == str(study.root / "study.json")
+
+
+@pytest.mark.slow
+def test_local_no_wait_runs_in_background_and_cancel_stops_it(tmp_path: Path) -> None:
+    """`toolkit run --executor local --no-wait`: a background driver; `toolkit cancel` kills it."""
+    study = tiny_study(tmp_path / "out", seeds=1)
+    run_study(study, executor="local", wait=False)
+    path = Layout(study).manifest
+    driver = Manifest.load(path).latest()[("driver", "local")].job_id
+    assert dlocal.pid_alive(driver)
+    wait_for(lambda: ("prepare", "m1--kmer3") in Manifest.load(path).latest(), 90,
+             "the background driver to start the first unit")
+    unit = Manifest.load(path).latest()[("prepare", "m1--kmer3")].job_id
+    rows = {(r.stage, r.key): r for r in unit_states(study)}
+    assert rows[("prepare", "m1--kmer3")].state in ("running", "done")
+    cancel_study(study)
+    assert not dlocal.pid_alive(driver) and not dlocal.pid_alive(unit)
+    assert {r.state for r in unit_states(study)} <= {"done", "failed", "pending"}

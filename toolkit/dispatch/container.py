@@ -1,0 +1,154 @@
+"""How a unit's command line is built, optionally wrapped in an Apptainer/Singularity container.
+
+Every job runs ``python -m toolkit unit <root>/study.json STAGE KEY``. With
+``dispatch.container.runtime = "apptainer"`` (or ``"singularity"``) that command runs as::
+
+    apptainer exec --nv --cleanenv --bind B1,B2,... --env TOOLKIT_SCRATCH=S IMAGE python -m toolkit unit <root>/study.json STAGE KEY
+
+The bind list is derived from the study (study folder, each corpus source folder,
+external checkpoint folders, scratch, extra binds) and checked before anything is
+queued: a path that does not exist, or that ``--bind`` cannot express (its syntax
+uses ``,`` and ``:`` as separators), is a :class:`SubmissionError`. A path reached
+through a symlink is bound from its real location to the path the study uses, so
+that the container sees it where the job looks for it.
+
+Commands are argument lists (never shell strings); :func:`shell_line` quotes one with
+:mod:`shlex` for logs and golden files, safe for paths with spaces and quotes.
+"""
+
+from __future__ import annotations
+
+import glob
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from toolkit.config import StudyConfig
+from toolkit.errors import SubmissionError
+
+STUDY_JSON = "study.json"
+
+
+def is_path_source(source: str) -> bool:
+    """True for a file/folder/glob source, False for ``builtin:``, ``synthetic:``, ``shuffle:``."""
+    return ":" not in source.split("/", 1)[0]
+
+
+def _bind_entry(path: Path, what: str) -> str:
+    """``real:as_used`` when ``path`` goes through a symlink, else the path itself."""
+    if not path.is_absolute():
+        raise SubmissionError(f"{what}: '{path}' is not absolute; give an absolute path")
+    if not path.exists():
+        raise SubmissionError(f"{what}: '{path}' does not exist on the submitting machine; "
+                              "fix the path or create it before submitting")
+    real = path.resolve()
+    for p in {real, path}:
+        if "," in str(p) or ":" in str(p):
+            raise SubmissionError(f"{what}: '{p}' cannot be bound into the container (',' and ':' "
+                                  "separate --bind entries); move or symlink it to a plain path")
+    return str(real) if real == path else f"{real}:{path}"
+
+
+def _source_folder(study: StudyConfig, name: str, source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        path = study.base_dir / path
+    if glob.has_magic(str(path)):
+        # Bind the deepest folder above the first wildcard; the matches must exist now.
+        if not glob.glob(str(path)):
+            raise SubmissionError(f"corpora.{name}.source: '{path}' matches no file; "
+                                  "fix the pattern before submitting")
+        parts = path.parts
+        first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        return Path(*parts[:first])
+    if not path.exists():
+        raise SubmissionError(f"corpora.{name}.source: '{path}' does not exist; "
+                              "fix the path in the study file before submitting")
+    return path if path.is_dir() else path.parent
+
+
+def bind_paths(study: StudyConfig) -> list[str]:
+    """Every ``--bind`` entry the study needs, checked; in a stable order without duplicates.
+
+    Raises
+    ------
+    SubmissionError
+        A path is missing, relative, or cannot be written in ``--bind`` syntax.
+    """
+    c = study.dispatch.container
+    entries: list[str] = [_bind_entry(study.root, "study folder (study.output_dir)")]
+    for name, corpus in study.corpora.items():
+        if is_path_source(corpus.source):
+            folder = _source_folder(study, name, corpus.source)
+            entries.append(_bind_entry(folder, f"corpora.{name}.source"))
+    for run_name, run in study.runs.items():
+        for i, ckpt in enumerate(run.checkpoints):
+            entries.append(_bind_entry(study.resolve_path(ckpt), f"runs.{run_name}.checkpoints[{i}]"))
+    if c.scratch:
+        scratch = study.resolve_path(c.scratch)
+        scratch.mkdir(parents=True, exist_ok=True)
+        entries.append(_bind_entry(scratch, "dispatch.container.scratch"))
+    for i, extra in enumerate(c.binds):
+        # Extra binds may be ``src`` or ``src:dst[:opts]``; only ``src`` must exist here.
+        src, sep, rest = extra.partition(":")
+        host = _bind_entry(study.resolve_path(src), f"dispatch.container.binds[{i}]")
+        entries.append(host if not sep else f"{host.split(':')[0]}:{rest}")
+    return list(dict.fromkeys(entries))
+
+
+def check_container(study: StudyConfig) -> None:
+    """Check the runtime, the image and every bind before anything is queued.
+
+    Raises
+    ------
+    SubmissionError
+        The runtime is not on PATH, the image is missing, or a bind path is bad.
+    """
+    c = study.dispatch.container
+    if c.runtime == "none":
+        return
+    if shutil.which(c.runtime) is None:
+        raise SubmissionError(f"dispatch.container.runtime: '{c.runtime}' is not on PATH on this "
+                              "machine; load its module or set runtime = \"none\"")
+    assert c.image is not None  # validate_study guarantees it
+    image = study.resolve_path(c.image)
+    if not image.is_file():
+        raise SubmissionError(f"dispatch.container.image: '{image}' not found; build it with "
+                              "`make container` (on a machine with apptainer) or fix the path")
+    bind_paths(study)
+
+
+def unit_argv(study: StudyConfig, stage: str, key: str, *, python: str | None = None) -> list[str]:
+    """The command that runs one unit, wrapped in the container when one is configured.
+
+    Parameters
+    ----------
+    study
+        The resolved study; its ``<root>/study.json`` (written by the dispatcher) is what
+        the job reads, so ``--set`` overrides and ``--out`` are honoured.
+    stage, key
+        The unit, as in :func:`toolkit.study.iter_units`.
+    python
+        Interpreter outside a container (default: this one, i.e. the project's venv).
+    """
+    study_json = str(study.root / STUDY_JSON)
+    c = study.dispatch.container
+    if c.runtime == "none":
+        return [python or sys.executable, "-m", "toolkit", "unit", study_json, stage, key]
+    assert c.image is not None
+    scratch = str(study.resolve_path(c.scratch)) if c.scratch else "/tmp"
+    gpus = study.dispatch.resources_for(stage).gpus_per_node > 0
+    return [
+        c.runtime, "exec", *(["--nv"] if gpus else []), "--cleanenv",
+        "--bind", ",".join(bind_paths(study)),
+        "--env", f"TOOLKIT_SCRATCH={scratch}",
+        str(study.resolve_path(c.image)),
+        "python", "-m", "toolkit", "unit", study_json, stage, key,
+    ]
+
+
+def shell_line(argv: list[str]) -> str:
+    """One shell-safe line for an argument list (logs, golden files, sbatch scripts)."""
+    return shlex.join(argv)
+

@@ -1,0 +1,72 @@
+"""``<root>/manifest.json``: every job the dispatcher submitted for a study.
+
+One record per submitted unit (stage, key, executor, job id, submit time, log
+paths), appended, never edited: the newest record of a unit is the one that counts.
+The dispatcher reads it before submitting (so a unit whose job is still queued or
+running is not submitted twice), ``toolkit status`` reads it to tell pending,
+running and failed units apart, and ``toolkit cancel`` reads it to find the jobs.
+Only the submitting process writes it, atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from toolkit.errors import SubmissionError
+from toolkit.study import write_json_atomic
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRecord:
+    stage: str
+    """``prepare``, ``train``, ``evaluate``, ``analyse`` (or ``driver`` for a detached local run)."""
+    key: str
+    executor: str
+    """``slurm``, ``local`` or ``debug``."""
+    job_id: str
+    """SLURM job id (``123`` or ``123_4`` for an array task) or a local process id."""
+    submitted: str
+    """ISO time, UTC."""
+    stdout: str = ""
+    stderr: str = ""
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class Manifest:
+    """The job records of one study; :meth:`save` after :meth:`add`."""
+
+    def __init__(self, path: Path, records: list[JobRecord] | None = None) -> None:
+        self.path = path
+        self.records: list[JobRecord] = records or []
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read the manifest (empty when the study was never submitted)."""
+        if not path.exists():
+            return cls(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            records = [JobRecord(**r) for r in raw["jobs"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SubmissionError(f"{path}: not a valid job manifest ({e}); move it away "
+                                  "and resubmit (finished units are skipped)") from e
+        return cls(path, records)
+
+    def add(self, record: JobRecord) -> None:
+        self.records.append(record)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"jobs": [asdict(r) for r in self.records]})
+
+    def latest(self) -> dict[tuple[str, str], JobRecord]:
+        """The newest record of every (stage, key)."""
+        out: dict[tuple[str, str], JobRecord] = {}
+        for r in self.records:
+            out[(r.stage, r.key)] = r
+        return out

@@ -1,0 +1,128 @@
+"""Where every unit of a study stands: done / running / pending / failed.
+
+Built from three sources: the completion markers (done), the manifest (which job
+ran the unit, where its logs are) and the scheduler (``squeue``/``sacct`` for SLURM,
+the process table for local jobs). A failed unit shows its log and the last error
+line found in it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.config import StudyConfig
+from toolkit.dispatch.local import pid_alive
+from toolkit.dispatch.manifest import JobRecord, Manifest
+from toolkit.dispatch.slurm import ACTIVE, job_states
+from toolkit.study import Layout, iter_units
+
+RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING"}
+_ERROR = re.compile(r"(toolkit: error:|\b\w*(Error|Exception)\b|Traceback|CANCELLED|TIME LIMIT|Killed)")
+_WRAPPERS = ("UnitFailedError", "UncompletedJobError", "Traceback", "submitit ERROR")
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    stage: str
+    key: str
+    state: str
+    """``done``, ``running``, ``pending`` or ``failed``."""
+    job_id: str = ""
+    detail: str = ""
+    log: str = ""
+
+
+def last_error_line(path: str | Path, tail_bytes: int = 65536) -> str:
+    """The most telling error line near the end of a log ('' if none).
+
+    The unit's own message (``toolkit: error: ...`` or the last ``XxxError: ...``) wins
+    over the job wrapper's generic "exited with status N".
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    hits = [ln.strip() for ln in lines if _ERROR.search(ln)]
+    if not hits:
+        return ""
+    own = [ln for ln in hits if "toolkit: error:" in ln]
+    if own:
+        return own[-1]
+    specific = [ln for ln in hits if not any(w in ln for w in _WRAPPERS)]
+    return (specific or hits)[-1]
+
+
+def _result(record: JobRecord) -> str | None:
+    """submitit's outcome for a finished job: 'success', 'error' or None (no result file)."""
+    out = record.stdout
+    if not out.endswith("_log.out"):
+        return None
+    path = Path(out[: -len("_log.out")] + "_result.pkl")
+    try:
+        with open(path, "rb") as f:
+            return str(pickle.load(f)[0])
+    except (OSError, pickle.UnpicklingError, EOFError, IndexError, AttributeError, ImportError):
+        return None
+
+
+def unit_states(study: StudyConfig) -> list[UnitStatus]:
+    """The status of every unit of the study, in dependency order."""
+    latest = Manifest.load(Layout(study).manifest).latest()
+    slurm_ids = [r.job_id for r in latest.values() if r.executor == "slurm"]
+    states = job_states(slurm_ids) if slurm_ids else {}
+    rows = []
+    for stage, key, marker in iter_units(study):
+        rec = latest.get((stage, key))
+        if marker.exists():
+            rows.append(UnitStatus(stage, key, "done", rec.job_id if rec else ""))
+            continue
+        if rec is None:
+            rows.append(UnitStatus(stage, key, "pending", "", "not submitted"))
+            continue
+        if rec.executor == "slurm":
+            st = states.get(rec.job_id)
+            if st in RUNNING_STATES:
+                rows.append(UnitStatus(stage, key, "running", rec.job_id, st.lower(), rec.stderr))
+                continue
+            if st in ACTIVE:
+                rows.append(UnitStatus(stage, key, "pending", rec.job_id, f"queued ({st.lower()})",
+                                       rec.stderr))
+                continue
+            why = st or "no longer known to the scheduler"
+        else:
+            if pid_alive(rec.job_id):
+                rows.append(UnitStatus(stage, key, "running", rec.job_id, "local process", rec.stderr))
+                continue
+            why = "process ended"
+        outcome = _result(rec)
+        if outcome == "success":
+            why = f"{why}; finished without writing its completion marker"
+        error = last_error_line(rec.stderr)
+        rows.append(UnitStatus(stage, key, "failed", rec.job_id,
+                               f"{why}: {error}" if error else why, rec.stderr))
+    return rows
+
+
+def format_table(study: StudyConfig, rows: list[UnitStatus]) -> str:
+    """A plain-text table: a summary line, then one line per unit (logs for failures)."""
+    counts = Counter(r.state for r in rows)
+    head = (f"study {study.name} ({study.root}): {len(rows)} units: "
+            + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "pending", "failed")))
+    w_stage = max(len("STAGE"), *(len(r.stage) for r in rows))
+    w_key = max(len("UNIT"), *(len(r.key) for r in rows))
+    w_job = max(len("JOB"), *(len(r.job_id) for r in rows))
+    lines = [head, f"{'STAGE':<{w_stage}}  {'UNIT':<{w_key}}  {'STATE':<7}  {'JOB':<{w_job}}  DETAIL"]
+    for r in rows:
+        detail = r.detail
+        if r.state == "failed" and r.log:
+            detail = f"{detail} (log: {r.log})"
+        lines.append(f"{r.stage:<{w_stage}}  {r.key:<{w_key}}  {r.state:<7}  {r.job_id:<{w_job}}  "
+                     f"{detail}".rstrip())
+    return "\n".join(lines)
