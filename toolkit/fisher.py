@@ -1,0 +1,553 @@
+"""Empirical Fisher information of a BERT masked LM, summed per parameter group.
+
+Two estimators (METHODS.md, "Empirical Fisher information"), both over the masked
+tokens of evaluation batches (``labels`` = -100 where a token is not masked):
+
+- ``"batch"`` (the paper's): g_b = gradient of the mean cross-entropy over batch b's
+  masked tokens; F = sum_b g_b**2 / (masked tokens of all batches).
+- ``"per-example"`` (the true empirical Fisher): g_i = gradient of the mean
+  cross-entropy over sequence i's masked tokens; F = mean over the sequences with at
+  least one masked token of g_i**2.
+
+The per-example estimator costs about one forward and backward pass, not one per
+sequence: hooks keep every Linear / LayerNorm input, ``torch.autograd.grad`` is asked
+only for the gradient of the embedding sum (so autograd skips the weight gradients),
+and tensor hooks turn each module's output gradient into per-sequence squared
+gradients as backward reaches it. A Linear's per-sequence gradient is B_i^T A_i
+(A_i inputs, B_i output gradients, one row per token): its squared norm comes from
+the Gram trick <A_i A_i^T, B_i B_i^T> where that is cheaper, else (and for the full
+diagonal) from B_i^T A_i built by bmm for a chunk of sequences at a time. LayerNorm
+gradients are per-sequence sums of grad_out * normalised input; embedding tables get
+the embedding-sum gradient scattered to the rows each sequence reads. The MLM head runs
+on masked positions only. With tied input/output embeddings the decoder's per-sequence
+gradient is added to the input embedding's *inside* the square.
+
+Groups: ``embeddings`` (word, position, token-type tables, embedding LayerNorm),
+``layer.<i>`` (transformer block i), ``head`` (MLM transform, decoder bias, and the
+decoder weight when it is not tied to the word embeddings).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from toolkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Estimator = Literal["per-example", "batch"]
+ESTIMATORS: tuple[str, ...] = ("per-example", "batch")
+IGNORE = -100  # HF label of a position that is not masked
+_REQUIRED = ("input_ids", "attention_mask", "labels")
+_OPTIONAL = ("token_type_ids", "position_ids")
+_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+_EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
+_LOG_EVERY_S = 30.0
+_CHUNK_ELEMENTS = 1 << 22  # per-sequence weight gradients materialised at once (16 MiB in fp32)
+
+
+@dataclass(frozen=True)
+class FisherTraces:
+    """Traces (sums of the diagonal) of one model's empirical Fisher information.
+
+    Attributes
+    ----------
+    groups
+        Group -> trace, ordered ``embeddings``, ``layer.0`` ... ``layer.{L-1}``, ``head``.
+    parameters
+        Parameter name (as in ``model.named_parameters()``) -> trace.
+    parameter_groups
+        Parameter name -> group.
+    n_examples
+        Sequences with at least one masked token (the per-example mean's denominator).
+    n_masked_tokens
+        Masked tokens in all batches (the batch estimator's denominator).
+    """
+
+    groups: dict[str, float]
+    parameters: dict[str, float]
+    parameter_groups: dict[str, str]
+    n_examples: int
+    n_masked_tokens: int
+
+    def fractions(self) -> dict[str, float]:
+        """Group traces normalised to sum to 1 (the paper's figure)."""
+        total = sum(self.groups.values())
+        return {g: v / total for g, v in self.groups.items()}
+
+
+def parameter_group(name: str) -> str:
+    """The Fisher group of a BertForMaskedLM parameter name.
+
+    ``bert.embeddings.*`` -> ``embeddings``, ``bert.encoder.layer.<i>.*`` -> ``layer.<i>``,
+    ``cls.*`` -> ``head``. A tied decoder weight is named (and grouped) as the word embedding.
+    """
+    if m := _LAYER.search(name):
+        return f"layer.{m.group(1)}"
+    if name.startswith("cls."):
+        return "head"
+    if _EMBEDDINGS.search(name):
+        return "embeddings"
+    raise ConfigError(f"parameter '{name}' belongs to no Fisher group; groups are embeddings "
+                      "(bert.embeddings.*), layer.<i> (bert.encoder.layer.<i>.*) and head (cls.*)")
+
+
+def _group_key(group: str) -> tuple[int, int]:
+    if group == "embeddings":
+        return (0, 0)
+    if group.startswith("layer."):
+        return (1, int(group[6:]))
+    return (2, 0)
+
+
+def empirical_fisher(model: Any, batches: Iterable[Mapping[str, Any]],
+                     estimator: Estimator = "per-example") -> dict[str, float]:
+    """Group -> trace of the empirical Fisher information (see :func:`fisher_traces`)."""
+    return fisher_traces(model, batches, estimator).groups
+
+
+def fisher_traces(model: Any, batches: Iterable[Mapping[str, Any]],
+                  estimator: Estimator = "per-example", device: Any = None) -> FisherTraces:
+    """Traces of the empirical Fisher information, per parameter and per group.
+
+    Parameters
+    ----------
+    model
+        A ``transformers`` ``BertForMaskedLM``. It runs in eval mode (no dropout); its
+        mode, device and ``requires_grad`` flags are restored and no ``.grad`` is left.
+    batches
+        Dicts of (B, T) tensors ``input_ids``, ``attention_mask``, ``labels`` (-100 where a
+        position is not masked); optional ``token_type_ids``, ``position_ids``.
+    estimator
+        ``"per-example"`` (mean squared per-sequence gradient) or ``"batch"`` (the paper's:
+        squared batch-mean gradients over the number of masked tokens).
+    device
+        Where to compute; None: the model's device. The model is moved back afterwards.
+
+    Returns
+    -------
+    FisherTraces
+        Raw (not normalised) traces; float64 accumulation.
+    """
+    acc, names, n_examples, n_tokens = _run(model, batches, estimator, device, diagonal=False)
+    denom = n_examples if estimator == "per-example" else n_tokens
+    parameters = {name: float(acc[name]) / denom for name in names}
+    parameter_groups = {name: parameter_group(name) for name in names}
+    groups: dict[str, float] = {}
+    for group in sorted(set(parameter_groups.values()), key=_group_key):
+        groups[group] = sum(v for n, v in parameters.items() if parameter_groups[n] == group)
+    return FisherTraces(groups=groups, parameters=parameters, parameter_groups=parameter_groups,
+                        n_examples=n_examples, n_masked_tokens=n_tokens)
+
+
+def fisher_diagonal(model: Any, batches: Iterable[Mapping[str, Any]],
+                    estimator: Estimator = "per-example") -> dict[str, torch.Tensor]:
+    """The full diagonal of the empirical Fisher, per parameter.
+
+    Same model, batches and estimators as :func:`fisher_traces`; computed on the model's
+    device. Returns parameter name -> tensor of the parameter's shape and dtype.
+    """
+    acc, names, n_examples, n_tokens = _run(model, batches, estimator, None, diagonal=True)
+    denom = n_examples if estimator == "per-example" else n_tokens
+    return {name: acc[name].div_(denom) for name in names}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, device: Any,
+         *, diagonal: bool) -> tuple[dict[str, Any], list[str], int, int]:
+    """Accumulate squared gradients over all batches: (name -> sum, names, sequences, tokens)."""
+    import torch
+
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"Fisher estimator '{estimator}' is unknown; estimators: {', '.join(ESTIMATORS)}")
+    _check_bert(model)
+    named = list(model.named_parameters())  # tied parameters appear once, under their first name
+    names = [n for n, _ in named]
+    n_examples = n_tokens = 0
+    t0 = last_log = time.perf_counter()
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    with _fisher_mode(model, device) as dev:
+        if diagonal:
+            sums: dict[int, Any] = {id(p): torch.zeros_like(p) for _, p in named}
+        else:
+            sums = {id(p): torch.zeros((), dtype=torch.float64, device=dev) for _, p in named}
+        engine = _PerExample(model, sums, diagonal) if estimator == "per-example" else None
+        try:
+            for k, batch in enumerate(_batches(batches, dev, model.config.vocab_size)):
+                counts = (batch["labels"] != IGNORE).sum(1)  # (B,) masked tokens per sequence
+                n_masked = int(counts.sum())
+                if n_masked == 0:
+                    continue
+                if engine is not None:
+                    engine.run(batch, counts)
+                else:
+                    _batch_step(model, named, batch, sums, diagonal)
+                n_examples += int((counts > 0).sum())
+                n_tokens += n_masked
+                now = time.perf_counter()
+                if now - last_log > _LOG_EVERY_S:
+                    last_log = now
+                    rate = n_examples / (now - t0)
+                    eta = f", ETA {(total - k - 1) * (now - t0) / (k + 1):.0f} s" if total else ""
+                    log.info("Fisher (%s): batch %d%s, %.1f sequences/s%s", estimator, k + 1,
+                             f"/{total}" if total else "", rate, eta)
+        finally:
+            if engine is not None:
+                engine.close()
+    if n_tokens == 0:
+        raise ConfigError("Fisher batches hold no masked token (every label is -100); "
+                          "give batches whose labels mark the masked positions")
+    log.info("Fisher (%s): %d sequences, %d masked tokens in %.1f s", estimator, n_examples,
+             n_tokens, time.perf_counter() - t0)
+    return {n: sums[id(p)] for n, p in named}, names, n_examples, n_tokens
+
+
+def _check_bert(model: Any) -> None:
+    emb = getattr(getattr(model, "bert", None), "embeddings", None)
+    needed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
+    head = getattr(getattr(model, "cls", None), "predictions", None)
+    if emb is None or head is None or not all(hasattr(emb, n) for n in needed):
+        raise ConfigError(f"the Fisher needs a transformers BertForMaskedLM (bert.embeddings, "
+                          f"cls.predictions); got {type(model).__name__}")
+
+
+@contextmanager
+def _fisher_mode(model: Any, device: Any) -> Iterator[torch.device]:
+    """Eval mode, gradients enabled for every parameter, on ``device``; all restored after."""
+    import torch
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    home = params[0].device
+    dev = torch.device(device) if device is not None else home
+    if dev != home:
+        model.to(dev)
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        # a caller's no_grad() or inference_mode() would leave nothing to differentiate
+        with torch.inference_mode(False), torch.enable_grad():
+            yield dev
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+        if dev != home:
+            model.to(home)
+
+
+def _batches(batches: Iterable[Mapping[str, Any]], device: torch.device,
+             vocab_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Validated batches on ``device``; a bad batch raises ConfigError naming it."""
+    import torch
+
+    for k, raw in enumerate(batches):
+        where = f"Fisher batch {k}"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: expected a dict of tensors (input_ids, attention_mask, "
+                              f"labels), got {type(raw).__name__}")
+        missing = [key for key in _REQUIRED if key not in raw]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}; every batch needs input_ids, "
+                              "attention_mask and labels (-100 where a position is not masked)")
+        batch = {key: torch.as_tensor(raw[key]).to(device, non_blocking=True)
+                 for key in (*_REQUIRED, *_OPTIONAL) if raw.get(key) is not None}
+        batch = {key: t.clone() if t.is_inference() else t for key, t in batch.items()}
+        shape = batch["input_ids"].shape
+        for key, t in batch.items():
+            if t.dim() != 2 or (t.shape != shape and not (key == "position_ids" and t.shape[0] == 1)):
+                raise ConfigError(f"{where}: {key} has shape {tuple(t.shape)}, expected "
+                                  f"(batch, length) = {tuple(shape)} like input_ids")
+            if t.is_floating_point():
+                raise ConfigError(f"{where}: {key} must hold integers, not {t.dtype}")
+        ids, labels = batch["input_ids"], batch["labels"]
+        if bool(((ids < 0) | (ids >= vocab_size)).any()):
+            raise ConfigError(f"{where}: input_ids outside the vocabulary [0, {vocab_size})")
+        if bool((((labels < 0) | (labels >= vocab_size)) & (labels != IGNORE)).any()):
+            raise ConfigError(f"{where}: labels must be token ids in [0, {vocab_size}) or -100 "
+                              "(not masked)")
+        if "position_ids" in batch:
+            batch["position_ids"] = batch["position_ids"].expand(shape)
+        yield batch
+
+
+def _masked_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """MLM logits at the masked positions only, row-major: (M, V)."""
+    hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch.get("token_type_ids"),
+                        position_ids=batch.get("position_ids"))[0]  # (B, T, d)
+    return model.cls(hidden[batch["labels"] != IGNORE])  # (M, V)
+
+
+def _batch_step(model: Any, named: list[tuple[str, torch.nn.Parameter]],
+                batch: Mapping[str, torch.Tensor], sums: dict[int, Any], diagonal: bool) -> None:
+    """The paper's estimator: square the gradient of the batch's mean masked-token loss."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"][batch["labels"] != IGNORE]  # (M,)
+    loss = F.cross_entropy(_masked_logits(model, batch), labels)
+    params = [p for _, p in named]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        if g is None:  # a parameter the forward does not use (untied head's spare bias)
+            continue
+        if diagonal:
+            sums[id(p)].addcmul_(g, g)
+        else:
+            sums[id(p)] += torch.sum(g * g, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- per-example engine
+
+
+class _PerExample:
+    """Per-sequence squared gradients from one forward and one input-gradient backward.
+
+    Forward hooks keep each Linear / LayerNorm input and put a tensor hook on its output;
+    backward then delivers each output gradient once, for the whole batch, and the hook
+    reduces (input, output gradient) to the sequences' squared parameter gradients. The
+    backward is asked only for the gradient of the embedding sum (a detached leaf), so
+    autograd computes no weight gradient of its own. Activations come in two layouts:
+    (B, T, f) in the encoder and (M, f) rows (masked positions, row-major) in the head.
+    """
+
+    def __init__(self, model: Any, sums: dict[int, Any], diagonal: bool) -> None:
+        import torch.nn as nn
+
+        self.model, self.sums, self.diagonal = model, sums, diagonal
+        emb = model.bert.embeddings
+        self.tables = (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings)
+        self.decoder = model.cls.predictions.decoder
+        self.tied = self.decoder.weight is emb.word_embeddings.weight
+        owned = [id(t.weight) for t in self.tables]
+        self.handles = [emb.LayerNorm.register_forward_pre_hook(self._leaf)]
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                hook = self._fwd_linear
+            elif isinstance(module, nn.LayerNorm):
+                hook = self._fwd_norm
+            else:
+                continue
+            own = [p for p in (module.weight, module.bias) if p is not None]
+            if own:
+                owned += [id(p) for p in own]
+                self.handles.append(module.register_forward_hook(hook))
+        if len(owned) - len(set(owned)) != int(self.tied):
+            self.close()
+            raise ConfigError(f"{type(model).__name__} shares parameters between modules beyond the "
+                              "tied word embedding; use the 'batch' Fisher estimator")
+        # Parameters outside Linear/LayerNorm/the embedding tables (the untied head's spare
+        # bias): checked on the first batch to receive no gradient at all.
+        handled = set(owned)
+        self.spare = [(n, p) for n, p in model.named_parameters() if id(p) not in handled]
+        for p in model.parameters():
+            # Gradients flow from the leaf only: autograd then neither saves inputs for weight
+            # gradients nor computes them (the flags are restored by _fisher_mode).
+            p.requires_grad_(id(p) not in handled)
+        self.leaf: Any = None
+        self.dd: Any = None
+        self.grams: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}
+        self.called: set[int] = set()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    # ---- one batch
+
+    def run(self, batch: Mapping[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Add the squared per-sequence gradients of one batch to ``sums``."""
+        import torch
+        import torch.nn.functional as F
+
+        labels = batch["labels"]
+        where = labels != IGNORE  # (B, T)
+        self.n_seq = labels.shape[0]
+        self.ids = batch["input_ids"]
+        self.row_seq = where.nonzero()[:, 0]  # (M,) sequence of each masked row
+        offsets = counts.cumsum(0) - counts  # (B,) first row of each sequence
+        self.row_slot = torch.arange(self.row_seq.numel(), device=labels.device) - offsets[self.row_seq]
+        self.width = int(counts.max())
+        try:
+            logits = _masked_logits(self.model, batch)  # (M, V)
+            ce = F.cross_entropy(logits, labels[where], reduction="none")  # (M,)
+            # Sum over sequences of each one's mean: sequence i's rows get exactly g_i.
+            loss = (ce / counts[self.row_seq].to(ce.dtype)).sum()
+            if self.leaf is None:
+                raise ConfigError("the embedding LayerNorm never ran; the Fisher needs a "
+                                  "BertForMaskedLM whose embeddings end in bert.embeddings.LayerNorm")
+            spare = [p for _, p in self.spare]
+            grads = torch.autograd.grad(loss, [self.leaf, *spare], allow_unused=True)
+            for (name, _), g in zip(self.spare, grads[1:], strict=True):
+                if g is not None:
+                    raise ConfigError(f"parameter '{name}' sits in a module the per-example Fisher "
+                                      "does not handle; use the 'batch' estimator")
+            self.spare = []
+            self._embeddings(batch, grads[0])
+        finally:
+            self.leaf = self.dd = None
+            self.grams.clear()
+            self.called.clear()
+
+    def _once(self, module: Any) -> None:
+        if id(module) in self.called:
+            raise ConfigError(f"{type(module).__name__} module runs twice in one forward; the "
+                              "per-example Fisher needs each module once; use the 'batch' estimator")
+        self.called.add(id(module))
+
+    def _leaf(self, module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        # Cut the graph at the embedding sum: its gradient b gives every table's per-sequence
+        # gradient by scatter, and autograd skips the embedding-weight backward.
+        self.leaf = args[0].detach().requires_grad_(True)  # (B, T, d)
+        return (self.leaf, *args[1:])
+
+    # ---- layouts
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, f) as is; (M, f) rows -> (B, W, f), zero rows after each sequence's last."""
+        if x.dim() == 3:
+            return x
+        out = x.new_zeros(self.n_seq, self.width, x.shape[-1])
+        out[self.row_seq, self.row_slot] = x
+        return out
+
+    def _token_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sum over tokens: (B, f)."""
+        if x.dim() == 3:
+            return x.sum(1)
+        return x.new_zeros(self.n_seq, x.shape[-1]).index_add_(0, self.row_seq, x)
+
+    def _add(self, param: Any, per_seq: torch.Tensor) -> None:
+        """Add the squares of per-sequence gradients (B, *param.shape)."""
+        import torch
+
+        if self.diagonal:
+            self.sums[id(param)] += (per_seq * per_seq).sum(0)
+        else:
+            self.sums[id(param)] += torch.sum(per_seq * per_seq, dtype=torch.float64)
+
+    # ---- modules
+
+    def _fwd_linear(self, module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        self._once(module)
+        output.register_hook(functools.partial(self._grad_linear, module, inputs[0].detach()))
+
+    def _fwd_norm(self, module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        self._once(module)
+        output.register_hook(functools.partial(self._grad_norm, module, inputs[0].detach()))
+
+    def _grad_linear(self, module: Any, a: torch.Tensor, g: torch.Tensor) -> None:
+        import torch
+
+        weight = module.weight
+        if self.diagonal:
+            acc = self.sums[id(weight)]
+            for w in self._weight_grads(a, g):  # (c, out, in)
+                acc += w.square_().sum(0)
+        else:
+            self.sums[id(weight)] += self._weight_sq(a, g)
+        if module.bias is not None:
+            self._add(module.bias, self._token_sum(g))
+        if module is self.decoder and self.tied:
+            # D_i[ids_t] for every input position t: what the decoder adds to the word rows
+            # sequence i also reads, kept for the cross term of |E_i + D_i|^2.
+            g3, a3 = self._pad(g), self._pad(a)  # (B, W, V), (B, W, d)
+            index = self.ids.unsqueeze(1).expand(-1, g3.shape[1], -1)  # (B, W, T)
+            self.dd = torch.bmm(g3.gather(2, index).mT, a3)  # (B, T, d)
+
+    def _weight_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Sum over sequences of a Linear's squared per-sequence weight-gradient norm (float64)."""
+        import torch
+
+        n_tok, n_in, n_out = (a.shape[1] if a.dim() == 3 else self.width), a.shape[-1], g.shape[-1]
+        key = (a.data_ptr(), tuple(a.shape))  # query/key/value share their input's Gram
+        cached = key in self.grams
+        # |B^T A|^2 = <A A^T, B B^T> costs T^2 (in + out) instead of T in out
+        if n_tok * (n_out + (0 if cached else n_in)) <= n_in * n_out:
+            a3, g3 = self._pad(a), self._pad(g)  # (B, T, in), (B, T, out)
+            if not cached:
+                self.grams[key] = (a, torch.bmm(a3, a3.mT))  # keeps a alive: the key stays unique
+            per_seq = (self.grams[key][1] * torch.bmm(g3, g3.mT)).sum((1, 2))  # (B,)
+            return torch.sum(per_seq, dtype=torch.float64)
+        norms = [w.square_().sum((1, 2)) for w in self._weight_grads(a, g)]  # (c,) each
+        return torch.sum(torch.cat(norms), dtype=torch.float64)
+
+    def _weight_grads(self, a: torch.Tensor, g: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Per-sequence weight gradients B_i^T A_i, a chunk of sequences at a time: (c, out, in).
+
+        A few large bmm calls rather than one mm per sequence: on a CPU shared with other
+        jobs every small multithreaded op waits for its slowest thread, which made the
+        per-sequence loop up to 50x slower than the same work batched.
+        """
+        import torch
+
+        a3, g3 = self._pad(a), self._pad(g)  # (B, T, in), (B, T, out)
+        step = max(1, _CHUNK_ELEMENTS // (a3.shape[-1] * g3.shape[-1]))
+        for lo in range(0, self.n_seq, step):
+            yield torch.bmm(g3[lo:lo + step].mT, a3[lo:lo + step])
+
+    def _grad_norm(self, module: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+        import torch.nn.functional as F
+
+        if module.weight is not None:
+            xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)  # normalised input
+            self._add(module.weight, self._token_sum(g * xhat))
+        if module.bias is not None:
+            self._add(module.bias, self._token_sum(g))
+
+    def _embeddings(self, batch: Mapping[str, torch.Tensor], b: torch.Tensor) -> None:
+        """Embedding tables from b (B, T, d), the gradient of the embedding sum.
+
+        Sequence i's gradient of a table is E_i[v] = sum of b_t over its positions t reading
+        row v. With S_i[t, s] = [id_t == id_s], (S_i b_i)_t = E_i[id_t], so
+        |E_i|^2 = sum_t b_t . E_i[id_t]; squares land on row id_t, split between the
+        positions that share it.
+        """
+        import torch
+
+        ids = batch["input_ids"]
+        n_seq, n_tok, dim = b.shape
+        positions = batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(n_tok, device=ids.device).expand(n_seq, n_tok)
+        types = batch.get("token_type_ids")
+        if types is None:
+            types = torch.zeros_like(ids)
+        for table, rows in zip(self.tables, (ids, positions, types), strict=True):
+            bt = b
+            if table.padding_idx is not None:  # nn.Embedding gives its padding row no gradient
+                bt = b * (rows != table.padding_idx).unsqueeze(-1).to(b.dtype)
+            if rows is positions and "position_ids" not in batch:
+                same, ed = None, bt  # default positions 0..T-1: one position per row
+            else:
+                same = (rows.unsqueeze(2) == rows.unsqueeze(1)).to(b.dtype)  # (B, T, T)
+                ed = torch.bmm(same, bt)  # (B, T, d): E_i[id_t]
+            dd = self.dd if table is self.tables[0] and self.tied else None  # D_i[id_t]
+            acc = self.sums[id(table.weight)]
+            if self.diagonal:
+                # sum_i (E_i + D_i)^2 = sum_i D_i^2 (added by the decoder) + E_i (E_i + 2 D_i)
+                sq = ed * ed if dd is None else ed * (ed + 2 * dd)
+                if same is not None:
+                    sq = sq / same.sum(2, keepdim=True)
+                acc.index_add_(0, rows.reshape(-1), sq.reshape(-1, dim))
+            else:
+                acc += torch.sum(bt * ed, dtype=torch.float64)
+                if dd is not None:
+                    acc += 2 * torch.sum(bt * dd, dtype=torch.float64)
