@@ -1,0 +1,233 @@
+"""Evaluation masks: the masked inputs every member of a corpus x tokenizer is evaluated on.
+
+Built once per token store, at ``tokens/<corpus>--<tokenizer>/masks.zarr``, from the
+evaluation split (``toolkit.sequences``, truncate mode) and deterministically from
+``analysis.mask_seed``, so that every member of every run on that token store sees
+exactly the same masked inputs (METHODS.md, "identical masked positions for every
+member"). Three sets (storage_schemas/masks.json):
+
+- ``distribution``: every evaluation sequence, ``distribution_mask_rate`` of its
+  maskable positions replaced by [MASK] (paper: 10%);
+- ``fisher``: the first ``fisher_records`` sequences, ``fisher_mask_rate`` masked (15%);
+- ``contextual``: the first ``contextual_records`` sequences, unmasked.
+
+Maskable positions are real tokens that are not special tokens ([UNK] included: a
+model is not asked to predict "unknown"). Each sequence with at least one maskable
+position gets exactly ``max(1, round(rate * n_maskable))`` masked positions, so rates
+hold per sequence and no sequence is left without a prediction. Selected positions
+become [MASK] only (no 80/10/10 as in training).
+
+Several evaluate jobs may need the store at the same moment: each builds a private
+copy (all-or-nothing through :func:`toolkit.store.writing`) and renames it into place;
+the first rename wins and the others discard their copy. A store that exists but was
+built from another configuration is refused, never mixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit import store
+from toolkit.config import N_SPECIALS, StudyConfig
+from toolkit.errors import StoreError
+from toolkit.sequences import EVAL, MASK, load_sequences
+from toolkit.study import Layout
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of positions that are not predicted (HuggingFace convention)
+_READ_BLOCK = 1024  # sequences materialised at a time while building
+# Attributes that decide the content of the store; an existing store must match all of them.
+CHECKED_ATTRS = ("tokenizer_hash", "seq_len", "mask_seed", "distribution_mask_rate",
+                 "fisher_mask_rate", "eval_records", "fisher_records", "contextual_records")
+
+
+def masks_path(study: StudyConfig, run: str) -> Path:
+    """Where the evaluation masks of ``run``'s token store live."""
+    return Layout(study).run_tokens_dir(run) / "masks.zarr"
+
+
+def eval_seq_len(study: StudyConfig) -> int:
+    """Evaluation sequence length: ``analysis.seq_len``, else ``training.seq_len``."""
+    return study.analysis.seq_len or study.training.seq_len
+
+
+def expected_attrs(study: StudyConfig, run: str, tokens_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The root attributes a masks store built for ``run`` under the current config has."""
+    a = study.analysis
+    cfg = study.runs[run]
+    return {
+        "corpus": cfg.corpus,
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_hash": tokens_attrs.get("tokenizer_hash"),
+        "seq_len": eval_seq_len(study),
+        "mask_seed": a.mask_seed,
+        "distribution_mask_rate": a.distribution_mask_rate,
+        "fisher_mask_rate": a.fisher_mask_rate,
+        "eval_records": a.eval_records,
+        "fisher_records": a.fisher_records,
+        "contextual_records": a.contextual_records,
+    }
+
+
+def select_positions(input_ids: np.ndarray, attention_mask: np.ndarray, rate: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Choose the masked positions of a block of sequences.
+
+    Parameters
+    ----------
+    input_ids, attention_mask
+        (S, T) unmasked inputs and their padding mask.
+    rate
+        Fraction of each sequence's maskable positions to mask.
+    rng
+        Source of randomness; one (S, T) draw is taken from it.
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, T) boolean: True where the position is masked. Row i has exactly
+        ``max(1, floor(rate * n_i + 0.5))`` True entries, ``n_i`` its maskable
+        positions (non-padding, non-special), or none when ``n_i`` is 0.
+    """
+    maskable = (attention_mask != 0) & (input_ids >= N_SPECIALS)  # (S, T)
+    n = maskable.sum(axis=1)  # (S,)
+    k = np.where(n > 0, np.maximum(1, np.floor(rate * n + 0.5)), 0).astype(np.int64)  # (S,)
+    # Random keys, +inf where not maskable: the k smallest keys of a row are a uniform
+    # random k-subset of its maskable positions.
+    keys = rng.random(input_ids.shape)
+    keys[~maskable] = np.inf
+    order = np.argsort(keys, axis=1, kind="stable")  # (S, T)
+    rank = np.argsort(order, axis=1)  # (S, T) rank of each position's key within its row
+    return rank < k[:, None]
+
+
+def _read_inputs(seqs: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, T) int32 input ids and uint8 attention mask of the first ``count`` sequences."""
+    ids = np.empty((count, seqs.seq_len), dtype=np.int32)
+    att = np.empty((count, seqs.seq_len), dtype=np.uint8)
+    for lo in range(0, count, _READ_BLOCK):
+        hi = min(count, lo + _READ_BLOCK)
+        b_ids, b_att = seqs.batch(np.arange(lo, hi))  # (b, T) int64 each
+        ids[lo:hi] = b_ids
+        att[lo:hi] = b_att
+    return ids, att
+
+
+def _apply(ids: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Masked inputs and labels (-100 where not chosen)."""
+    masked = np.where(chosen, MASK, ids).astype(np.int32)
+    labels = np.where(chosen, ids, IGNORE).astype(np.int32)
+    return masked, labels
+
+
+def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
+    """Build the masks store of ``run`` at ``path`` (which must not exist) from an open token store."""
+    a = study.analysis
+    seq_len = eval_seq_len(study)
+    if seq_len < 3:
+        raise StoreError(f"analysis.seq_len = {seq_len}: evaluation sequences need room for "
+                         "[CLS], one token and [SEP]; use at least 3")
+    seqs = load_sequences(tokens, EVAL, seq_len, "truncate", max_records=a.eval_records)
+    if len(seqs) == 0:
+        raise StoreError(f"{Layout(study).run_tokens_dir(run) / 'tokens.zarr'}: the evaluation split "
+                         "has no non-empty records; raise corpora.<name>.eval_records and prepare again")
+    t0 = time.perf_counter()
+    ids, att = _read_inputs(seqs, len(seqs))  # (S, T)
+    n_fisher = min(a.fisher_records, len(seqs))
+    n_ctx = min(a.contextual_records, len(seqs))
+    # One independent stream per set, so changing one rate never moves the other set's positions.
+    dist_rng = np.random.default_rng(np.random.SeedSequence([a.mask_seed, 0]))
+    fish_rng = np.random.default_rng(np.random.SeedSequence([a.mask_seed, 1]))
+    dist_chosen = select_positions(ids, att, a.distribution_mask_rate, dist_rng)  # (S, T)
+    fish_chosen = select_positions(ids[:n_fisher], att[:n_fisher], a.fisher_mask_rate, fish_rng)
+    dist_ids, dist_labels = _apply(ids, dist_chosen)
+    fish_ids, fish_labels = _apply(ids[:n_fisher], fish_chosen)
+    seq_of, off_of = np.nonzero(dist_chosen)  # row-major: sorted by (sequence, seq_pos)
+    attrs = {**expected_attrs(study, run, dict(tokens.attrs)), "n_sequences": int(len(seqs)),
+             "n_positions": int(seq_of.shape[0]), "n_fisher_sequences": int(n_fisher),
+             "n_fisher_masked_tokens": int(fish_chosen.sum()), "n_contextual_sequences": int(n_ctx)}
+    with store.writing(path, "masks", attrs) as g:
+        store.create_array(g, "masks", "distribution/input_ids", data=dist_ids)
+        store.create_array(g, "masks", "distribution/attention_mask", data=att)
+        store.create_array(g, "masks", "distribution/labels", data=dist_labels)
+        store.create_array(g, "masks", "distribution/record", data=seqs.record_ids.astype(np.int64))
+        store.create_array(g, "masks", "distribution/position_sequence", data=seq_of.astype(np.int64))
+        store.create_array(g, "masks", "distribution/position_offset", data=off_of.astype(np.int32))
+        store.create_array(g, "masks", "fisher/input_ids", data=fish_ids)
+        store.create_array(g, "masks", "fisher/attention_mask", data=att[:n_fisher])
+        store.create_array(g, "masks", "fisher/labels", data=fish_labels)
+        store.create_array(g, "masks", "contextual/input_ids", data=ids[:n_ctx])
+        store.create_array(g, "masks", "contextual/attention_mask", data=att[:n_ctx])
+    log.info("masks %s: %d sequences, %d distribution positions, %d fisher tokens (%.1f s)",
+             run, len(seqs), seq_of.shape[0], int(fish_chosen.sum()), time.perf_counter() - t0)
+
+
+def check_masks(path: Path, expected: dict[str, Any]) -> Any:
+    """Open an existing masks store and refuse it unless it was built with ``expected``."""
+    group = store.open_store(path, "masks")
+    attrs = dict(group.attrs)
+    for key in CHECKED_ATTRS:
+        if attrs.get(key) != expected[key]:
+            raise StoreError(
+                f"{path}: built with {key} = {attrs.get(key)!r}, the study now says "
+                f"{expected[key]!r}; delete {path} (every member's evaluation must then be redone) "
+                "or restore the old setting")
+    return group
+
+
+def ensure_masks(study: StudyConfig, run: str) -> Path:
+    """The evaluation masks of ``run``'s token store, built if missing.
+
+    Parameters
+    ----------
+    study
+        The study; its ``analysis`` table fixes the sequence length, rates, seed and
+        set sizes.
+    run
+        A run name; runs sharing a corpus and tokenizer share one masks store.
+
+    Returns
+    -------
+    pathlib.Path
+        ``tokens/<corpus>--<tokenizer>/masks.zarr``, validated and checked against the
+        current configuration.
+
+    Raises
+    ------
+    StoreError
+        The token store is missing, or an existing masks store was built with other
+        settings (the message names the attribute).
+    """
+    tokens_path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
+    tokens = store.open_store(tokens_path, "tokens")
+    expected = expected_attrs(study, run, dict(tokens.attrs))
+    path = masks_path(study, run)
+    if path.exists():
+        check_masks(path, expected)
+        return path
+    # Build under a private name, then rename: renaming a folder onto an existing,
+    # non-empty one fails, so exactly one concurrent builder wins and readers of the
+    # winner's store are never disturbed.
+    private = path.with_name(f".{path.name}.build-{uuid.uuid4().hex[:8]}")
+    try:
+        build_masks(study, run, tokens, private)
+        try:
+            os.rename(private, path)
+        except OSError:
+            if not path.exists():
+                raise
+            log.info("masks %s: another job built them first; using theirs", run)
+    finally:
+        if private.exists():
+            shutil.rmtree(private, ignore_errors=True)
+    check_masks(path, expected)
+    return path
