@@ -51,6 +51,7 @@ status: install
 container:
 	@command -v apptainer >/dev/null || command -v singularity >/dev/null || \
 	  { echo "make container: needs apptainer (or singularity) on this machine; build on a cluster login node"; exit 2; }
+	@test ! -x $(PY) || $(PY) -m toolkit.dispatch.pins > containers/constraints.txt
 	$$(command -v apptainer || command -v singularity) build --fakeroot $(SIF) containers/toolkit.def
 
 clean:

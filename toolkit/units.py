@@ -35,6 +35,12 @@ def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -
     ``force`` removes the marker first, so the stage redoes its final outputs
     (training resumes from its last checkpoint rather than starting over).
     """
+    if stage in ("train", "evaluate"):
+        # A unit gets the CPUs its stage asked for; torch's default (every core) makes
+        # units that share a node, or the two cores of a laptop, fight each other.
+        import torch
+
+        torch.set_num_threads(max(1, study.dispatch.resources_for(stage).cpus_per_task))
     done = marker(study, stage, key)
     if force:
         done.unlink(missing_ok=True)

@@ -47,6 +47,18 @@ class Progress:
                  "done" if ok else "FAILED", self.done, self.total, _fmt(elapsed), _fmt(eta))
 
 
+def _last_line(path: Any, tail_bytes: int = 4096) -> str:
+    """The last non-empty line of a log file ('' if none yet)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
 def run_debug(study: StudyConfig, pending: dict[str, list[str]]) -> None:
     """Run every pending unit in this process, in order (no container, easy to debug)."""
     from toolkit.config import load_study
@@ -61,8 +73,11 @@ def run_debug(study: StudyConfig, pending: dict[str, list[str]]) -> None:
 
 
 def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manifest,
-              *, poll_s: float = 0.5) -> None:
+              *, poll_s: float = 0.5, heartbeat_s: float = 30.0) -> None:
     """Run the pending units with submitit's LocalExecutor, stage by stage; wait for all.
+
+    Every ``heartbeat_s`` seconds the latest progress line of each running unit
+    (from its log) is repeated here, so long units show their step, rate and ETA.
 
     Raises
     ------
@@ -86,6 +101,7 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
         queue = list(keys)
         running: dict[str, Any] = {}  # key -> submitit LocalJob
         failed: list[str] = []
+        last_beat = time.monotonic()
         while queue or running:
             while queue and len(running) < width:
                 key = queue.pop(0)
@@ -96,6 +112,12 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
                                        stderr=str(job.paths.stderr)))
                 manifest.save()
             time.sleep(poll_s)
+            if time.monotonic() - last_beat >= heartbeat_s:
+                last_beat = time.monotonic()
+                for key, job in running.items():
+                    line = _last_line(job.paths.stderr)
+                    if line:
+                        log.info("  %s %s: %s", stage, key, line[-160:])
             for key, done_job in list(running.items()):
                 if not done_job.done():
                     continue
