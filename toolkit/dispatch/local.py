@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -56,7 +57,9 @@ def _last_line(path: Any, tail_bytes: int = 4096) -> str:
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return ""
-    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+    line = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    # Drop the unit's own "HH:MM:SS LEVEL logger:" prefix: this process adds its own.
+    return re.sub(r"^\d\d:\d\d:\d\d \w+ [\w.]+: ", "", line)
 
 
 def run_debug(study: StudyConfig, pending: dict[str, list[str]]) -> None:
