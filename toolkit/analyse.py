@@ -530,20 +530,24 @@ def analyse_study(study: StudyConfig) -> Path:
     profiles: dict[str, dict[str, Any]] = {}
     losses: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     t0 = time.perf_counter()
-    for r, run in enumerate(runs):
-        ms = done[run]
-        profiles[run] = profile_run(study, run)
-        res: dict[str, Any] = {"n_members": len(ms)}
-        if ms:
-            res.update(distribution_run(study, run, ms))
-            res.update(embedding_run(study, run, ms))
-            res["weight_distance"], res["weight_distance_std"] = weights_run(study, run, ms)
-            fisher[run] = fisher_run(study, run, ms)
-            losses[run] = loss_run(study, ms)
-        results[run] = res
-        elapsed = time.perf_counter() - t0
-        log.info("analysed run %d/%d (%s, %d members); %.0f s elapsed, about %.0f s left",
-                 r + 1, n_r, run, len(ms), elapsed, elapsed / (r + 1) * (n_r - r - 1))
+    from toolkit.dispatch.dask_cluster import analysis_scheduler
+
+    # dispatch.dask = "slurm": the Dask graphs run on SLURM worker jobs; "local": nothing changes.
+    with analysis_scheduler(study):
+        for r, run in enumerate(runs):
+            ms = done[run]
+            profiles[run] = profile_run(study, run)
+            res: dict[str, Any] = {"n_members": len(ms)}
+            if ms:
+                res.update(distribution_run(study, run, ms))
+                res.update(embedding_run(study, run, ms))
+                res["weight_distance"], res["weight_distance_std"] = weights_run(study, run, ms)
+                fisher[run] = fisher_run(study, run, ms)
+                losses[run] = loss_run(study, ms)
+            results[run] = res
+            elapsed = time.perf_counter() - t0
+            log.info("analysed run %d/%d (%s, %d members); %.0f s elapsed, about %.0f s left",
+                     r + 1, n_r, run, len(ms), elapsed, elapsed / (r + 1) * (n_r - r - 1))
 
     # ---- coordinates shared by every run
     vocab = [int(results[r].get("vocab_size", profiles[r]["vocab_size"])) for r in runs]
