@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,21 @@ def weird_tmp_path(tmp_path: Path) -> Path:
     path = tmp_path / "we ird 'quoted' \"dir\""
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real single-node SLURM cluster for the whole session (see tests/slurm_cluster.py)."""
+    from tests.slurm_cluster import SlurmCluster
+
+    if os.geteuid() != 0 and not all(map(shutil.which, ("slurmctld", "slurmd"))):
+        pytest.skip("SLURM daemons are not installed and this user cannot install them")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    cluster.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old

@@ -565,3 +565,13 @@ def test_weird_paths(weird_tmp_path):
     got = read(weird_tmp_path, source="a b.fa", dna=DnaConfig(piece_min=5, piece_max=100))
     assert [r.id for r in got] == ["x:0-10"]
     assert open_source(str(weird_tmp_path / "a b.fa")).provenance()[0]["size"] == 16
+
+
+def test_unreachable_entropy_rate_is_refused_not_approximated() -> None:
+    """Seed 1's order-3 family locks into cycles before 0.10 bits; the solver must not settle."""
+    from toolkit.config import SyntheticConfig
+    from toolkit.corpora import markov_transitions
+
+    with pytest.raises(CorpusError, match=r"seed 1 cannot reach entropy_rate 0.1 .*choose another synthetic.seed"):
+        markov_transitions(SyntheticConfig(alphabet="ACGT", order=3, entropy_rate=0.10, seed=1))
+    assert abs(markov_transitions(SyntheticConfig(alphabet="ACGT", order=3, entropy_rate=0.10, seed=2))[2] - 0.10) < 1e-9

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from tests.test_analyse import make_study
-from tests.test_dispatch import slurm_cluster  # noqa: F401 (the session's real SLURM cluster)
 from toolkit.config import StudyConfig, study_from_dict, study_to_dict
 from toolkit.dispatch import dask_cluster
 from toolkit.dispatch.container import bind_paths
@@ -151,7 +150,7 @@ def wait_gone(name: str, timeout_s: float = 30) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_worker_job_computes_a_reduction(slurm_cluster, tmp_path: Path) -> None:  # noqa: F811
+def test_worker_job_computes_a_reduction(slurm_cluster, tmp_path: Path) -> None:
     needs_cluster_extra()
     import dask
     import dask.array as da
@@ -177,7 +176,7 @@ def test_worker_job_computes_a_reduction(slurm_cluster, tmp_path: Path) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_analyse_on_slurm_workers_matches_local(slurm_cluster, tmp_path: Path,  # noqa: F811
+def test_analyse_on_slurm_workers_matches_local(slurm_cluster, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     needs_cluster_extra()
@@ -219,7 +218,7 @@ def test_analyse_on_slurm_workers_matches_local(slurm_cluster, tmp_path: Path,  
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_worker_that_never_starts_is_a_bounded_submission_error(slurm_cluster, tmp_path: Path) -> None:  # noqa: F811
+def test_worker_that_never_starts_is_a_bounded_submission_error(slurm_cluster, tmp_path: Path) -> None:
     needs_cluster_extra()
     study = plain_study(tmp_path, "neverstarts", dask="slurm", resources={"analyse": {
         "partition": "gpu", "time_minutes": 5, "extra_sbatch": {"begin": "now+1hour"}}})
@@ -239,7 +238,7 @@ def test_worker_that_never_starts_is_a_bounded_submission_error(slurm_cluster, t
 
 
 @pytest.mark.slurm
-def test_unknown_partition_fails_before_anything_is_queued(slurm_cluster, tmp_path: Path) -> None:  # noqa: F811
+def test_unknown_partition_fails_before_anything_is_queued(slurm_cluster, tmp_path: Path) -> None:
     needs_cluster_extra()
     study = plain_study(tmp_path, "nopartition", dask="slurm",
                         resources={"analyse": {"partition": "nope"}})
@@ -251,7 +250,7 @@ def test_unknown_partition_fails_before_anything_is_queued(slurm_cluster, tmp_pa
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_worker_job_that_dies_fails_early_with_its_log_line(slurm_cluster, tmp_path: Path) -> None:  # noqa: F811
+def test_worker_job_that_dies_fails_early_with_its_log_line(slurm_cluster, tmp_path: Path) -> None:
     needs_cluster_extra()
     study = plain_study(tmp_path, "dies", dask="slurm", resources={"analyse": {
         "time_minutes": 5, "setup": ["echo 'module load: cuda/99 not found' >&2", "exit 3"]}})

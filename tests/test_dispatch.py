@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -265,24 +264,6 @@ def test_local_executor_stages_progress_and_failure(tmp_path: Path, payload_unit
 
 
 # --------------------------------------------------------------------------- real SLURM
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A real single-node SLURM cluster for the whole session (see tests/slurm_cluster.py)."""
-    from tests.slurm_cluster import SlurmCluster
-
-    if os.geteuid() != 0 and not all(map(shutil.which, ("slurmctld", "slurmd"))):
-        pytest.skip("SLURM daemons are not installed and this user cannot install them")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster
-    cluster.stop()
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
 
 
 def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.25) -> None:

@@ -672,9 +672,15 @@ def markov_transitions(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, fl
                               f"seed {cfg.seed}; use a larger rate or another seed")
     from scipy.optimize import brentq
 
-    # H(beta) is smooth and decreasing on the bracket: Brent needs ~10 evaluations.
+    # H(beta) is usually smooth and decreasing on the bracket (Brent needs ~10
+    # evaluations), but a sharpened chain can lock into cycles, where the rate jumps
+    # and the root finder settles on the jump: check the result instead of trusting it.
     beta = brentq(lambda x: chain(x)[2] - target, lo, hi, xtol=1e-12, rtol=1e-12)
     best = chain(beta)
+    if abs(best[2] - target) > 1e-6:
+        raise CorpusError(f"synthetic:markov: seed {cfg.seed} cannot reach entropy_rate {target} "
+                          f"(closest {best[2]:.6f} bits/symbol: the chain locks into cycles); "
+                          "choose another synthetic.seed")
     return best
 
 
