@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -33,9 +34,14 @@ def _dna_batch(seed: int) -> list[str]:
                    "acgtACGTAC", "ACG\nTACGTACGT", "ACGTAC\u20acGTACGT", "ACGTACNACGTACG"]
 
 
+@functools.cache
+def _kmer_ids(k: int) -> dict[str, int]:
+    return {"".join(t): 10 + i for i, t in enumerate(itertools.product("ACGT", repeat=k))}
+
+
 def _naive_kmer(seq: str, k: int) -> list[int]:
     """The rule written out as a per-k-mer Python loop (independent of the implementation)."""
-    kmer_id = {"".join(t): 10 + i for i, t in enumerate(itertools.product("ACGT", repeat=k))}
+    kmer_id = _kmer_ids(k)
     single = {b: 5 + i for i, b in enumerate("ACGTN")}
     out, i = [], 0
     while i < len(seq):
@@ -101,11 +107,66 @@ def test_kmer_large_batch_is_blocked_consistently(monkeypatch: pytest.MonkeyPatc
     seqs = _dna_batch(11)
     whole, counts = tok.encode_flat(seqs)
     monkeypatch.setattr(tk, "_ENCODE_BLOCK", 500)
+    monkeypatch.setattr(tk, "_ROW_BLOCK", 500)
+    monkeypatch.setattr(tk, "_ROW_CHUNK", 7)
     blocked, counts2 = tok.encode_flat(seqs)
     assert np.array_equal(whole, blocked) and np.array_equal(counts, counts2)
     assert counts.tolist() == [len(_naive_kmer(s, 5)) for s in seqs]
     empty_ids, empty_counts = tok.encode_flat([])
     assert len(empty_ids) == 0 and len(empty_counts) == 0 and tok.encode_batch([]) == []
+
+
+# Bytes whose bits 1-2 equal those of A/C/G/T (the row hash alone cannot tell them apart).
+_LOOKALIKES = "@BDEFHIJKLMOPQRSUVWacgtn?\x00\x7f\xc1\xc3"
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 6, 7, 8])
+def test_kmer_fast_rows_equal_run_encoder_and_naive(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The row-hash fast path (encode_flat) against the run-based encoder (which encode_spans
+    # uses) and the naive loop, on clean and dirty records, several blocks and chunks.
+    import toolkit.tokenizer as tk
+
+    rng = np.random.default_rng(100 + k)
+    seqs = _dna_batch(k)
+    clean = ["".join(np.array(list("ACGT"))[rng.integers(0, 4, int(n))]) for n in rng.integers(0, 60, 60)]
+    for i in range(40):  # one foreign byte (a look-alike of a base) at a random place of a clean record
+        s = clean[int(rng.integers(0, len(clean)))]
+        j = int(rng.integers(0, len(s) + 1))
+        seqs.append(s[:j] + _LOOKALIKES[i % len(_LOOKALIKES)] + s[j:])
+    # all-N records give many more tokens than rows: the output must grow past its spare room
+    seqs += clean + ["A" * 8 * k, "T" * (k - 1), "\u20ac" * 3] + ["N" * 300] * 12
+    order = rng.permutation(len(seqs))
+    seqs = [seqs[i] for i in order]
+    tok = build_tokenizer(f"kmer{k}", "dna")
+    expected = [_naive_kmer(s, k) for s in seqs]
+    for block, chunk in [(1 << 23, 1 << 14), (97, 5)]:
+        monkeypatch.setattr(tk, "_ROW_BLOCK", block)
+        monkeypatch.setattr(tk, "_ROW_CHUNK", chunk)
+        ids, counts = tok.encode_flat(seqs)
+        assert ids.dtype == np.int32 and counts.dtype == np.int64
+        assert counts.tolist() == [len(e) for e in expected]
+        assert ids.tolist() == [t for e in expected for t in e]
+    for s in seqs[:30]:
+        one = tok.encode(s)
+        assert one.tolist() == tok.encode_spans(s)[0].tolist()
+        assert one.base is None or one.base.nbytes <= 2 * one.nbytes  # holds no large spare buffer
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_kmer_row_hash_tables(k: int) -> None:
+    # The hash is injective on the 4^k k-mers and its tables map each k-mer's bytes back to it.
+    from toolkit.tokenizer import _row_lut
+
+    lut, word, full, mask, magic, shift = _row_lut(k)
+    rng = np.random.default_rng(k)
+    idx = rng.integers(0, 4**k, 500)
+    kmers = ["".join("ACGT"[(int(i) >> (2 * (k - 1 - j))) & 3] for j in range(k)) for i in idx]
+    words = np.array([int.from_bytes(s.encode(), "little") for s in kmers], dtype=np.uint64)
+    h = (((words & full) & mask) * magic) >> shift
+    assert lut[h.astype(np.intp)].tolist() == (10 + idx).tolist()
+    assert np.array_equal(word[h.astype(np.intp)], words)
+    used = np.flatnonzero(lut != UNK)
+    assert len(used) == 4**k and sorted(lut[used].tolist()) == list(range(10, 10 + 4**k))
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
