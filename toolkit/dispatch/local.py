@@ -19,7 +19,7 @@ from typing import Any
 from toolkit.config import StudyConfig
 from toolkit.dispatch.container import STUDY_JSON, unit_argv
 from toolkit.dispatch.job import UnitJob
-from toolkit.dispatch.manifest import JobRecord, Manifest, now
+from toolkit.dispatch.manifest import JobRecord, Manifest, now, tail_lines
 from toolkit.errors import SubmissionError
 from toolkit.study import Layout
 
@@ -50,13 +50,7 @@ class Progress:
 
 def _last_line(path: Any, tail_bytes: int = 4096) -> str:
     """The last non-empty line of a log file ('' if none yet)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - tail_bytes))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
+    lines = tail_lines(path, tail_bytes)
     line = next((line.strip() for line in reversed(lines) if line.strip()), "")
     # Drop the unit's own "HH:MM:SS LEVEL logger:" prefix: this process adds its own.
     return re.sub(r"^\d\d:\d\d:\d\d \w+ [\w.]+: ", "", line)

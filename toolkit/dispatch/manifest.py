@@ -70,3 +70,14 @@ class Manifest:
         for r in self.records:
             out[(r.stage, r.key)] = r
         return out
+
+
+def tail_lines(path: str | Path, tail_bytes: int) -> list[str]:
+    """The lines of the last ``tail_bytes`` of a log file ([] if it is not there yet)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - tail_bytes))
+            return f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []

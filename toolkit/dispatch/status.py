@@ -16,7 +16,7 @@ from pathlib import Path
 
 from toolkit.config import StudyConfig
 from toolkit.dispatch.local import pid_alive
-from toolkit.dispatch.manifest import JobRecord, Manifest
+from toolkit.dispatch.manifest import JobRecord, Manifest, tail_lines
 from toolkit.dispatch.slurm import ACTIVE, job_states
 from toolkit.study import Layout, iter_units
 
@@ -42,14 +42,7 @@ def last_error_line(path: str | Path, tail_bytes: int = 65536) -> str:
     The unit's own message (``toolkit: error: ...`` or the last ``XxxError: ...``) wins
     over the job wrapper's generic "exited with status N".
     """
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - tail_bytes))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
-    hits = [ln.strip() for ln in lines if _ERROR.search(ln)]
+    hits = [ln.strip() for ln in tail_lines(path, tail_bytes) if _ERROR.search(ln)]
     if not hits:
         return ""
     own = [ln for ln in hits if "toolkit: error:" in ln]
