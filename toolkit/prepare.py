@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit import store
 from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
 from toolkit.errors import ConfigError, StoreError
 from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
@@ -219,11 +220,7 @@ def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
         write_json_atomic(tmp / "complete.json", {
             "unit": f"prepare:{key}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(), "tokenizer_hash": _read_hash(tmp)})
-        if final.exists():
-            trash = parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
+        store.replace_folder(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -239,7 +236,7 @@ def _read_hash(folder: Path) -> str:
 
 def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -> None:
     """Write tokenizer.json and tokens.zarr of one unit into the (temporary) folder ``out``."""
-    from toolkit import __version__, store
+    from toolkit import __version__
 
     cfg = study.corpora[name]
     what = f"prepare {token_key(name, spec)}"

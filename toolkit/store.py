@@ -146,6 +146,15 @@ def _zarr() -> Any:
     return zarr
 
 
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move a finished folder into place, replacing an older ``dst`` (readers never see a mix)."""
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(src, dst)
+
+
 @contextmanager
 def writing(path: str | Path, kind: str, attrs: Mapping[str, Any] | None = None,
             *, overwrite: bool = False) -> Iterator[Any]:
@@ -174,11 +183,7 @@ def writing(path: str | Path, kind: str, attrs: Mapping[str, Any] | None = None,
         yield group
         validate(group, kind, path)
         zarr.consolidate_metadata(str(tmp))
-        if path.exists():
-            trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, path)
+        replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
