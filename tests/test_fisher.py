@@ -162,6 +162,41 @@ def test_per_example_matches_naive_loop(shape: str, batches: list[dict[str, torc
     assert all(v > 0 for v in traces.groups.values())
 
 
+@pytest.mark.parametrize("chunk", [1, 600])
+def test_weight_gradient_chunks(chunk: int, batches: list[dict[str, torch.Tensor]],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-sequence bmm path in chunks of one sequence (accumulated with addcmul) and of
+    a few (with a remainder): hidden 16 takes that path in the encoder."""
+    import toolkit.fisher as fisher
+
+    monkeypatch.setattr(fisher, "_CHUNK_ELEMENTS_CPU", chunk)
+    model = make_model(**MODELS["tied-16"])
+    want = naive_per_example(model, batches)
+    assert_traces_match(fisher_traces(model, batches), want, rtol=1e-4)
+    assert_diagonals_match(fisher_diagonal(model, batches), want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_head_rows_per_sequence_and_padded_agree(loop: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both layouts of the head's (M, f) rows: one sequence at a time (the CPU's) and padded
+    to (B, W, f) for bmm (the GPU's), here both on the CPU. Most tokens masked, so the
+    per-sequence path meets row blocks above and below the Gram-trick threshold."""
+    import toolkit.fisher as fisher
+
+    monkeypatch.setattr(fisher, "_ROW_LOOP_DEVICES", ("cpu",) if loop else ())
+    batch = make_batches(seed=5)[0]
+    gen = torch.Generator().manual_seed(9)
+    dense = (torch.rand(batch["labels"].shape, generator=gen) < 0.8) & batch["attention_mask"].bool()
+    dense[2] = False  # still one sequence without a masked token
+    dense[0, 0] = True
+    batch = {**batch, "labels": torch.where(dense, batch["input_ids"].clamp(min=5), IGNORE)}
+    for shape in ("tied-16", "untied-32"):
+        model = make_model(**MODELS[shape])
+        want = naive_per_example(model, [batch])
+        assert_traces_match(fisher_traces(model, [batch]), want, rtol=1e-4)
+        assert_diagonals_match(fisher_diagonal(model, [batch]), want, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", ["tied-16", "untied-32", "no-layers"])
 def test_batch_estimator_is_the_papers(shape: str, batches: list[dict[str, torch.Tensor]]) -> None:
     model = make_model(**MODELS[shape])

@@ -16,11 +16,17 @@ and tensor hooks turn each module's output gradient into per-sequence squared
 gradients as backward reaches it. A Linear's per-sequence gradient is B_i^T A_i
 (A_i inputs, B_i output gradients, one row per token): its squared norm comes from
 the Gram trick <A_i A_i^T, B_i B_i^T> where that is cheaper, else (and for the full
-diagonal) from B_i^T A_i built by bmm for a chunk of sequences at a time. LayerNorm
-gradients are per-sequence sums of grad_out * normalised input; embedding tables get
-the embedding-sum gradient scattered to the rows each sequence reads. The MLM head runs
-on masked positions only. With tied input/output embeddings the decoder's per-sequence
-gradient is added to the input embedding's *inside* the square.
+diagonal) from B_i^T A_i built by bmm for a chunk of sequences at a time (chunks sized
+to the L2 cache on the CPU). The MLM head runs on masked positions only; on the CPU its
+rows are taken one sequence's contiguous block at a time, on a GPU padded for bmm.
+LayerNorm gradients are per-sequence sums of grad_out * normalised input; embedding
+tables get the embedding-sum gradient summed per distinct (sequence, row) pair. With
+tied input/output embeddings the decoder's per-sequence gradient is added to the input
+embedding's *inside* the square.
+
+Cost (``python -m benchmarks fisher``, 1 CPU thread, V 4096, T 128, 15% masked): traces
+1.0-1.1x and the full diagonal 1.13-1.24x one plain forward+backward that also runs the
+head on masked positions only (the toolkit's training step).
 
 Groups: ``embeddings`` (word, position, token-type tables, embedding LayerNorm),
 ``layer.<i>`` (transformer block i), ``head`` (MLM transform, decoder bias, and the
@@ -53,7 +59,12 @@ _OPTIONAL = ("token_type_ids", "position_ids")
 _LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 _EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
 _LOG_EVERY_S = 30.0
-_CHUNK_ELEMENTS = 1 << 22  # per-sequence weight gradients materialised at once (16 MiB in fp32)
+# Per-sequence weight gradients materialised at once: on a GPU 16 MiB (fp32) per bmm; on a
+# CPU 1 MiB, so that a chunk is squared and summed while it is still in the L2 cache (with
+# 16 MiB chunks the bmm path took twice the time of the plain weight-gradient matmul).
+_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS_CPU = 1 << 18
+_ROW_LOOP_DEVICES = ("cpu",)  # devices where the head's rows go one sequence at a time, unpadded
 
 
 @dataclass(frozen=True)
@@ -385,6 +396,15 @@ class _PerExample:
         offsets = counts.cumsum(0) - counts  # (B,) first row of each sequence
         self.row_slot = torch.arange(self.row_seq.numel(), device=labels.device) - offsets[self.row_seq]
         self.width = int(counts.max())
+        # On the CPU the head's rows are handled one sequence at a time, in place (each
+        # sequence's rows are contiguous): padding (M, V) rows to (B, W, V) cost more than the
+        # products it enables. GPUs keep the padded bmm (one kernel, not one per sequence).
+        self.loop = labels.device.type in _ROW_LOOP_DEVICES
+        self.chunk = _CHUNK_ELEMENTS_CPU if labels.device.type == "cpu" else _CHUNK_ELEMENTS
+        self.spans: list[tuple[int, int]] = []  # (first row, end) of each sequence's rows
+        if self.loop:
+            ends = counts.cumsum(0).tolist()
+            self.spans = [(end - n, end) for end, n in zip(ends, counts.tolist(), strict=True) if n]
         try:
             logits = _masked_logits(self.model, batch)  # (M, V)
             ce = F.cross_entropy(logits, labels[where], reduction="none")  # (M,)
@@ -459,8 +479,13 @@ class _PerExample:
         weight = module.weight
         if self.diagonal:
             acc = self.sums[id(weight)]
-            for w in self._weight_grads(a, g):  # (c, out, in)
-                acc += w.square_().sum(0)
+            for w in self._weight_grads(a, g):  # (c, out, in) or one sequence's (out, in)
+                if w.dim() == 3 and w.shape[0] == 1:
+                    w = w[0]
+                if w.dim() == 2:  # one pass, in cache
+                    acc.addcmul_(w, w)
+                else:
+                    acc += w.square_().sum(0)
         else:
             self.sums[id(weight)] += self._weight_sq(a, g)
         if module.bias is not None:
@@ -468,14 +493,15 @@ class _PerExample:
         if module is self.decoder and self.tied:
             # D_i[ids_t] for every input position t: what the decoder adds to the word rows
             # sequence i also reads, kept for the cross term of |E_i + D_i|^2.
-            g3, a3 = self._pad(g), self._pad(a)  # (B, W, V), (B, W, d)
-            index = self.ids.unsqueeze(1).expand(-1, g3.shape[1], -1)  # (B, W, T)
-            self.dd = torch.bmm(g3.gather(2, index).mT, a3)  # (B, T, d)
+            picked = g.gather(1, self.ids[self.row_seq])  # (M, T): g_r[ids_t] of r's sequence
+            self.dd = torch.bmm(self._pad(picked).mT, self._pad(a))  # (B, T, d)
 
     def _weight_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Sum over sequences of a Linear's squared per-sequence weight-gradient norm (float64)."""
         import torch
 
+        if a.dim() == 2 and self.loop:
+            return self._rows_sq(a, g)
         n_tok, n_in, n_out = (a.shape[1] if a.dim() == 3 else self.width), a.shape[-1], g.shape[-1]
         key = (a.data_ptr(), tuple(a.shape))  # query/key/value share their input's Gram
         cached = key in self.grams
@@ -489,17 +515,38 @@ class _PerExample:
         norms = [w.square_().sum((1, 2)) for w in self._weight_grads(a, g)]  # (c,) each
         return torch.sum(torch.cat(norms), dtype=torch.float64)
 
+    def _rows_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`_weight_sq` for (M, f) rows, one sequence's block of rows at a time (float64)."""
+        import torch
+
+        n_in, n_out = a.shape[-1], g.shape[-1]
+        norms = []
+        for lo, hi in self.spans:
+            ai, gi = a[lo:hi], g[lo:hi]  # (n, in), (n, out)
+            if (hi - lo) * (n_in + n_out) <= n_in * n_out:  # Gram trick, as in _weight_sq
+                norms.append(torch.sum((ai @ ai.T) * (gi @ gi.T)))
+            else:
+                w = (gi.T @ ai).view(-1)  # (out * in,)
+                norms.append(torch.dot(w, w))
+        return torch.sum(torch.stack(norms), dtype=torch.float64)
+
     def _weight_grads(self, a: torch.Tensor, g: torch.Tensor) -> Iterator[torch.Tensor]:
         """Per-sequence weight gradients B_i^T A_i, a chunk of sequences at a time: (c, out, in).
 
-        A few large bmm calls rather than one mm per sequence: on a CPU shared with other
-        jobs every small multithreaded op waits for its slowest thread, which made the
-        per-sequence loop up to 50x slower than the same work batched.
+        A few bmm calls rather than one mm per sequence: on a CPU shared with other jobs
+        every small multithreaded op waits for its slowest thread, which made the
+        per-sequence loop up to 50x slower than the same work batched. Chunks hold
+        ``self.chunk`` elements (L2-sized on the CPU). The head's (M, f) rows on the CPU are
+        the exception: one (out, in) per sequence straight from its rows, no padding.
         """
         import torch
 
+        if a.dim() == 2 and self.loop:  # (out, in) of one sequence, from its own rows
+            for lo, hi in self.spans:
+                yield g[lo:hi].T @ a[lo:hi]
+            return
         a3, g3 = self._pad(a), self._pad(g)  # (B, T, in), (B, T, out)
-        step = max(1, _CHUNK_ELEMENTS // (a3.shape[-1] * g3.shape[-1]))
+        step = max(1, self.chunk // (a3.shape[-1] * g3.shape[-1]))
         for lo in range(0, self.n_seq, step):
             yield torch.bmm(g3[lo:lo + step].mT, a3[lo:lo + step])
 
@@ -516,38 +563,43 @@ class _PerExample:
         """Embedding tables from b (B, T, d), the gradient of the embedding sum.
 
         Sequence i's gradient of a table is E_i[v] = sum of b_t over its positions t reading
-        row v. With S_i[t, s] = [id_t == id_s], (S_i b_i)_t = E_i[id_t], so
-        |E_i|^2 = sum_t b_t . E_i[id_t]; squares land on row id_t, split between the
-        positions that share it.
+        row v: one index_add over the distinct (sequence, row) pairs, found by
+        ``torch.unique`` (B T log(B T)), rather than a (B, T, T) "same row" matrix and its
+        bmm (B T^2 d). With tied embeddings D_i[v] (the decoder's share, ``self.dd`` holds it
+        at every position reading v) enters the square: |E_i + D_i|^2 - |D_i|^2, since the
+        decoder already added |D_i|^2.
         """
         import torch
 
         ids = batch["input_ids"]
         n_seq, n_tok, dim = b.shape
+        flat = b.reshape(-1, dim)  # (B T, d)
         positions = batch.get("position_ids")
         if positions is None:
             positions = torch.arange(n_tok, device=ids.device).expand(n_seq, n_tok)
         types = batch.get("token_type_ids")
         if types is None:
             types = torch.zeros_like(ids)
+        seq = torch.arange(n_seq, device=ids.device).repeat_interleave(n_tok)  # (B T,)
         for table, rows in zip(self.tables, (ids, positions, types), strict=True):
-            bt = b
+            rows = rows.reshape(-1)  # (B T,)
+            bt = flat
             if table.padding_idx is not None:  # nn.Embedding gives its padding row no gradient
-                bt = b * (rows != table.padding_idx).unsqueeze(-1).to(b.dtype)
+                bt = flat * (rows != table.padding_idx).unsqueeze(-1).to(flat.dtype)
+            dd = self.dd.reshape(-1, dim) if table is self.tables[0] and self.tied else None
             if rows is positions and "position_ids" not in batch:
-                same, ed = None, bt  # default positions 0..T-1: one position per row
+                e, where = bt, rows  # default positions 0..T-1: every (sequence, row) once
             else:
-                same = (rows.unsqueeze(2) == rows.unsqueeze(1)).to(b.dtype)  # (B, T, T)
-                ed = torch.bmm(same, bt)  # (B, T, d): E_i[id_t]
-            dd = self.dd if table is self.tables[0] and self.tied else None  # D_i[id_t]
+                key = seq * table.num_embeddings + rows  # (B T,) one per (sequence, row)
+                uniq, inverse = torch.unique(key, return_inverse=True)  # (U,), (B T,)
+                e = bt.new_zeros(uniq.numel(), dim).index_add_(0, inverse, bt)  # (U, d): E_i[v]
+                where = uniq % table.num_embeddings  # (U,) table row of each pair
+                if dd is not None:  # equal at every position of a pair: any one will do
+                    dd = dd.new_empty(uniq.numel(), dim).index_copy_(0, inverse, dd)  # (U, d)
             acc = self.sums[id(table.weight)]
             if self.diagonal:
-                # sum_i (E_i + D_i)^2 = sum_i D_i^2 (added by the decoder) + E_i (E_i + 2 D_i)
-                sq = ed * ed if dd is None else ed * (ed + 2 * dd)
-                if same is not None:
-                    sq = sq / same.sum(2, keepdim=True)
-                acc.index_add_(0, rows.reshape(-1), sq.reshape(-1, dim))
+                acc.index_add_(0, where, e * e if dd is None else e * (e + 2 * dd))
             else:
-                acc += torch.sum(bt * ed, dtype=torch.float64)
+                acc += torch.sum(e * e, dtype=torch.float64)
                 if dd is not None:
-                    acc += 2 * torch.sum(bt * dd, dtype=torch.float64)
+                    acc += 2 * torch.sum(e * dd, dtype=torch.float64)
