@@ -308,7 +308,8 @@ def fig_loss(ds: Any) -> Figure | None:
             if ok.any():
                 ax.plot(x[ok], y[ok], lw=1, label=f"seed {seed}")
         ax.set(xlabel="optimizer step", ylabel="training MLM loss (nats)", title=run)
-        ax.legend(fontsize=7)
+        if ax.get_lines():  # a run without complete members has no curve to label
+            ax.legend(fontsize=7)
     fig.suptitle("Loss curves per member")
     return fig
 
