@@ -276,7 +276,7 @@ def paper_overrides(sif: Path) -> list[str]:
         "model.intermediate_size=64",
         'model.shape="tiny"', "training.steps=3", "training.batch_size=4", "training.seq_len=64",
         "training.checkpoint_every_steps=3", "training.eval_every_steps=3", "training.eval_batches=1",
-        "training.log_every_steps=1", "training.fisher_flow=[0.5]", "training.num_workers=0",
+        "training.log_every_steps=1", "training.fisher_flow=[0.5]",
         "analysis.eval_records=8", "analysis.batch_size=8", "analysis.fisher_records=4",
         "analysis.contextual_records=4", "analysis.bootstrap=10", "analysis.topk=[1, 3, 5]",
         "analysis.top_p=[0.5, 1.0]",

@@ -154,7 +154,6 @@ class TrainingConfig:
     log_every_steps: int = 50
     fisher_flow: tuple[float, ...] = (0.25, 0.5, 0.75)
     """Fractions of training at which weight snapshots are kept for the Fisher flow."""
-    num_workers: int = 0
 
 
 # --------------------------------------------------------------------------- analysis

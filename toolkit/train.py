@@ -266,7 +266,7 @@ def _fingerprint(study: StudyConfig, member: Member, model_cfg: dict, tokenizer_
     """What a checkpoint must agree on to be resumed (cadence fields excluded)."""
     t = dataclasses.asdict(study.training)
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "eval_every_steps",
-                "log_every_steps", "num_workers", "device"):
+                "log_every_steps", "device"):
         t.pop(key)
     t["fisher_flow"] = list(t["fisher_flow"])
     model_cfg = {k: v for k, v in model_cfg.items() if k != "transformers_version"}
