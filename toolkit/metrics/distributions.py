@@ -1,0 +1,268 @@
+"""Output-distribution metrics: one member's distributions, and two members' at the same positions.
+
+:func:`distribution_stats` (entropy, KL to uniform, NLL, top-1 correctness, rank curve) for
+one member; :func:`js_distance` (Jensen-Shannon distance after top-p truncation) and
+:func:`argmax_agreement` for a pair; and their lazy Dask versions
+(:func:`lazy_distribution_stats`, :func:`lazy_js_distance`, :func:`lazy_argmax_agreement`),
+which work chunk by chunk along positions so memory stays bounded by the chunk size.
+Log-probabilities are natural logs; entropies and Jensen-Shannon values are in bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolkit.errors import ConfigError, StoreError
+from toolkit.metrics.sorting import _SLAB, _desc_order, _inverse
+
+if TYPE_CHECKING:
+    import dask.array
+
+__all__ = [
+    "argmax_agreement", "distribution_stats", "js_distance", "lazy_argmax_agreement",
+    "lazy_distribution_stats", "lazy_js_distance",
+]
+
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------- output distributions
+
+
+def _check_lp(name: str, lp: Any) -> np.ndarray:
+    lp = np.asarray(lp)
+    if lp.ndim != 2 or lp.shape[1] < 2 or lp.dtype.kind != "f":
+        raise StoreError(f"{name}: expected float log-probabilities of shape (positions, vocab >= 2), "
+                         f"got {lp.dtype} {lp.shape}; pass a predictions store's log_probs array")
+    return lp
+
+
+def _check_pair(lp_a: Any, lp_b: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _check_lp("lp_a", lp_a), _check_lp("lp_b", lp_b)
+    if a.shape != b.shape:
+        raise StoreError(f"lp_a {a.shape} and lp_b {b.shape} differ in shape; compare members of the "
+                         "same run evaluated on the same masks.zarr")
+    return a, b
+
+
+def _check_top_p(top_p: Sequence[float]) -> tuple[float, ...]:
+    ps = tuple(float(p) for p in np.atleast_1d(np.asarray(top_p, dtype=float)))
+    if not ps or not all(0.0 < p <= 1.0 for p in ps):
+        raise ConfigError(f"analysis.top_p = {list(top_p)}: every value must lie in (0, 1] (1.0 keeps "
+                          "the whole distribution); fix the study file")
+    return ps
+
+
+def _normalised(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (log p, p) renormalised row-wise: stored float16 log-probs do not sum to exactly 1."""
+    x = lp.astype(np.float64)  # (R, V)
+    top = x.max(axis=1, keepdims=True)
+    x -= top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))  # log-sum-exp
+    return x, np.exp(x)
+
+
+def _probs(lp: np.ndarray) -> np.ndarray:
+    """float64 probabilities, renormalised row-wise (one exp: cheaper than :func:`_normalised`)."""
+    p = lp.astype(np.float64)  # (R, V)
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def distribution_stats(lp: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position statistics of one member's output distributions.
+
+    Parameters
+    ----------
+    lp : (P, V) float16/32/64
+        Natural-log probabilities at P masked positions. Each row is renormalised in float64
+        first (stored float16 rows sum to 1 only within ~1e-3).
+    target : (P,) int
+        True token id at each position.
+
+    Returns
+    -------
+    dict
+        ``entropy_bits`` (P,) H(P) in bits; ``kl_to_uniform_bits`` (P,) log2|V| - H;
+        ``nll_nats`` (P,) -log p(target); ``correct`` (P,) bool, top-1 (first index on ties)
+        equals the target; ``rank_sum`` (V,) sum over positions of the probabilities sorted in
+        descending order (divide by P, then average members, for the rank curve).
+    """
+    lp = _check_lp("lp", lp)
+    target = np.asarray(target)
+    n, v = lp.shape
+    if target.shape != (n,) or target.dtype.kind not in "iu":
+        raise StoreError(f"target: expected ({n},) integer token ids, got {target.dtype} {target.shape}")
+    if n and (target.min() < 0 or target.max() >= v):
+        raise StoreError(f"target: token ids must lie in [0, {v}), found {target.min()}..{target.max()}; "
+                         "the predictions store and its vocabulary disagree")
+    out = {"entropy_bits": np.empty(n), "nll_nats": np.empty(n), "correct": np.empty(n, dtype=bool),
+           "rank_sum": np.zeros(v)}
+    for s in range(0, n, _SLAB):
+        rows = slice(s, s + _SLAB)
+        x, p = _normalised(lp[rows])  # (R, V)
+        with np.errstate(invalid="ignore"):
+            plogp = p * x
+        plogp[p == 0] = 0.0  # 0 * log 0 = 0 (log-probs of -inf)
+        out["entropy_bits"][rows] = -plogp.sum(axis=1) / LN2
+        t = target[rows].astype(np.intp)
+        out["nll_nats"][rows] = -x[np.arange(len(t)), t]
+        out["correct"][rows] = np.argmax(lp[rows], axis=1) == t
+        out["rank_sum"] += np.sort(p, axis=1)[:, ::-1].sum(axis=0)
+    out["kl_to_uniform_bits"] = math.log2(v) - out["entropy_bits"]
+    return out
+
+
+def _js_slab(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
+    """Jensen-Shannon distance (R, n_p) of one slab of rows; see :func:`js_distance`.
+
+    With x, y the truncated distributions, 2 JSD (nats) = sum over tokens kept by both members
+    of x log(2x / (x + y)) + y log(2y / (x + y)), plus ln 2 times the mass each member keeps
+    alone (1 - its shared mass). So each level only needs logs on the shared tokens.
+    """
+    r, v = a.shape
+    order_a, order_b = _desc_order(a), _desc_order(b)  # exp is monotone: sort the stored values
+    pa, pb = _probs(a), _probs(b)  # (R, V) float64
+    sa = np.take_along_axis(pa, order_a, axis=1)  # A's probabilities, descending
+    cum_a = np.cumsum(sa, axis=1)
+    cum_b = np.cumsum(np.take_along_axis(pb, order_b, axis=1), axis=1)
+    # Everything below runs in A's sorted order: B's probability and B's rank of A's r-th token.
+    qa = np.take_along_axis(pb, order_a, axis=1)
+    rank_b_at_a = np.take_along_axis(_inverse(order_b, np.int32), order_a, axis=1)
+    # A zero probability on either side makes the token "kept by one member only".
+    rank_b_at_a[(sa == 0) | (qa == 0)] = v
+    rows = np.arange(r)
+    out = np.empty((r, len(ps)))
+    for j, p in enumerate(ps):
+        # Smallest prefix whose mass reaches p; p = 1 keeps all (cumsum may end at 1 - 1e-16).
+        n_a = np.full(r, v) if p >= 1.0 else np.minimum((cum_a < p).sum(axis=1) + 1, v)
+        n_b = np.full(r, v) if p >= 1.0 else np.minimum((cum_b < p).sum(axis=1) + 1, v)
+        w = int(n_a.max())  # columns past every row's A-support hold no shared token
+        both = (np.arange(w) < n_a[:, None]) & (rank_b_at_a[:, :w] < n_b[:, None])  # (R, w)
+        row = np.repeat(rows, both.sum(axis=1))  # (K,) row of each shared token
+        x = sa[:, :w][both]  # (K,)
+        x /= cum_a[rows, n_a - 1][row]  # truncated and renormalised
+        y = qa[:, :w][both]
+        y /= cum_b[rows, n_b - 1][row]
+        # x log(2x / (x + y)) + y log(2y / (x + y)) - (x + y) ln 2, in place (K can be millions).
+        inv = np.add(x, y)
+        np.reciprocal(inv, out=inv)
+        g = np.multiply(x, inv)
+        np.log(g, out=g)
+        g *= x
+        inv *= y
+        np.log(inv, out=inv)
+        inv *= y
+        g += inv
+        two_jsd = 2 * LN2 + np.bincount(row, g, r)
+        out[:, j] = np.sqrt(np.clip(two_jsd / (2 * LN2), 0.0, 1.0))
+    return out
+
+
+def js_distance(lp_a: np.ndarray, lp_b: np.ndarray, top_p: Sequence[float]) -> np.ndarray:
+    """Jensen-Shannon distance (base 2) between two members' distributions after top-p truncation.
+
+    Each distribution is truncated separately: keep the smallest set of most probable tokens
+    whose mass reaches p (ties by ascending token id), renormalise; p = 1.0 keeps everything.
+    Rows are renormalised in float64 first; the computation is float64 throughout.
+
+    Parameters
+    ----------
+    lp_a, lp_b : (P, V) float
+        Natural-log probabilities of two members at the same positions.
+    top_p : sequence of float in (0, 1]
+
+    Returns
+    -------
+    (P, len(top_p)) float64
+        sqrt(JSD) in [0, 1].
+    """
+    a, b = _check_pair(lp_a, lp_b)
+    ps = _check_top_p(top_p)
+    out = np.empty((a.shape[0], len(ps)))
+    for s in range(0, a.shape[0], _SLAB):
+        out[s:s + _SLAB] = _js_slab(a[s:s + _SLAB], b[s:s + _SLAB], ps)
+    return out
+
+
+def argmax_agreement(lp_a: np.ndarray, lp_b: np.ndarray) -> np.ndarray:
+    """(P,) bool: the two members' most probable tokens agree (first index on ties)."""
+    a, b = _check_pair(lp_a, lp_b)
+    return np.argmax(a, axis=1) == np.argmax(b, axis=1)
+
+
+# --------------------------------------------------------------------------- lazy versions
+
+
+def _unwrap(x: Any) -> Any:
+    """The dask array behind an xarray DataArray (``np.asarray`` on it would load everything)."""
+    return x.data if type(x).__name__ == "DataArray" else x
+
+
+def _as_rows(name: str, x: Any) -> dask.array.Array:
+    """A dask array of log-probs with the vocabulary in one chunk (each block holds whole rows)."""
+    import dask.array as da
+
+    x = da.asarray(_unwrap(x))
+    if x.ndim != 2 or x.dtype.kind != "f":
+        raise StoreError(f"{name}: expected float log-probabilities of shape (positions, vocab), "
+                         f"got {x.dtype} {x.shape}")
+    return x.rechunk({1: -1})
+
+
+def _lazy_pair(lp_a: Any, lp_b: Any) -> tuple[dask.array.Array, dask.array.Array]:
+    a, b = _as_rows("lp_a", lp_a), _as_rows("lp_b", lp_b)
+    if a.shape != b.shape:
+        raise StoreError(f"lp_a {a.shape} and lp_b {b.shape} differ in shape; compare members of the "
+                         "same run evaluated on the same masks.zarr")
+    return a, b.rechunk({0: a.chunks[0]})
+
+
+def lazy_distribution_stats(lp: dask.array.Array, target: dask.array.Array) -> dict[str, dask.array.Array]:
+    """:func:`distribution_stats` over a dask array chunked along positions.
+
+    Every output shares one task per chunk, so compute them together
+    (``dask.compute(*out.values())``) to read each chunk once. Memory is bounded by the chunk.
+    """
+    import dask
+    import dask.array as da
+
+    lp = _as_rows("lp", lp)
+    target = da.asarray(_unwrap(target))
+    if target.shape != lp.shape[:1]:
+        raise StoreError(f"target {target.shape} does not match lp {lp.shape}")
+    target = target.rechunk((lp.chunks[0],))
+    stats = [dask.delayed(distribution_stats, pure=True)(blk, tgt)
+             for blk, tgt in zip(lp.to_delayed().ravel(), target.to_delayed().ravel(), strict=True)]
+    out: dict[str, da.Array] = {}
+    for key, dtype in (("entropy_bits", np.float64), ("kl_to_uniform_bits", np.float64),
+                       ("nll_nats", np.float64), ("correct", np.bool_)):
+        out[key] = da.concatenate([da.from_delayed(s[key], shape=(n,), dtype=dtype)
+                                   for s, n in zip(stats, lp.chunks[0], strict=True)])
+    v = lp.shape[1]
+    out["rank_sum"] = da.stack([da.from_delayed(s["rank_sum"], shape=(v,), dtype=np.float64)
+                                for s in stats]).sum(axis=0)
+    return out
+
+
+def lazy_js_distance(lp_a: dask.array.Array, lp_b: dask.array.Array,
+                     top_p: Sequence[float]) -> dask.array.Array:
+    """:func:`js_distance` blockwise over dask arrays chunked along positions: (P, len(top_p))."""
+    import dask.array as da
+
+    a, b = _lazy_pair(lp_a, lp_b)
+    ps = _check_top_p(top_p)
+    return da.map_blocks(js_distance, a, b, ps, dtype=np.float64, chunks=(a.chunks[0], (len(ps),)))
+
+
+def lazy_argmax_agreement(lp_a: dask.array.Array, lp_b: dask.array.Array) -> dask.array.Array:
+    """:func:`argmax_agreement` blockwise over dask arrays chunked along positions: (P,) bool."""
+    import dask.array as da
+
+    a, b = _lazy_pair(lp_a, lp_b)
+    return da.map_blocks(argmax_agreement, a, b, dtype=bool, drop_axis=1)
