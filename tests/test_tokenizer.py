@@ -101,7 +101,7 @@ def test_kmer_spans_cover_the_record() -> None:
 
 def test_kmer_large_batch_is_blocked_consistently(monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny block size forces the multi-block path; results must not change.
-    import toolkit.tokenizer as tk
+    import toolkit.kmer as tk
 
     tok = build_tokenizer("kmer5", "dna")
     seqs = _dna_batch(11)
@@ -124,7 +124,7 @@ _LOOKALIKES = "@BDEFHIJKLMOPQRSUVWacgtn?\x00\x7f\xc1\xc3"
 def test_kmer_fast_rows_equal_run_encoder_and_naive(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # The row-hash fast path (encode_flat) against the run-based encoder (which encode_spans
     # uses) and the naive loop, on clean and dirty records, several blocks and chunks.
-    import toolkit.tokenizer as tk
+    import toolkit.kmer as tk
 
     rng = np.random.default_rng(100 + k)
     seqs = _dna_batch(k)
