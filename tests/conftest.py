@@ -19,6 +19,17 @@ def weird_tmp_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: tiny models on a shared 2-core machine are many times faster."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A real single-node SLURM cluster for the whole session (see tests/slurm_cluster.py)."""

@@ -19,14 +19,7 @@ from toolkit.model import (
     pick_device,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny models on a shared 2-core machine are many times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = ModelConfig(shape="tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

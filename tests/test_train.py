@@ -25,7 +25,8 @@ from toolkit.sequences import EVAL, MASK, TRAIN, load_sequences
 from toolkit.study import Layout, Member, write_json_atomic
 from toolkit.train import DataStream, lr_factor, mask_tokens, total_steps, train_member
 
-pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
 MARKER_KEYS = {"member", "final", "best", "flow", "final_step", "tokens_seen", "tokenizer_hash",
@@ -94,13 +95,6 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny models on a shared 2-core machine are many times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 M1, M2 = Member("r", 1), Member("r", 2)
