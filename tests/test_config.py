@@ -108,3 +108,15 @@ def test_study_round_trips_through_json(tmp_path: Path) -> None:
     back = load_study(path)
     assert back.training == s.training and back.corpora == s.corpora and back.runs == s.runs
     assert back.root == s.root and back.seeds == s.seeds
+
+
+def test_saved_study_keeps_the_order_of_runs(tmp_path: Path) -> None:
+    """study.json is what every job reads; the run order is the order of tables and figures."""
+    from toolkit.config import study_to_dict
+    from toolkit.study import write_json_atomic
+
+    s = load_study(REPO / "jobs" / "demo.toml")
+    write_json_atomic(tmp_path / "study.json", study_to_dict(s))
+    back = load_study(tmp_path / "study.json")
+    assert list(back.runs) == list(s.runs) == ["text-bpe", "dna-bpe", "dna-6mer", "dna-6mer-shuffled", "markov-6mer"]
+    assert list(back.corpora) == list(s.corpora)

@@ -126,7 +126,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            # Insertion order kept: in study.json the order of runs is the report's order.
+            json.dump(data, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
