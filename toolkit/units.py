@@ -25,10 +25,6 @@ def marker(study: StudyConfig, stage: str, key: str) -> Path:
     raise ConfigError(f"no unit {stage}:{key} in study '{study.name}'")
 
 
-def is_done(study: StudyConfig, stage: str, key: str) -> bool:
-    return marker(study, stage, key).exists()
-
-
 def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -> None:
     """Run one unit in this process; skipped when its marker exists.
 
