@@ -74,6 +74,20 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _share(folder: Path) -> None:
+    """Give every file in ``folder`` the user's umask mode (:func:`toolkit.study.file_mode`).
+
+    safetensors creates its file with mode 0600 whatever the umask, which would hide
+    the weights from colleagues sharing the project folder.
+    """
+    from toolkit.study import file_mode
+
+    mode = file_mode()
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
 def _install(tmp: Path, dest: Path) -> None:
     """Rename a finished temporary folder to ``dest``, replacing what is there."""
     if dest.exists():
@@ -95,6 +109,7 @@ def save_hf(model: Any, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         hf_logging.disable_progress_bar()  # a "Writing model shards" bar per save drowns the log
         model.save_pretrained(str(tmp), safe_serialization=True)
+        _share(tmp)
         for f in tmp.iterdir():
             _fsync_file(f)
         _install(tmp, dest)
@@ -180,6 +195,7 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, schedul
         torch.save(_torch_rng(), tmp / "rng.pt")
         full = {**state, "format": FORMAT, "step": step, "rng": rng_state_json()}
         (tmp / "state.json").write_text(json.dumps(full), encoding="utf-8")
+        _share(tmp)
         for name in _FILES:
             _fsync_file(tmp / name)
         meta = {"format": FORMAT, "step": step, "files": {n: sha256(tmp / n) for n in _FILES}}

@@ -26,7 +26,7 @@ import numpy as np
 from toolkit import store
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
-from toolkit.study import Layout
+from toolkit.study import Layout, file_mode
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ def write_report(study: StudyConfig) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(parts))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the report is meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600; the report is meant to be shared
         os.replace(tmp, out / "index.html")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

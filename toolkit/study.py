@@ -120,12 +120,53 @@ class Layout:
         return self.root / "logs"
 
 
+_UMASK: int | None = None
+
+
+def _read_umask() -> int:
+    """This process's umask, without changing it.
+
+    ``os.umask(0); os.umask(old)`` would briefly give every file created by another
+    thread mode 0o666; Linux reports the umask in ``/proc/self/status`` instead. The
+    fallback (other systems) does the swap once, at the first call.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old & 0o777
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file here: ``0o666 & ~umask``.
+
+    Files made with :func:`tempfile.mkstemp` (and by safetensors) are 0600 whatever the
+    umask, so colleagues sharing a project folder could not read a study; every such
+    file is given this mode before it is renamed into place. The umask is read once per
+    process (it is a per-process setting that the toolkit never changes).
+    """
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = _read_umask()
+    return 0o666 & ~_UMASK
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file."""
+    """Write JSON so that a reader never sees a half-written file.
+
+    The file gets the mode of any file the user creates (:func:`file_mode`), not
+    mkstemp's 0600, so a study in a shared folder stays readable by its group.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), file_mode())
             # Insertion order kept: in study.json the order of runs is the report's order.
             json.dump(data, f, indent=2, default=str)
             f.flush()
