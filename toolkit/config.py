@@ -18,6 +18,7 @@ against the study file's folder; ``output_dir`` against the current directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -34,6 +35,65 @@ PAPER_TOP_P = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PAPER_TOPK = (1, 3, 5, 10, 20, 50, 100, 1000, 4000)
 STAGES = ("prepare", "train", "evaluate", "analyse")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+"""Characters refused in values that end up in job scripts: a newline there starts a new
+shell line or ``#SBATCH`` directive (C0 controls, DEL, NEL and the Unicode line breaks)."""
+_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+"""An sbatch long option name without its ``--`` (``constraint``, ``mail-type``)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (each item, for a list field).
+
+    Attributes
+    ----------
+    ge, gt, le, lt : inclusive / exclusive lower and upper bounds (None: unbounded).
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f"{'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+        if hi:
+            return f"{'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
+        return "any value"
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+       ge: float | None = None, gt: float | None = None, le: float | None = None,
+       lt: float | None = None, plain: bool = False, nonempty: bool = False,
+       distinct: bool = False) -> Any:
+    """A dataclass field with the checks :func:`validate_study` applies to it.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (each item of a list; None passes);
+    ``plain`` refuses control characters (values that reach job scripts);
+    ``nonempty`` and ``distinct`` apply to lists.
+    """
+    meta: dict[str, Any] = {}
+    if any(b is not None for b in (ge, gt, le, lt)):
+        meta["range"] = Range(ge=ge, gt=gt, le=le, lt=lt)
+    if plain:
+        meta["plain"] = True
+    if nonempty:
+        meta["nonempty"] = True
+    if distinct:
+        meta["distinct"] = True
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------- corpora
@@ -43,12 +103,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class DnaConfig:
     """How DNA records are cleaned and cut into pieces (paper: 1-2,000 bp)."""
 
-    piece_min: int = 1000
-    """Shortest piece kept, in bases; shorter remainders are dropped."""
-    piece_max: int = 2000
-    """Longest piece, in bases. Pieces are cut deterministically (see corpora)."""
-    n_run_split: int = 10
-    """Records are split at runs of N longer than this; shorter runs stay as N."""
+    piece_min: int = _f(1000, ge=1)
+    """Shortest piece kept, in bases (>= 1); shorter remainders are dropped."""
+    piece_max: int = _f(2000, ge=1)
+    """Longest piece, in bases (>= piece_min). Pieces are cut deterministically (see corpora)."""
+    n_run_split: int = _f(10, ge=0)
+    """Records are split at runs of N longer than this many bases (>= 0); shorter runs stay as N."""
     keep_softmask: bool = False
     """Keep a per-base soft-mask flag (lowercase in the FASTA). Sequences are upper-cased either way."""
 
@@ -60,7 +120,7 @@ class TextConfig:
     clean: bool = True
     """The paper's cleaning (non-breaking spaces, whitespace, odd characters)."""
     field: str = "text"
-    """JSONL: the field holding the document."""
+    """JSONL / JSON objects: the (non-empty) field holding the document."""
     documents: Literal["line", "blank-line"] = "line"
     """Plain text: one document per line, or documents separated by blank lines."""
 
@@ -70,28 +130,39 @@ class SyntheticConfig:
     """An order-k Markov source whose transition matrices hit a target entropy rate."""
 
     alphabet: str = "ACGT"
-    order: int = 2
+    """Symbols of the source: at least 2 distinct characters, no control characters."""
+    order: int = _f(2, ge=0)
+    """Markov order k (>= 0): symbols of context; |alphabet|^(k+1) <= 20,000,000."""
     entropy_rate: float = 1.5
     """Target entropy rate in bits per symbol, in (0, log2 |alphabet|]."""
-    records: int = 2000
-    length: int = 1000
-    """Symbols per record."""
-    seed: int = 0
+    records: int = _f(2000, ge=1)
+    """Records generated (>= 1)."""
+    length: int = _f(1000, ge=1)
+    """Symbols per record (>= 1)."""
+    seed: int = _f(0, ge=0)
+    """Seed of the transition matrices and of the generated records (>= 0)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusConfig:
-    source: str
-    """``builtin:NAME``, ``synthetic:markov``, ``shuffle:CORPUS`` or a file, folder or glob."""
+    source: str = _f(plain=True)
+    """``builtin:NAME``, ``synthetic:markov``, ``shuffle:CORPUS`` or a file, folder or glob
+    (no control characters). A folder holds only corpus files (FASTA, text, JSON(L), each
+    optionally gzipped); the study's own output folder inside it is never read."""
     kind: Literal["auto", "dna", "text"] = "auto"
+    """``dna`` or ``text`` records; ``auto`` decides from the files (FASTA means DNA)."""
     format: Literal["auto", "fasta", "text", "jsonl", "json"] = "auto"
-    max_records: int | None = None
-    """Stop reading after this many records (after cutting DNA into pieces)."""
-    train_records: int = 2_000_000
-    eval_records: int = 10_000
+    """File format; ``auto`` decides from each file name (``.gz`` ignored)."""
+    max_records: int | None = _f(None, ge=1)
+    """Stop reading after this many records (>= 1; after cutting DNA into pieces)."""
+    train_records: int = _f(2_000_000, ge=1)
+    """Records in the training split (>= 1)."""
+    eval_records: int = _f(10_000, ge=1)
+    """Records in the evaluation split (>= 1)."""
     split: Literal["sequential", "random"] = "sequential"
     """``sequential``: first train_records train, next eval_records evaluation (paper)."""
-    split_seed: int = 0
+    split_seed: int = _f(0, ge=0)
+    """Seed of the ``random`` split and of ``shuffle:`` permutations (>= 0)."""
     dna: DnaConfig = field(default_factory=DnaConfig)
     text: TextConfig = field(default_factory=TextConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -102,25 +173,37 @@ class CorpusConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A named shape plus optional overrides of any of its fields."""
+    """A named shape plus optional overrides of any of its fields (None: the shape's value).
+
+    The effective shape (named shape plus overrides) must have hidden_size divisible by
+    num_attention_heads; see ``toolkit.model.SHAPES`` for the named shapes.
+    """
 
     shape: Literal["bert-base", "20M", "4M", "tiny", "no-transformer"] = "tiny"
-    num_hidden_layers: int | None = None
-    hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    intermediate_size: int | None = None
-    max_position_embeddings: int | None = None
-    hidden_dropout_prob: float | None = None
-    attention_probs_dropout_prob: float | None = None
+    num_hidden_layers: int | None = _f(None, ge=0)
+    """Transformer blocks (>= 0; 0 = embeddings and MLM head only)."""
+    hidden_size: int | None = _f(None, ge=1)
+    """Width of the embeddings and blocks (>= 1, a multiple of num_attention_heads)."""
+    num_attention_heads: int | None = _f(None, ge=1)
+    """Attention heads per block (>= 1, dividing hidden_size)."""
+    intermediate_size: int | None = _f(None, ge=1)
+    """Width of the feed-forward layer (>= 1)."""
+    max_position_embeddings: int | None = _f(None, ge=1)
+    """Position table length (>= training.seq_len and analysis.seq_len; None: enlarged as needed)."""
+    hidden_dropout_prob: float | None = _f(None, ge=0, lt=1)
+    """Dropout probability of embeddings and blocks, in [0, 1) (shapes: 0.1)."""
+    attention_probs_dropout_prob: float | None = _f(None, ge=0, lt=1)
+    """Dropout probability of attention weights, in [0, 1) (shapes: 0.1)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     corpus: str
+    """Name of one of the study's corpora."""
     tokenizer: str
     """``char``, ``kmer<k>``, ``kmer<k>-overlap`` or ``bpe<V>`` (e.g. ``kmer6``, ``bpe4096``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    checkpoints: tuple[str, ...] = ()
+    checkpoints: tuple[str, ...] = _f((), plain=True)
     """Local folders of existing HF BertForMaskedLM checkpoints used as members instead of training."""
 
 
@@ -131,29 +214,48 @@ class RunConfig:
 class TrainingConfig:
     """Optimisation and budget; defaults are the paper's (METHODS.md)."""
 
-    steps: int | None = None
-    tokens: int | None = None
-    epochs: float | None = None
-    """Budget: at most one of steps, tokens (non-padding), epochs; none given means 5 epochs."""
-    batch_size: int = 64
-    grad_accum: int = 1
-    seq_len: int = 512
+    steps: int | None = _f(None, ge=1)
+    """Budget in optimiser steps (>= 1)."""
+    tokens: int | None = _f(None, ge=1)
+    """Budget in non-padding training tokens (>= 1)."""
+    epochs: float | None = _f(None, gt=0)
+    """Budget: at most one of steps, tokens (non-padding), epochs (> 0); none given means 5 epochs."""
+    batch_size: int = _f(64, ge=1)
+    """Sequences per micro-batch (>= 1)."""
+    grad_accum: int = _f(1, ge=1)
+    """Micro-batches per optimiser step (>= 1)."""
+    seq_len: int = _f(512, ge=8)
+    """Training sequence length in tokens, specials included (>= 8)."""
     packing: bool = False
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
+    """Pack several records into one sequence instead of one record per sequence."""
+    lr: float = _f(1e-4, gt=0)
+    """Peak learning rate (> 0)."""
+    weight_decay: float = _f(0.0, ge=0)
+    """AdamW weight decay (>= 0)."""
+    warmup_ratio: float = _f(0.1, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up, in [0, 1)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_clip: float = 0.5
-    mlm_probability: float = 0.15
+    """Learning-rate decay after the warm-up."""
+    grad_clip: float = _f(0.5, ge=0)
+    """Gradient-norm clipping threshold (>= 0; 0 turns clipping off)."""
+    mlm_probability: float = _f(0.15, gt=0, lt=1)
+    """Fraction of tokens masked for the MLM loss, in (0, 1)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision of the forward pass."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every_steps: int = 1000
-    checkpoint_every_minutes: float = 30.0
-    eval_every_steps: int = 1000
-    eval_batches: int = 20
-    log_every_steps: int = 50
-    fisher_flow: tuple[float, ...] = (0.25, 0.5, 0.75)
-    """Fractions of training at which weight snapshots are kept for the Fisher flow."""
+    """``auto`` takes a CUDA GPU when one is visible."""
+    checkpoint_every_steps: int = _f(1000, ge=1)
+    """Save a resumable checkpoint every this many steps (>= 1)."""
+    checkpoint_every_minutes: float = _f(30.0, gt=0)
+    """... and at least every this many minutes of wall time (> 0)."""
+    eval_every_steps: int = _f(1000, ge=1)
+    """Evaluation loss every this many steps (>= 1)."""
+    eval_batches: int = _f(20, ge=1)
+    """Batches of the evaluation split per evaluation (>= 1)."""
+    log_every_steps: int = _f(50, ge=1)
+    """A progress log line every this many steps (>= 1)."""
+    fisher_flow: tuple[float, ...] = _f((0.25, 0.5, 0.75), gt=0, lt=1)
+    """Fractions of training, each in (0, 1), at which weight snapshots are kept for the Fisher flow."""
 
 
 # --------------------------------------------------------------------------- analysis
@@ -163,29 +265,43 @@ class TrainingConfig:
 class AnalysisConfig:
     checkpoint: Literal["best", "final"] = "best"
     """Weights the per-member outputs are computed from (paper: best by evaluation loss)."""
-    eval_records: int | None = None
-    """Held-out records used for predictions (None: the whole evaluation split)."""
-    seq_len: int | None = None
-    """Evaluation sequence length (None: training.seq_len)."""
-    distribution_mask_rate: float = 0.10
-    fisher_mask_rate: float = 0.15
-    mask_seed: int = 0
-    batch_size: int = 32
+    eval_records: int | None = _f(None, ge=1)
+    """Held-out records used for predictions (>= 1; None: the whole evaluation split)."""
+    seq_len: int | None = _f(None, ge=3)
+    """Evaluation sequence length (>= 3, at most the model's positions; None: training.seq_len)."""
+    distribution_mask_rate: float = _f(0.10, gt=0, lt=1)
+    """Fraction of evaluation tokens masked for the output distributions, in (0, 1)."""
+    fisher_mask_rate: float = _f(0.15, gt=0, lt=1)
+    """Fraction of tokens masked for the Fisher information, in (0, 1)."""
+    mask_seed: int = _f(0, ge=0)
+    """Seed of the evaluation masks, shared by every member (>= 0)."""
+    batch_size: int = _f(32, ge=1)
+    """Sequences per evaluation batch (>= 1)."""
     prediction_dtype: Literal["float16", "float32"] = "float16"
-    fisher_estimators: tuple[Literal["batch", "per-example"], ...] = ("batch", "per-example")
-    fisher_records: int = 512
-    contextual_records: int = 256
-    top_p: tuple[float, ...] = PAPER_TOP_P
-    topk: tuple[int, ...] = PAPER_TOPK
+    """Storage precision of the stored log-probabilities."""
+    fisher_estimators: tuple[Literal["batch", "per-example"], ...] = _f(
+        ("batch", "per-example"), nonempty=True, distinct=True)
+    """Empirical Fisher estimators computed (non-empty, no repeats)."""
+    fisher_records: int = _f(512, ge=1)
+    """Evaluation records the Fisher information is estimated on (>= 1)."""
+    contextual_records: int = _f(256, ge=1)
+    """Evaluation records the contextual embeddings are taken from (>= 1)."""
+    top_p: tuple[float, ...] = _f(PAPER_TOP_P, gt=0, le=1, nonempty=True, distinct=True)
+    """Top-p truncations of the JS distance, each in (0, 1] (non-empty, no repeats)."""
+    topk: tuple[int, ...] = _f(PAPER_TOPK, ge=1, nonempty=True, distinct=True)
+    """Neighbour counts k of the embedding metrics, each >= 1 (non-empty, no repeats)."""
     spearman_variant: Literal["symmetric", "authors"] = "symmetric"
-    rbf_sigma: float | None = None
-    """RBF CKA bandwidth as a fraction of the median distance (None: the median itself)."""
-    bootstrap: int = 200
-    confidence: float = 0.95
-    entropy_orders: int = 4
-    """Data-side profile: conditional entropy given up to this many previous tokens."""
-    entropy_max_tokens: int = 20_000_000
-    """Data-side profile: at most this many training tokens are counted."""
+    """Local Spearman: symmetric in the two members, or the authors' one-sided variant."""
+    rbf_sigma: float | None = _f(None, gt=0)
+    """RBF CKA bandwidth as a fraction of the median distance (> 0; None: the median itself)."""
+    bootstrap: int = _f(200, ge=1)
+    """Bootstrap resamples of every confidence interval (>= 1)."""
+    confidence: float = _f(0.95, gt=0, lt=1)
+    """Level of the bootstrap confidence intervals, in (0, 1)."""
+    entropy_orders: int = _f(4, ge=1)
+    """Data-side profile: conditional entropy given up to this many previous tokens (>= 1)."""
+    entropy_max_tokens: int = _f(20_000_000, ge=1)
+    """Data-side profile: at most this many training tokens are counted (>= 1)."""
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -194,39 +310,52 @@ class AnalysisConfig:
 @dataclass(frozen=True, kw_only=True)
 class ContainerConfig:
     runtime: Literal["none", "apptainer", "singularity"] = "none"
-    image: str | None = None
-    """Path of the SIF image (``make container`` builds ``containers/toolkit.sif``)."""
-    binds: tuple[str, ...] = ()
-    """Extra host paths to bind; the study folder and data folders are added automatically."""
-    scratch: str | None = None
-    """Host scratch folder for caches (HF_HOME, TORCH_HOME, MPLCONFIGDIR)."""
+    """Container runtime of every job (``none``: the host's Python)."""
+    image: str | None = _f(None, plain=True)
+    """Path of the SIF image (``make container`` builds ``containers/toolkit.sif``; no control characters)."""
+    binds: tuple[str, ...] = _f((), plain=True)
+    """Extra host paths to bind (no control characters); the study and data folders are added automatically."""
+    scratch: str | None = _f(None, plain=True)
+    """Host scratch folder for caches (HF_HOME, TORCH_HOME, MPLCONFIGDIR; no control characters)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceConfig:
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_minutes: int = 60
-    mem_gb: float | None = None
-    cpus_per_task: int = 1
-    gpus_per_node: int = 0
+    partition: str | None = _f(None, plain=True)
+    """SLURM partition (None: the cluster default; no control characters)."""
+    account: str | None = _f(None, plain=True)
+    """SLURM account (no control characters)."""
+    qos: str | None = _f(None, plain=True)
+    """SLURM quality of service (no control characters)."""
+    time_minutes: int = _f(60, ge=1)
+    """Wall-time limit per job, in minutes (>= 1)."""
+    mem_gb: float | None = _f(None, gt=0)
+    """Memory per job in GB (> 0; None: the cluster default)."""
+    cpus_per_task: int = _f(1, ge=1)
+    """CPU cores per job (>= 1)."""
+    gpus_per_node: int = _f(0, ge=0)
+    """GPUs per job (>= 0)."""
     gpu_style: Literal["gpus-per-node", "gres"] = "gpus-per-node"
-    array_parallelism: int = 64
-    extra_sbatch: dict[str, str] = field(default_factory=dict)
-    setup: tuple[str, ...] = ()
-    """Shell lines run before the job (``module load ...``)."""
+    """How GPUs are requested: ``--gpus-per-node=N`` or ``--gres=gpu:N``."""
+    array_parallelism: int = _f(64, ge=1)
+    """Array tasks of this stage running at the same time (>= 1)."""
+    extra_sbatch: dict[str, str] = _f(factory=dict, plain=True)
+    """More ``#SBATCH --KEY=VALUE`` lines: keys are option names (letters, digits, '-'), no control characters."""
+    setup: tuple[str, ...] = _f((), plain=True)
+    """Shell lines run before the job (``module load ...``), one line each: no newlines."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class DispatchConfig:
     executor: Literal["local", "slurm", "debug"] = "local"
+    """Where units run: this machine, SLURM, or in-process one by one (debug)."""
     container: ContainerConfig = field(default_factory=ContainerConfig)
     resources: dict[str, ResourceConfig] = field(default_factory=dict)
     """Per stage (prepare, train, evaluate, analyse); missing stages use the defaults."""
     dask: Literal["local", "slurm"] = "local"
-    max_parallel: int = 1
-    """Local executor: units run at the same time."""
+    """Where the analysis' Dask workers run."""
+    max_parallel: int = _f(1, ge=1)
+    """Local executor: units run at the same time (>= 1)."""
 
     def resources_for(self, stage: str) -> ResourceConfig:
         return self.resources.get(stage, ResourceConfig())
@@ -238,13 +367,15 @@ class DispatchConfig:
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
     name: str
-    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
-    """Initialisation seeds; one ensemble member per seed and run."""
-    data_seed: int = 0
-    """Fixes data order and training masks: identical for every member."""
-    output_dir: str | None = None
-    """Study folder (default: ``studies/<name>``, relative to the current directory)."""
+    """Letters, digits, '.', '_' and '-'."""
+    seeds: tuple[int, ...] = _f((1, 2, 3, 4, 5), ge=0, nonempty=True, distinct=True)
+    """Initialisation seeds (>= 0, distinct, at least one); one ensemble member per seed and run."""
+    data_seed: int = _f(0, ge=0)
+    """Fixes data order and training masks: identical for every member (>= 0)."""
+    output_dir: str | None = _f(None, plain=True)
+    """Study folder (default: ``studies/<name>``, relative to the current directory; no control characters)."""
     description: str = ""
+    """Free text shown in the report."""
     corpora: dict[str, CorpusConfig] = field(default_factory=dict)
     runs: dict[str, RunConfig] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -280,10 +411,11 @@ def _describe(tp: Any) -> str:
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if origin is dict:
-        return f"a table of {_describe(typing.get_args(tp)[1])}"
+        item = typing.get_args(tp)[1]
+        return "a table of tables" if dataclasses.is_dataclass(item) else f"a table of {_describe(item)}"
     if dataclasses.is_dataclass(tp):
         return "a table"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
             type(None): "absent"}.get(tp, str(tp))
 
 
@@ -331,7 +463,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             raise bad()
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        # NaN and infinity pass every "<" test and then break training or the report
+        # much later: no field of a study means anything by them.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise bad()
         return float(value)
     if tp is str:
@@ -363,13 +497,17 @@ def _build(cls: Any, data: dict[str, Any], prefix: str, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str = "--set") -> None:
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{where}: override key '{dotted}' has an empty part; "
+                          "write it as table.key=value, e.g. training.steps=10")
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a table")
+            raise ConfigError(f"{where}: override '{dotted}': '{'.'.join(parts[:i + 1])}' is "
+                              f"{node!r}, not a table; override it whole or fix the study file")
     node[parts[-1]] = value
 
 
@@ -397,13 +535,26 @@ def study_from_dict(raw: dict[str, Any], *, where: str, source_file: str | None 
             raise ConfigError(
                 f"{where}: unknown table [{key}]; allowed: study, {', '.join(sorted(allowed))}"
             )
-    # A run's [runs.X.model] overrides the study-wide [model] field by field.
+    # A run's [runs.X.model] overrides the study-wide [model] field by field. The merge
+    # needs tables; anything else is reported by key here (`--set model=3`), not by
+    # a TypeError from the merge.
     default_model = raw.get("model", {})
+    if not isinstance(default_model, dict):
+        raise ConfigError(f"{where}: 'model' = {default_model!r} is not valid; expected a table "
+                          "(e.g. [model] shape = \"tiny\")")
+    raw_runs = raw.get("runs") or {}
+    if not isinstance(raw_runs, dict):
+        raise ConfigError(f"{where}: 'runs' = {raw_runs!r} is not valid; expected a table of tables "
+                          "([runs.NAME] with corpus and tokenizer)")
     runs = {}
-    for name, run in (raw.get("runs") or {}).items():
+    for name, run in raw_runs.items():
         if isinstance(run, dict):
             run = dict(run)
-            run["model"] = {**default_model, **run.get("model", {})}
+            run_model = run.get("model", {})
+            if not isinstance(run_model, dict):
+                raise ConfigError(f"{where}: 'runs.{name}.model' = {run_model!r} is not valid; "
+                                  "expected a table")
+            run["model"] = {**default_model, **run_model}
         runs[name] = run
     merged = {**header, **{k: v for k, v in raw.items() if k != "runs"}, "runs": runs}
     for key in header:
@@ -432,7 +583,7 @@ def study_to_dict(study: StudyConfig) -> dict[str, Any]:
         corpus["source"] = absolute(corpus["source"])
     for run in flat["runs"].values():
         run["checkpoints"] = [absolute(c) for c in run["checkpoints"]]
-    header = {k: flat.pop(k) for k in ("name", "seeds", "data_seed", "output_dir", "description")}
+    header = {k: flat.pop(k) for k in _HEADER}
     header["output_dir"] = str(study.root)
 
     def clean(value: Any) -> Any:
@@ -475,7 +626,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from e
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        _set_dotted(raw, key, value, str(path))
     return study_from_dict(raw, where=str(path), source_file=str(path.resolve()))
 
 
@@ -491,41 +642,159 @@ def tokenizer_vocab_size(spec: str) -> int:
     return -1  # char: depends on the corpus
 
 
+_HEADER = ("name", "seeds", "data_seed", "output_dir", "description")
+
+
+def check_plain(value: str, key: str, where: str) -> None:
+    """Refuse control characters (newlines above all) in a value that reaches job scripts.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``where``, the dotted ``key`` and the offending character.
+    """
+    m = _CONTROL.search(value)
+    if m:
+        raise ConfigError(f"{where}: {key} = {value!r} holds the control character "
+                          f"{m.group()!r} at position {m.start() + 1}; this value is written into "
+                          "job scripts: remove newlines and other control characters")
+
+
+def _check_fields(obj: Any, prefix: str, where: str) -> None:
+    """The per-field checks declared with :func:`_f`, recursively, in field order.
+
+    The study-wide ``[model]`` is checked before ``[runs]``: every run's model is
+    merged from it, and an error should name the key the user wrote.
+    """
+    fields = sorted(dataclasses.fields(obj), key=lambda f: f.name == "runs")
+    for f in fields:
+        if f.name == "source_file":
+            continue
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if isinstance(obj, StudyConfig) and f.name in _HEADER:
+            key = f"study.{f.name}"  # a StudyConfig field the file writes in [study]
+        meta = f.metadata
+        is_list = isinstance(value, tuple)
+        items = list(value) if is_list else [] if value is None else [value]
+        if meta.get("nonempty") and not items:
+            raise ConfigError(f"{where}: {key} is empty; give at least one value")
+        if meta.get("distinct") and len(set(items)) != len(items):
+            dup = next(v for i, v in enumerate(items) if v in items[:i])
+            raise ConfigError(f"{where}: {key} = {list(items)!r} repeats {dup!r}; give each value once")
+        rng = meta.get("range")
+        if rng is not None:
+            for i, v in enumerate(items):
+                if v not in rng:
+                    item_key = f"{key}[{i}]" if is_list else key
+                    raise ConfigError(f"{where}: {item_key} = {v!r} is out of range; allowed: "
+                                      f"{'each value ' if is_list else ''}{rng}; fix it in the study "
+                                      f"file or with --set {key}=...")
+        if meta.get("plain"):
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not _OPTION.match(k):
+                        raise ConfigError(f"{where}: {key}: '{k}' is not an sbatch option name; use "
+                                          "letters, digits and '-' only, without the leading '--' "
+                                          "(e.g. constraint = \"a100\")")
+                    check_plain(v, f"{key}.{k}", where)
+            else:
+                for i, v in enumerate(items):
+                    check_plain(v, f"{key}[{i}]" if is_list else key, where)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key, where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    _check_fields(v, f"{key}.{k}", where)
+
+
+def effective_shape(model: ModelConfig) -> dict[str, Any]:
+    """The named shape with the non-None overrides of ``model`` applied (no torch needed)."""
+    from toolkit.model import SHAPES  # toolkit.model imports this module; it imports no torch
+
+    out = dict(SHAPES[model.shape])
+    for name in out:
+        value = getattr(model, name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _check_model(model: ModelConfig, key: str, study: StudyConfig, where: str) -> None:
+    """Cross-field checks of a model's effective shape against the sequence lengths."""
+    shape = effective_shape(model)
+    heads, hidden = shape["num_attention_heads"], shape["hidden_size"]
+    if hidden % heads:
+        near = min((d for d in range(1, hidden + 1) if hidden % d == 0), key=lambda d: abs(d - heads))
+        raise ConfigError(f"{where}: {key}: hidden_size {hidden} (shape '{model.shape}' with "
+                          f"overrides) is not a multiple of num_attention_heads {heads}; set "
+                          f"{key}.num_attention_heads to a divisor of {hidden} (e.g. {near})")
+    t_len = study.training.seq_len
+    a_len = study.analysis.seq_len or t_len
+    if model.max_position_embeddings is not None:
+        positions = model.max_position_embeddings
+        if positions < t_len:
+            raise ConfigError(f"{where}: {key}.max_position_embeddings = {positions} is shorter than "
+                              f"training.seq_len = {t_len}; raise it to at least {t_len} or drop it")
+    else:
+        positions = max(shape["max_position_embeddings"], t_len)
+    if a_len > positions:
+        raise ConfigError(f"{where}: analysis.seq_len = {a_len} is longer than the "
+                          f"{positions} positions of {key}; use at most {positions} "
+                          "(or raise model.max_position_embeddings)")
+
+
 def validate_study(study: StudyConfig, where: str) -> None:
-    """Cross-field checks that single fields cannot express."""
+    """Every check that a field's type cannot express: ranges, lists, cross-field rules.
+
+    Anything that would make a later stage crash is refused here, before any work,
+    with one line naming ``where`` (the study file), the dotted key, the bad value
+    and the allowed values.
+    """
 
     def err(msg: str) -> ConfigError:
         return ConfigError(f"{where}: {msg}")
 
     if not _NAME.match(study.name):
         raise err(f"study.name '{study.name}' may only use letters, digits, '.', '_' and '-'")
-    if not study.seeds or len(set(study.seeds)) != len(study.seeds):
-        raise err("study.seeds must be a non-empty list of distinct integers")
+    if not study.seeds:
+        raise err("study.seeds must be a non-empty list of distinct integers >= 0")
     if not study.corpora:
         raise err("no corpora: add a [corpora.NAME] table with source = \"...\"")
     if not study.runs:
         raise err("no runs: add a [runs.NAME] table with corpus and tokenizer")
+    _check_fields(study, "", where)
     for name, corpus in study.corpora.items():
         if not _NAME.match(name):
             raise err(f"corpora.{name}: names may only use letters, digits, '.', '_' and '-'")
+        if not corpus.source.strip():
+            raise err(f"corpora.{name}.source is empty; give builtin:NAME, synthetic:markov, "
+                      "shuffle:CORPUS or a file, folder or glob")
         if corpus.source.startswith("shuffle:"):
             target = corpus.source.split(":", 1)[1]
             if target not in study.corpora or target == name:
                 raise err(f"corpora.{name}.source: '{corpus.source}' must name another corpus "
                           f"of this study ({', '.join(sorted(study.corpora))})")
-        if corpus.dna.piece_min < 1 or corpus.dna.piece_max < corpus.dna.piece_min:
-            raise err(f"corpora.{name}.dna: need 1 <= piece_min <= piece_max")
-        if corpus.train_records < 1 or corpus.eval_records < 1:
-            raise err(f"corpora.{name}: train_records and eval_records must be at least 1")
+        if corpus.dna.piece_max < corpus.dna.piece_min:
+            raise err(f"corpora.{name}.dna.piece_max = {corpus.dna.piece_max} is below "
+                      f"piece_min = {corpus.dna.piece_min}; need 1 <= piece_min <= piece_max")
+        if not corpus.text.field:
+            raise err(f"corpora.{name}.text.field is empty; name the JSON field holding the document")
         syn = corpus.synthetic
         if corpus.source == "synthetic:markov":
-            import math
-
             if len(set(syn.alphabet)) != len(syn.alphabet) or len(syn.alphabet) < 2:
-                raise err(f"corpora.{name}.synthetic.alphabet needs at least 2 distinct symbols")
+                raise err(f"corpora.{name}.synthetic.alphabet = {syn.alphabet!r} needs at least 2 "
+                          "distinct symbols, each once")
+            check_plain(syn.alphabet, f"corpora.{name}.synthetic.alphabet", where)
             if not 0 < syn.entropy_rate <= math.log2(len(syn.alphabet)) + 1e-9:
-                raise err(f"corpora.{name}.synthetic.entropy_rate must be in (0, "
+                raise err(f"corpora.{name}.synthetic.entropy_rate = {syn.entropy_rate} must be in (0, "
                           f"{math.log2(len(syn.alphabet)):.3f}] bits for this alphabet")
+            if len(syn.alphabet) ** (syn.order + 1) > 20_000_000:
+                raise err(f"corpora.{name}.synthetic.order = {syn.order} gives "
+                          f"{len(syn.alphabet)}^{syn.order + 1} transition probabilities, more than "
+                          "20,000,000; lower synthetic.order")
+    _check_model(study.model, "model", study, where)
     for name, run in study.runs.items():
         if "/" in name or not _NAME.match(name):
             raise err(f"runs.{name}: names may only use letters, digits, '.', '_' and '-'")
@@ -539,29 +808,23 @@ def validate_study(study: StudyConfig, where: str) -> None:
         if m.group("v") and int(m.group("v")) <= N_SPECIALS:
             raise err(f"runs.{name}.tokenizer: vocabulary {m.group('v')} is not larger than the "
                       f"{N_SPECIALS} special tokens; use e.g. bpe4096")
+        if m.group("k"):
+            from toolkit.tokenizer import MAX_K  # imports this module: not at the top
+
+            if int(m.group("k")) > MAX_K:
+                raise err(f"runs.{name}.tokenizer: '{run.tokenizer}': k = {m.group('k')} gives "
+                          f"4^{m.group('k')} tokens; use k <= {MAX_K} (e.g. kmer6)")
+            if _corpus_kind(study, run.corpus) == "text":
+                raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' needs DNA but corpus "
+                          f"'{run.corpus}' is text; use char or bpe<V>")
         if run.checkpoints and len(run.checkpoints) < len(study.seeds):
             raise err(f"runs.{name}.checkpoints: {len(run.checkpoints)} checkpoint folders for "
                       f"{len(study.seeds)} seeds; give one folder per seed or fewer seeds")
+        _check_model(run.model, f"runs.{name}.model", study, where)
     t = study.training
-    budgets = [b for b in (t.steps, t.tokens, t.epochs) if b is not None]
-    if len(budgets) > 1:
-        raise err("training: give at most one of steps, tokens, epochs")
-    if any(b <= 0 for b in budgets):
-        raise err("training: the budget must be positive")
-    if t.batch_size < 1 or t.grad_accum < 1 or t.seq_len < 8:
-        raise err("training: batch_size and grad_accum must be >= 1 and seq_len >= 8")
-    if not 0 < t.mlm_probability < 1 or not 0 <= t.warmup_ratio < 1:
-        raise err("training: mlm_probability must be in (0, 1) and warmup_ratio in [0, 1)")
-    if any(not 0 < f < 1 for f in t.fisher_flow):
-        raise err("training.fisher_flow: fractions must be in (0, 1)")
-    a = study.analysis
-    for key in ("distribution_mask_rate", "fisher_mask_rate"):
-        if not 0 < getattr(a, key) < 1:
-            raise err(f"analysis.{key} must be in (0, 1)")
-    if any(not 0 < p <= 1 for p in a.top_p):
-        raise err("analysis.top_p values must be in (0, 1]")
-    if any(k < 1 for k in a.topk):
-        raise err("analysis.topk values must be >= 1")
+    given = [k for k in ("steps", "tokens", "epochs") if getattr(t, k) is not None]
+    if len(given) > 1:
+        raise err(f"training: give at most one of steps, tokens, epochs (got {', '.join(given)})")
     for stage in study.dispatch.resources:
         if stage not in STAGES:
             raise err(f"dispatch.resources.{stage}: unknown stage; allowed: {', '.join(STAGES)}")
@@ -569,3 +832,22 @@ def validate_study(study: StudyConfig, where: str) -> None:
     if c.runtime != "none" and not c.image:
         raise err("dispatch.container.image is required when runtime is "
                   f"'{c.runtime}' (build one with `make container`)")
+
+
+def _corpus_kind(study: StudyConfig, name: str, depth: int = 0) -> str:
+    """``dna``, ``text`` or ``auto`` (unknown before reading) for a corpus of the study."""
+    cfg = study.corpora.get(name)
+    if cfg is None or depth > len(study.corpora):
+        return "auto"
+    if cfg.kind != "auto":
+        return cfg.kind
+    scheme, _, rest = cfg.source.partition(":")
+    if scheme == "shuffle":
+        return _corpus_kind(study, rest, depth + 1)
+    if scheme == "builtin":
+        from toolkit.corpora.builtin import BUILTINS  # no heavy imports: names and kinds only
+
+        return BUILTINS[rest].kind if rest in BUILTINS else "auto"
+    if scheme == "synthetic":
+        return "dna" if set(cfg.synthetic.alphabet) <= set("ACGTN") else "text"
+    return "auto"
