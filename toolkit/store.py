@@ -5,29 +5,43 @@ by a JSON document in ``storage_schemas/<kind>.json``: its arrays (dims, dtype,
 chunking), its attributes and their meaning, and a version. This module
 
 - creates stores all-or-nothing (:func:`writing`: build in a hidden temporary folder,
-  validate, then rename into place; a crash leaves nothing that reads as complete),
+  validate, record the chunk inventory, then rename into place; a crash leaves nothing
+  that reads as complete),
 - validates a store against its schema on write and on open (:func:`open_store`),
+- verifies a store's files against its inventory on open (:func:`verify_store`),
 - opens stores lazily for analysis (:func:`open_dataset`: Dask-backed xarray).
 
 Arrays carry Zarr v3 ``dimension_names``, so ``xarray.open_zarr`` reads them directly.
+
+Integrity: Zarr reads an absent chunk as the fill value, so a deleted chunk would
+silently read as zeros. Every store therefore carries ``inventory.json`` at its root:
+every file of the store (chunks and metadata), its size and its SHA-256. Opening a
+store checks that exactly those files are there with those sizes (``verify="size"``,
+a directory walk) or also re-reads and checksums every byte (``verify="full"``, what
+the stages use before computing numbers). Every array also ends its codec chain with
+Zarr's ``crc32c`` codec, so a chunk damaged after a cheap open still fails to decode
+instead of decoding to garbage.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from toolkit.errors import StoreError
+from toolkit.errors import StoreError, ToolkitError
 
 # Zarr warns that consolidated metadata is not in the v3 spec; we rely on it for fast opens.
 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
@@ -98,7 +112,7 @@ def create_array(group: Any, kind: str, name: str, *, shape: tuple[int, ...] | N
     target = group.require_group(parent) if parent else group
     is_str = dtype == "str"
     arr = target.create_array(leaf, shape=shape, chunks=chunks, dtype=str if is_str else dtype,
-                              dimension_names=dims,
+                              dimension_names=dims, compressors=_compressors(),
                               fill_value="" if is_str else spec.get("fill_value", 0),
                               overwrite=True)
     if spec.get("units"):
@@ -117,8 +131,12 @@ def validate(group: Any, kind: str, where: str | Path) -> None:
     if attrs.get("schema") != kind:
         raise StoreError(f"{where}: not a '{kind}' store (its schema attribute is {attrs.get('schema')!r})")
     version = attrs.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise StoreError(f"{where}: '{kind}' store has schema_version {version!r}, which is not an "
+                         f"integer (this toolkit reads version {doc['version']}); the store was not "
+                         "written by the toolkit or was edited; rebuild it")
     if version != doc["version"]:
-        hint = ("rebuild it with this toolkit version" if isinstance(version, int) and version < doc["version"]
+        hint = ("rebuild it with this toolkit version" if version < doc["version"]
                 else "upgrade the toolkit to read it")
         raise StoreError(f"{where}: '{kind}' store has schema version {version}, this toolkit reads "
                          f"version {doc['version']}; {hint}")
@@ -146,6 +164,261 @@ def _zarr() -> Any:
     return zarr
 
 
+def _compressors() -> tuple[Any, ...]:
+    """Zarr's default compressor followed by a CRC32C of the compressed bytes.
+
+    The checksum codec comes last so that a flipped bit anywhere in a chunk file is
+    caught before decompression: the chunk fails to decode instead of decoding to
+    garbage (zstd alone decodes many flips into wrong numbers).
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+
+
+# --------------------------------------------------------------------------- integrity
+
+INVENTORY = "inventory.json"
+INVENTORY_FORMAT = 1
+
+# Which stage writes each store kind: what a user reruns when a store is damaged.
+STAGE = {"tokens": "prepare", "masks": "evaluate", "train": "train", "predictions": "evaluate",
+         "embeddings": "evaluate", "fisher": "evaluate", "summary": "analyse"}
+
+Verify = Literal["none", "size", "full"]
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 (first 128 bits, hex) of a file's bytes.
+
+    Not CRC32C: every chunk file already ends with the CRC32C of its bytes (the codec),
+    and a CRC over data followed by its own CRC is the same constant for every valid
+    chunk, so it could not tell two chunks apart (a chunk copied over another). SHA-256
+    is hardware-accelerated on current CPUs (about 2 GB/s a core) and needs no package.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
+def _walk(root: Path) -> dict[str, int]:
+    """Every file below ``root`` but the inventory: store key -> size in bytes.
+
+    Dot files are left out: NFS and some editors leave ``.nfsXXXX`` / ``.swp`` files
+    that are not part of the store and that Zarr never reads.
+    """
+    found: dict[str, int] = {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                else:
+                    key = Path(entry.path).relative_to(root).as_posix()
+                    if key != INVENTORY:
+                        found[key] = entry.stat(follow_symlinks=False).st_size
+    return found
+
+
+def write_inventory(root: str | Path, kind: str) -> None:
+    """Record every file of the finished store at ``root`` with its size and checksum.
+
+    Called by :func:`writing` after the metadata is consolidated and before the store
+    is renamed into place, so the inventory describes exactly the files readers see.
+    """
+    root = Path(root)
+    files = _walk(root)
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+        sums = dict(zip(files, pool.map(lambda k: _digest(root / k), files), strict=True))
+    doc = {"format": INVENTORY_FORMAT, "store": kind, "checksum": "sha256-128",
+           "files": {k: [files[k], sums[k]] for k in sorted(files)}}
+    tmp = root / f".{INVENTORY}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=0, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / INVENTORY)
+
+
+def _threads() -> int:
+    # Checksumming is I/O plus GIL-free hashing: a few threads overlap reads on network disks.
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def rerun_hint(path: str | Path, kind: str) -> str:
+    """What to run to rebuild a store of ``kind`` at ``path``, as one clause."""
+    stage = STAGE.get(kind, "prepare")
+    return f"rerun the {stage} stage: toolkit run {_study_ref(Path(path), kind)} --force {stage}"
+
+
+def _study_ref(path: Path, kind: str) -> str:
+    """The study file to name in a hint: the study root's study.json if there, else STUDY."""
+    depth = {"summary": 1, "tokens": 3, "masks": 3}.get(kind, 4)  # see toolkit/study.py Layout
+    parents = path.resolve().parents
+    if len(parents) >= depth and (parents[depth - 1] / "study.json").is_file():
+        return str(parents[depth - 1] / "study.json")
+    return "STUDY"
+
+
+def _describe(key: str) -> str:
+    """A store key in words: which chunk of which array, or which metadata file."""
+    parts = key.split("/")
+    if "c" in parts[:-1] or parts[0] == "c":
+        i = parts.index("c")
+        array = "/".join(parts[:i]) or "/"
+        return f"array '{array}' chunk {'/'.join(parts[i:])}"
+    if parts[-1] == "zarr.json":
+        owner = "/".join(parts[:-1])
+        return f"metadata of '{owner}' ({key})" if owner else "root metadata (zarr.json)"
+    return f"file {key}"
+
+
+def _read_inventory(path: Path, kind: str) -> dict[str, Any] | None:
+    """The parsed inventory of a store, or None when the store has none."""
+    file = path / INVENTORY
+    if not file.is_file():
+        return None
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+        files = doc["files"]
+        ok = (doc.get("format") == INVENTORY_FORMAT and isinstance(files, dict)
+              and all(isinstance(v, list) and len(v) == 2 for v in files.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise StoreError(f"{path}: {INVENTORY} is unreadable or damaged, so the store cannot be "
+                         f"checked; {rerun_hint(path, kind)}")
+    return doc
+
+
+def verify_store(path: str | Path, kind: str, level: Verify = "size",
+                 inventory: dict[str, Any] | None = None) -> None:
+    """Check a store's files against its inventory.
+
+    Parameters
+    ----------
+    level
+        ``"size"``: every inventoried file is present with its recorded size, no other
+        file is there, and metadata files (``zarr.json``, small) match their checksum.
+        ``"full"``: also every chunk's checksum (reads the whole store once).
+        ``"none"``: nothing.
+
+    Raises
+    ------
+    StoreError
+        The inventory is missing or damaged, or a file is missing, of the wrong size,
+        unexpected or corrupt; the message names the store, the array and the chunk.
+    """
+    if level == "none":
+        return
+    if level not in ("size", "full"):
+        raise ValueError(f"verify must be 'none', 'size' or 'full', not {level!r}")
+    path = Path(path)
+    doc = inventory if inventory is not None else _read_inventory(path, kind)
+    if doc is None:
+        raise StoreError(f"{path}: '{kind}' store has no {INVENTORY} (written by an older toolkit, "
+                         f"another tool, or damaged), so missing chunks cannot be detected; "
+                         f"{rerun_hint(path, kind)}")
+    want: dict[str, list[Any]] = doc["files"]
+    try:
+        have = _walk(path)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot list the store ({e.strerror or e}); check the disk") from e
+    fix = rerun_hint(path, kind)
+    for key, (size, _) in want.items():
+        if key not in have:
+            raise StoreError(f"{path}: {_describe(key)} is missing (deleted or lost after the store "
+                             f"was written; Zarr would read it as fill values); {fix}")
+        if have[key] != size:
+            raise StoreError(f"{path}: {_describe(key)} has {have[key]} bytes, {size} were written "
+                             f"(truncated or replaced); {fix}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise StoreError(f"{path}: {_describe(extra[0])} is not in the store's inventory "
+                         f"({len(extra)} unexpected file(s); the store was changed after it was "
+                         f"written); {fix}")
+    keys = list(want) if level == "full" else [k for k in want if k.endswith("zarr.json")]
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+        for key, got in zip(keys, pool.map(lambda k: _digest(path / k), keys), strict=True):
+            if got != want[key][1]:
+                raise StoreError(f"{path}: {_describe(key)} does not match its recorded checksum "
+                                 f"(corrupt bytes); {fix}")
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _no_space_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError inside ``exc`` (its causes, contexts or group), if any."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        todo.extend(getattr(e, "exceptions", ()) or ())
+    return None
+
+
+def raise_if_no_space(exc: BaseException, target: str | Path, *, needed: int | None = None,
+                      error: type[ToolkitError] = StoreError) -> None:
+    """Turn a full disk (ENOSPC, or a full quota) met while writing ``target`` into one line.
+
+    Does nothing when ``exc`` is not about space, so callers re-raise it afterwards.
+
+    Parameters
+    ----------
+    needed
+        Bytes the write needed, when the caller knows.
+    error
+        The :class:`ToolkitError` subclass to raise.
+    """
+    cause = _no_space_cause(exc)
+    if cause is None:
+        return
+    mount = mount_point(target)
+    try:
+        free = f"{_human(shutil.disk_usage(mount).free)} free"
+    except OSError:
+        free = "free space unknown"
+    if needed is not None:
+        free += f", {_human(needed)} needed"
+    what = "quota exceeded" if cause.errno == errno.EDQUOT else "no space left"
+    raise error(f"{what} on {mount} ({free}) while writing {target}; free space or choose "
+                "another output_dir (--out); the previous results there are unchanged") from exc
+
+
+# --------------------------------------------------------------------------- write / open
+
+
 def replace_folder(src: Path, dst: Path) -> None:
     """Move a finished folder into place, replacing an older ``dst`` (readers never see a mix)."""
     if dst.exists():
@@ -161,9 +434,17 @@ def writing(path: str | Path, kind: str, attrs: Mapping[str, Any] | None = None,
     """Create a store all-or-nothing.
 
     Yields a Zarr group in a hidden temporary folder next to ``path``. When the block
-    ends without error the store is validated, its metadata consolidated and the
-    folder renamed to ``path``; on any error the temporary folder is removed and
-    nothing appears at ``path``.
+    ends without error the store is validated, its metadata consolidated, its
+    inventory (:data:`INVENTORY`) written and the folder renamed to ``path``; on any
+    error the temporary folder is removed and nothing appears at ``path`` (an older
+    store there is left as it was).
+
+    Raises
+    ------
+    StoreError
+        ``path`` exists (without ``overwrite``), the folder is not writable, the disk
+        is full (naming the mount point and its free space), or the store does not
+        match its schema.
     """
     zarr = _zarr()
     path = Path(path)
@@ -178,39 +459,68 @@ def writing(path: str | Path, kind: str, attrs: Mapping[str, Any] | None = None,
         raise StoreError(f"{path.parent}: output folder is not writable; choose a writable output_dir")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
-        group.attrs.update({"schema": kind, "schema_version": schema(kind)["version"], **(attrs or {})})
-        yield group
-        validate(group, kind, path)
-        zarr.consolidate_metadata(str(tmp))
+        try:
+            group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
+            group.attrs.update({"schema": kind, "schema_version": schema(kind)["version"], **(attrs or {})})
+            yield group
+            validate(group, kind, path)
+            zarr.consolidate_metadata(str(tmp))
+            write_inventory(tmp, kind)
+        except Exception as e:  # zarr may wrap the OSError of a full disk in its own types
+            raise_if_no_space(e, path)
+            raise
         replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_store(path: str | Path, kind: str, mode: str = "r") -> Any:
-    """Open and validate a store; a missing store or schema mismatch is a :class:`StoreError`."""
+def open_store(path: str | Path, kind: str, mode: str = "r", *, verify: Verify = "full") -> Any:
+    """Open, validate and verify a store.
+
+    Parameters
+    ----------
+    verify
+        ``"full"`` (default): every chunk's checksum is checked before anything is
+        read, as needed before numbers are computed from the store. ``"size"``: only
+        that every chunk is present with its size (a directory walk), for callers that
+        read attributes only or read lazily. See :func:`verify_store`.
+
+    Raises
+    ------
+    StoreError
+        No store there, not a readable Zarr v3 store, a schema mismatch, no inventory
+        (an older toolkit's store), or a missing, extra or damaged chunk.
+    """
     zarr = _zarr()
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no '{kind}' store here; run the stage that writes it first")
+    inventory = _read_inventory(path, kind)
     try:
         group = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
     except Exception as e:  # zarr raises several unrelated types for a broken folder
-        raise StoreError(f"{path}: not a readable Zarr v3 store ({e})") from e
+        if inventory is not None:  # damaged metadata: name the file rather than zarr's complaint
+            verify_store(path, kind, "size", inventory)
+        raise StoreError(f"{path}: not a readable Zarr v3 store ({e}); {rerun_hint(path, kind)}") from e
+    # Schema first: a store of another version is refused with the version, not its files.
     validate(group, kind, path)
+    if verify != "none" or inventory is None:
+        verify_store(path, kind, "size" if verify == "none" else verify, inventory)
     return group
 
 
-def open_dataset(path: str | Path, kind: str, chunks: Any = None, group: str | None = None) -> Any:
-    """Open a store lazily as a Dask-backed ``xarray.Dataset`` (validated first).
+def open_dataset(path: str | Path, kind: str, chunks: Any = None, group: str | None = None,
+                 *, verify: Verify = "full") -> Any:
+    """Open a store lazily as a Dask-backed ``xarray.Dataset`` (validated and verified first).
 
     ``chunks=None`` keeps the stored chunking (``"auto"`` cannot chunk string
-    arrays); ``group`` opens a sub-group such as ``distribution`` of a masks store.
+    arrays); ``group`` opens a sub-group such as ``distribution`` of a masks store;
+    ``verify`` as in :func:`open_store` (``"size"`` keeps opening cheap; a corrupt
+    chunk then fails when read, through the arrays' CRC32C codec).
     """
     import xarray as xr
 
-    open_store(path, kind)
+    open_store(path, kind, verify=verify)
     return xr.open_zarr(str(path), chunks={} if chunks is None else chunks, zarr_format=3,
                         consolidated=True, group=group)
