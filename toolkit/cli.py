@@ -22,8 +22,50 @@ def _study(args: argparse.Namespace) -> Any:
 
     study = load_study(args.study, args.set or [])
     if getattr(args, "out", None):
+        from toolkit.config import check_plain
+
+        # --out bypasses validate_study (it replaces a validated study): same check here.
+        check_plain(args.out, "--out", str(args.study))
         study = dataclasses.replace(study, output_dir=args.out)
     return study
+
+
+_WRITES = ("prepare", "train", "evaluate", "analyse", "report", "run", "submit", "unit")
+"""Commands that write into the study folder: :func:`_check_output_dir` runs before them."""
+
+
+def _check_output_dir(study: Any) -> None:
+    """Create the study folder and write a probe file in it, before any work.
+
+    A file where the folder should be, a file among its parents or a read-only
+    parent would otherwise surface as a traceback (or an error deep inside one
+    stage) after minutes of work; here it is one line naming the folder.
+
+    Raises
+    ------
+    ConfigError
+        The folder cannot be created or written.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from toolkit.errors import ConfigError
+
+    root = Path(study.root)
+    what = "choose a writable output_dir (--out)"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: cannot create the study folder (a file is in its place); {what}")
+    if root.is_symlink() and not root.exists():
+        raise ConfigError(f"{root}: cannot create the study folder (a dangling or looping symlink "
+                          f"is in its place); {what}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{root}: cannot create the study folder ({e.strerror or e}); {what}") from e
 
 
 def _add_study(p: argparse.ArgumentParser) -> None:
@@ -200,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command in _WRITES:
+            _check_output_dir(_study(args))
         return int(args.func(args) or 0)
     except ToolkitError as e:
         print(f"toolkit: error: {e}", file=sys.stderr)
