@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 import types
@@ -388,15 +389,28 @@ class StudyConfig:
     @property
     def base_dir(self) -> Path:
         """Folder that relative corpus paths are resolved against."""
-        return Path(self.source_file).resolve().parent if self.source_file else Path.cwd()
+        return _resolve(Path(self.source_file)).parent if self.source_file else Path.cwd()
 
     def resolve_path(self, path: str) -> Path:
         """A data path from the study file, resolved against :attr:`base_dir`."""
-        return (self.base_dir / Path(path).expanduser()).resolve()
+        return _resolve(self.base_dir / Path(path).expanduser())
 
     @property
     def root(self) -> Path:
-        return Path(self.output_dir or f"studies/{self.name}").resolve()
+        """The study folder, absolute."""
+        return _resolve(Path(self.output_dir or f"studies/{self.name}"))
+
+
+def _resolve(path: Path) -> Path:
+    """``path.resolve()``, or the absolute path where symlinks loop.
+
+    Python 3.11 raises RuntimeError on a symlink loop; the absolute path lets the
+    caller's open or mkdir fail with ELOOP, which it reports as a user error.
+    """
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
 
 
 # --------------------------------------------------------------------------- building
