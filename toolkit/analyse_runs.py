@@ -25,7 +25,7 @@ import numpy as np
 
 from toolkit import store
 from toolkit.config import StudyConfig
-from toolkit.errors import StoreError
+from toolkit.errors import CheckpointError, StoreError
 from toolkit.study import Layout, Member
 
 log = logging.getLogger("toolkit.analyse")  # one logger for the stage, as before the split
@@ -298,14 +298,23 @@ def fisher_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, Any]
 
 
 def _load_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
+    from toolkit.checkpoint import verify_export
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(path)
+    verify_export(path)  # a truncated export is a CheckpointError naming the file
     state: dict[str, np.ndarray] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file "
+                                  f"({' '.join(str(e).split())}); rerun training for this member: "
+                                  f"toolkit run {store.study_ref(f)} --force train") from e
     return state
 
 
@@ -357,7 +366,7 @@ def profile_run(study: StudyConfig, run: str) -> dict[str, Any]:
     """The data-side entropy profile of the run's token store (NaN if it was never prepared)."""
     path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
     if path.exists():
-        attrs = dict(store.open_store(path, "tokens").attrs)
+        attrs = dict(store.open_store(path, "tokens", verify="size").attrs)  # attributes only
     else:
         log.warning("%s: no token store (run `toolkit prepare`); its entropy profile is NaN", path)
         attrs = {}

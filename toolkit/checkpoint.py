@@ -14,7 +14,10 @@ whose checksums verify is used; a corrupt or partial one is skipped with a warni
 Nothing is unpickled: ``torch.load(weights_only=True)``, safetensors and JSON only.
 
 Exported HuggingFace folders (``final``, ``best``, Fisher-flow snapshots) are written
-the same way with :func:`save_hf`.
+the same way with :func:`save_hf`, with ``checksums.json`` (size and sha256 of every
+file) written last; :func:`verify_export` checks it before the folder is loaded
+(``toolkit.model.load_model``). Folders without it (external checkpoints given in
+``runs.X.checkpoints``) are loaded unchecked.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "step-"
 FORMAT = 1
+EXPORT_META = "checksums.json"
 _FILES = ("model.safetensors", "optim.pt", "rng.pt", "state.json")
 
 
@@ -109,11 +113,19 @@ def save_hf(model: Any, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         hf_logging.disable_progress_bar()  # a "Writing model shards" bar per save drowns the log
         model.save_pretrained(str(tmp), safe_serialization=True)
+        # The checksums let a reader tell a truncated or damaged export from a good one.
+        files = sorted(f for f in tmp.iterdir() if f.is_file())
+        meta = {"format": FORMAT, "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
+                                            for f in files}}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _share(tmp)
         for f in tmp.iterdir():
             _fsync_file(f)
         _install(tmp, dest)
     except OSError as e:
+        from toolkit.store import raise_if_no_space
+
+        raise_if_no_space(e, dest, error=CheckpointError)
         raise CheckpointError(f"{dest}: cannot write model folder ({e.strerror or e})") from e
     finally:
         if bars:
@@ -203,6 +215,9 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, schedul
         _fsync_file(tmp / "meta.json")
         _install(tmp, dest)
     except OSError as e:
+        from toolkit.store import raise_if_no_space
+
+        raise_if_no_space(e, dest, error=CheckpointError)
         raise CheckpointError(f"{dest}: cannot write checkpoint ({e.strerror or e}); "
                               "check the disk and the folder's permissions") from e
     finally:
@@ -252,6 +267,46 @@ def verify(path: Path) -> dict[str, Any]:
         if sha256(file) != digest:
             raise CheckpointError(f"{path}: {name} does not match its sha256 (corrupt file)")
     return meta
+
+
+def verify_export(path: Path) -> bool:
+    """Check an exported model folder against its ``checksums.json``.
+
+    Returns
+    -------
+    bool
+        True when the folder was verified, False when it has no checksum file (an
+        external checkpoint: nothing to check against).
+
+    Raises
+    ------
+    CheckpointError
+        The checksum file is unreadable, or a listed file is missing, of another size
+        (truncated) or of other content; the message names the file and says to rerun
+        the member's training.
+    """
+    from toolkit.store import study_ref
+
+    meta_file = path / EXPORT_META
+    if not meta_file.exists():
+        return False
+    fix = f"rerun training for this member: toolkit run {study_ref(path)} --force train"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        files = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in meta["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{meta_file}: unreadable or damaged ({type(e).__name__}); {fix}") from e
+    for name, (size, digest) in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the exported checkpoint; {fix}")
+        have = file.stat().st_size
+        if have != size:
+            raise CheckpointError(f"{file}: {have} bytes, {size} were written (truncated or "
+                                  f"replaced); {fix}")
+        if sha256(file) != digest:
+            raise CheckpointError(f"{file}: does not match its sha256 (corrupt bytes); {fix}")
+    return True
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

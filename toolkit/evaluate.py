@@ -336,7 +336,8 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     layout = Layout(study)
     a = study.analysis
     marker = read_train_marker(study, member)
-    tokens = store.open_store(layout.run_tokens_dir(member.run) / "tokens.zarr", "tokens")
+    tokens = store.open_store(layout.run_tokens_dir(member.run) / "tokens.zarr", "tokens",
+                              verify="size")  # attributes only; ensure_masks checks the bytes
     token_hash = tokens.attrs.get("tokenizer_hash")
     if marker["tokenizer_hash"] != token_hash:
         raise StoreError(f"{layout.train_marker(member)}: member {member.id} was trained with tokenizer "

@@ -173,7 +173,8 @@ def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
 
 def check_masks(path: Path, expected: dict[str, Any]) -> Any:
     """Open an existing masks store and refuse it unless it was built with ``expected``."""
-    group = store.open_store(path, "masks")
+    # Sizes only: the caller reading the masks (evaluate) checks their bytes when it opens them.
+    group = store.open_store(path, "masks", verify="size")
     attrs = dict(group.attrs)
     for key in CHECKED_ATTRS:
         if attrs.get(key) != expected[key]:
@@ -208,7 +209,7 @@ def ensure_masks(study: StudyConfig, run: str) -> Path:
         settings (the message names the attribute).
     """
     tokens_path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
-    tokens = store.open_store(tokens_path, "tokens")
+    tokens = store.open_store(tokens_path, "tokens", verify="size")  # attributes; bytes checked below
     expected = expected_attrs(study, run, dict(tokens.attrs))
     path = masks_path(study, run)
     if path.exists():
@@ -219,6 +220,7 @@ def ensure_masks(study: StudyConfig, run: str) -> Path:
     # winner's store are never disturbed.
     private = path.with_name(f".{path.name}.build-{uuid.uuid4().hex[:8]}")
     try:
+        store.verify_store(tokens_path, "tokens", "full")  # masks are built from the tokens' bytes
         build_masks(study, run, tokens, private)
         try:
             os.rename(private, path)

@@ -142,10 +142,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForM
     if model_type != "bert":
         raise CheckpointError(f"{path}: a '{model_type}' checkpoint, not BERT; the toolkit's members "
                               "are BertForMaskedLM models")
+    from safetensors import SafetensorError
+
+    from toolkit.checkpoint import verify_export
+    from toolkit.store import study_ref
+
+    verified = verify_export(path)  # the toolkit's own exports: a damaged file is named, not parsed
     try:
         loaded: Any = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa",
                                                       use_safetensors=True, output_loading_info=True)
         model, info = loaded
+    except SafetensorError as e:
+        # Collapsed to one line: the CLI prints one line per error.
+        why = " ".join(str(e).split())[:300]
+        what = (f"rerun training for this member: toolkit run {study_ref(path)} --force train"
+                if verified
+                else "copy the checkpoint again or give another one")
+        raise CheckpointError(f"{path / 'model.safetensors'}: truncated or corrupt safetensors "
+                              f"file ({why}); {what}") from e
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot load as BertForMaskedLM ({e})") from e
     # The tied decoder weight may be listed as missing; any other gap means random weights.

@@ -69,8 +69,9 @@ def _run_dataset(root: Path, run: str, seeds: list[int], kind: str) -> Any:
 
     parts = []
     for seed in seeds:
+        # Sizes only, to keep opening lazy: a damaged chunk then fails its crc32c when read.
         ds = store.open_dataset(root / "members" / run / f"seed{seed}" / f"{kind}.zarr", kind,
-                                chunks={})
+                                chunks={}, verify="size")
         # target (predictions) and parameter_group (fisher) are shared by the members of a run
         per_member = [n for n in ds.data_vars if n not in ("target", "parameter_group")]
         ds = ds.drop_attrs(deep=False)

@@ -254,15 +254,18 @@ def _threads() -> int:
 def rerun_hint(path: str | Path, kind: str) -> str:
     """What to run to rebuild a store of ``kind`` at ``path``, as one clause."""
     stage = STAGE.get(kind, "prepare")
-    return f"rerun the {stage} stage: toolkit run {_study_ref(Path(path), kind)} --force {stage}"
+    # The shared masks store is built only when absent (identically, from a fixed seed).
+    first = f"delete {path} and " if kind == "masks" else ""
+    return f"{first}rerun the {stage} stage: toolkit run {study_ref(path)} --force {stage}"
 
 
-def _study_ref(path: Path, kind: str) -> str:
-    """The study file to name in a hint: the study root's study.json if there, else STUDY."""
-    depth = {"summary": 1, "tokens": 3, "masks": 3}.get(kind, 4)  # see toolkit/study.py Layout
-    parents = path.resolve().parents
-    if len(parents) >= depth and (parents[depth - 1] / "study.json").is_file():
-        return str(parents[depth - 1] / "study.json")
+def study_ref(path: str | Path) -> str:
+    """The study file to name in a hint about ``path``: the study.json of the study folder
+    holding it (written by the dispatcher), else the placeholder ``STUDY``."""
+    # Stores and checkpoints sit at most 5 levels below the study root (toolkit/study.py).
+    for parent in list(Path(path).resolve().parents)[:6]:
+        if (parent / "study.json").is_file():
+            return str(parent / "study.json")
     return "STUDY"
 
 
