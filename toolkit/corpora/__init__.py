@@ -8,7 +8,11 @@ Sources (``CorpusConfig.source``):
 - ``builtin:NAME``: files shipped in installed data packages (:data:`BUILTINS`).
 - ``synthetic:markov``: an order-k Markov chain with a known entropy rate.
 - ``shuffle:CORPUS``: another corpus of the study, symbols shuffled within each record.
-- a file, a folder (every non-hidden file below it, sorted) or a glob pattern.
+- a file, a folder (every non-hidden file below it, sorted) or a glob pattern. With
+  ``format = "auto"`` a folder must hold only corpus files (FASTA, text, JSON(L), each
+  optionally ``.gz``), all FASTA or none: a stray file is an error naming it. Zarr
+  stores, looping or dangling links are errors; the study's own output folder is
+  never read; hidden files are skipped (listed in an INFO line).
 
 DNA (FASTA, optionally gzipped) is streamed block by block: memory is bounded by
 the read block plus one piece, whatever the size of a record. Each record is

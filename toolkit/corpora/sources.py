@@ -100,7 +100,7 @@ def _file_corpus(name: str, cfg: CorpusConfig, paths: list[Path], field: str,
     return FileCorpus(name, cfg, files, kind, field)
 
 
-def _open(name: str, cfg: CorpusConfig, base_dir: Path) -> Corpus:
+def _open(name: str, cfg: CorpusConfig, base_dir: Path, exclude: tuple[Path, ...] = ()) -> Corpus:
     source = cfg.source
     scheme, _, rest = source.partition(":")
     if scheme == "builtin":
@@ -119,14 +119,16 @@ def _open(name: str, cfg: CorpusConfig, base_dir: Path) -> Corpus:
     if scheme == "shuffle":
         raise CorpusError(f"corpus {name}: '{source}' names another corpus of a study; "
                           "open it with open_corpus(name, study)")
-    return _file_corpus(name, cfg, _expand(source, base_dir), cfg.text.field)
+    files = _expand(source, base_dir, fmt=cfg.format, exclude=exclude)
+    return _file_corpus(name, cfg, files, cfg.text.field)
 
 
 def open_corpus(name: str, study: StudyConfig) -> Corpus:
     """Open the corpus ``study.corpora[name]``.
 
     Relative paths are resolved against the study file's folder; ``shuffle:OTHER``
-    opens OTHER of the same study and shuffles it.
+    opens OTHER of the same study and shuffles it. The study's output folder is
+    never read, even when it lies inside a corpus folder.
     """
     return _open_in_study(name, study, ())
 
@@ -142,7 +144,9 @@ def _open_in_study(name: str, study: StudyConfig, chain: tuple[str, ...]) -> Cor
     if cfg.source.startswith("shuffle:"):
         base = _open_in_study(cfg.source.split(":", 1)[1], study, (*chain, name))
         return ShuffledCorpus(name, cfg, base)
-    return _open(name, cfg, study.base_dir)
+    # The study's own outputs (token stores, reports) never become its data, even with
+    # source = "." and the output folder inside the corpus folder.
+    return _open(name, cfg, study.base_dir, exclude=(study.root,))
 
 
 def open_source(source: str, *, kind: str = "auto", max_records: int | None = None,
