@@ -12,15 +12,24 @@ waits for it: the training stage finishes its step, saves a checkpoint and exits
 with :data:`EXIT_REQUEUE` (75). The returned DelayedSubmission requeues the job and
 the requeued job resumes from the checkpoint. A child that exits 75 on its own
 (it received the signal directly) also means "requeue me".
+
+Outcome: next to submitit's log ``<id>_<task>_log.out`` the job writes
+``<id>_<task>_outcome.json`` (``{"outcome": "success"|"error"|"requeued",
+"returncode": N, "finished": ISO time}``), atomically. ``toolkit status`` and the
+local executor read that file and never submitit's ``*_result.pkl``: unpickling a
+file from a study folder that others can write would run their code as whoever
+looks at the study.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
@@ -31,6 +40,54 @@ EXIT_REQUEUE = 75
 """Exit status of a unit that saved its state and wants to be run again (EX_TEMPFAIL)."""
 MAX_REQUEUES = 50
 """Safety net against a unit that asks to be requeued forever."""
+OUTCOMES = ("success", "error", "requeued")
+"""What an outcome file may say (anything else reads as unknown)."""
+_LOG_SUFFIX = "_log.out"
+
+
+def outcome_path(stdout: str | Path) -> Path | None:
+    """The outcome file that goes with submitit's stdout log ``<id>_<task>_log.out``."""
+    out = str(stdout)
+    if not out.endswith(_LOG_SUFFIX):
+        return None
+    return Path(out[: -len(_LOG_SUFFIX)] + "_outcome.json")
+
+
+_OUTCOME_LIMIT = 4096
+"""An outcome file is a few dozen bytes; anything larger is not one of ours."""
+
+
+def read_outcome(stdout: str | Path) -> str | None:
+    """The outcome a job recorded next to its log: 'success', 'error', 'requeued' or None.
+
+    JSON only, never submitit's ``*_result.pkl``: unpickling a file of a study folder
+    that others can write would run their code as whoever reads it. A missing,
+    oversized, non-regular (FIFO, device, link) or malformed file reads as None (unknown).
+    """
+    from toolkit.dispatch.manifest import read_small_file
+
+    path = outcome_path(stdout)
+    data = read_small_file(path, _OUTCOME_LIMIT) if path is not None else None
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    outcome = doc.get("outcome") if isinstance(doc, dict) else None
+    return outcome if isinstance(outcome, str) and outcome in OUTCOMES else None
+
+
+def _own_outcome_path() -> Path | None:
+    """This job's outcome file, or None outside a submitit job (a unit called directly)."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    try:
+        import submitit
+
+        return outcome_path(submitit.JobEnvironment().paths.stdout)
+    except Exception:  # submitit found no job environment: nothing to report to
+        return None
 
 
 class UnitFailedError(ToolkitError):
@@ -97,6 +154,7 @@ class UnitJob(_Checkpointable):
         state = dict(self.__dict__)
         state["_proc"] = None  # a process handle does not survive pickling
         state.pop("_terminated", None)
+        state.pop("_reported", None)
         return state
 
     def _run_child(self) -> int:
@@ -113,14 +171,46 @@ class UnitJob(_Checkpointable):
             if self._proc.poll() is None:  # interrupted by an exception: do not leave it behind
                 self._proc.terminate()
 
+    def _report(self, outcome: str, returncode: int | None) -> None:
+        """Write this job's outcome file (once per run); a failure to write is only logged."""
+        from toolkit.dispatch.manifest import now
+        from toolkit.study import write_json_atomic
+
+        path = _own_outcome_path()
+        if path is None or getattr(self, "_reported", False):
+            return
+        self._reported = True
+        try:
+            write_json_atomic(path, {"outcome": outcome, "returncode": returncode, "finished": now()})
+        except OSError as e:
+            log.error("%s: cannot write the outcome file %s (%s); `toolkit status` will show the "
+                      "unit's outcome as unknown", self.name, path, e)
+
     def __call__(self) -> str:
         """Run the unit; return a one-line summary or raise :class:`UnitFailedError`."""
         self._terminated = False
+        self._reported = False
+        path = _own_outcome_path()
+        if path is not None:
+            # A requeued job (same id) or a reused local process id: the old outcome is stale.
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("%s: cannot remove the stale outcome file %s (%s)", self.name, path, e)
+        try:
+            return self._run()
+        except Exception:
+            # SystemExit is left alone: submitit exits that way after checkpoint() requeued us.
+            self._report("error", getattr(self._proc, "returncode", None))
+            raise
+
+    def _run(self) -> str:
         if _under_slurm():
             self._watch_sigterm()
         while True:
             rc = self._run_child()
             if rc == 0:
+                self._report("success", rc)
                 return f"{self.name}: done"
             if rc != EXIT_REQUEUE:
                 raise UnitFailedError(f"{self.name}: exited with status {rc}; "
@@ -173,5 +263,7 @@ class UnitJob(_Checkpointable):
                 log.error("%s: unit did not exit in %.0f s; requeueing anyway (it resumes from "
                           "its last saved checkpoint)", self.name, self.grace_s)
                 proc.kill()
+        # returncode, not poll(): this runs in a signal handler and must not reap the child.
+        self._report("requeued", proc.returncode if proc is not None else None)
         fresh = UnitJob(self.argv, name=self.name, requeues=self.requeues + 1, grace_s=self.grace_s)
         return submitit.helpers.DelayedSubmission(fresh)

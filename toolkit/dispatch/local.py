@@ -3,27 +3,39 @@
 The local executor has no job dependencies, so stages run one after the other,
 waiting for each stage's jobs, with up to ``dispatch.max_parallel`` units at a time.
 A line per finished unit shows done/total, elapsed time and ETA.
+
+Local jobs are processes, named in the manifest by their process id. A process id
+is reused by the system once its process ends, so the manifest also records the
+process's start time and command line, and a process is only taken to be the
+unit's (shown as running, signalled by ``toolkit cancel``) when both still match.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import re
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolkit.config import StudyConfig
 from toolkit.dispatch.container import STUDY_JSON, unit_argv
-from toolkit.dispatch.job import UnitJob
+from toolkit.dispatch.job import UnitJob, read_outcome
 from toolkit.dispatch.manifest import JobRecord, Manifest, now, tail_lines
 from toolkit.errors import SubmissionError
 from toolkit.study import Layout
 
+if TYPE_CHECKING:
+    import psutil
+
 log = logging.getLogger(__name__)
+
+_START_TOLERANCE_S = 0.05
+"""psutil's create_time is exact to the clock tick (1/100 s); this allows for rounding."""
 
 
 def _fmt(seconds: float) -> str:
@@ -104,9 +116,11 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
                 key = queue.pop(0)
                 job = executor.submit(UnitJob(unit_argv(study, stage, key), name=f"{stage} {key}"))
                 running[key] = job
+                started, cmdline = process_identity(job.job_id)
                 manifest.add(JobRecord(stage=stage, key=key, executor="local", job_id=str(job.job_id),
                                        submitted=now(), stdout=str(job.paths.stdout),
-                                       stderr=str(job.paths.stderr)))
+                                       stderr=str(job.paths.stderr), proc_start=started,
+                                       proc_cmdline=cmdline))
                 manifest.save()
             time.sleep(poll_s)
             if time.monotonic() - last_beat >= heartbeat_s:
@@ -119,10 +133,13 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
                 if not done_job.done():
                     continue
                 del running[key]
-                try:
-                    done_job.result()
+                # Not done_job.result(): it unpickles <id>_result.pkl from the study folder.
+                # This process's own child wrote that file, but the folder may be shared and
+                # group-writable, and a file swapped in between would run its code here. The
+                # JSON outcome the job writes next to it says all that is needed.
+                if read_outcome(done_job.paths.stdout) == "success":
                     progress.finished(stage, key)
-                except Exception:  # the unit's error is in its log; name the log
+                else:  # the unit's error is in its log; name the log
                     progress.finished(stage, key, ok=False)
                     failed.append(f"{key} (log {done_job.paths.stderr})")
         if failed:
@@ -139,37 +156,127 @@ def start_detached(study: StudyConfig, manifest: Manifest) -> int:
     with open(out, "ab") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+    started, cmdline = process_identity(proc.pid)
     manifest.add(JobRecord(stage="driver", key="local", executor="local", job_id=str(proc.pid),
-                           submitted=now(), stdout=str(out), stderr=str(out)))
+                           submitted=now(), stdout=str(out), stderr=str(out), proc_start=started,
+                           proc_cmdline=cmdline))
     manifest.save()
     log.info("running in the background as process %d; log %s", proc.pid, out)
     return proc.pid
 
 
-def pid_alive(pid: str) -> bool:
+def process_identity(pid: int | str) -> tuple[float | None, list[str] | None]:
+    """(start time, command line) of a live process, to tell it from a later one with its id.
+
+    ``(None, None)`` when it already ended or cannot be inspected: such a record's
+    process is never signalled.
+    """
     import psutil
 
     try:
-        p = psutil.Process(int(pid))
-        return p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, ValueError):
-        return False
+        proc = psutil.Process(int(pid))
+        with proc.oneshot():
+            return proc.create_time(), proc.cmdline()
+    except (psutil.Error, ValueError):
+        return None, None
 
 
-def kill_tree(pid: str) -> bool:
-    """Terminate a local job (and its children); True when something was running."""
+def _live(pid: str) -> psutil.Process | None:
     import psutil
 
     try:
-        root = psutil.Process(int(pid))
-    except (psutil.NoSuchProcess, ValueError):
+        proc = psutil.Process(int(pid))
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except (psutil.Error, ValueError):
+        return None
+
+
+def _same_process(proc: psutil.Process, record: JobRecord) -> bool:
+    """The live ``proc`` has the start time and command line recorded at submission."""
+    import psutil
+
+    if not isinstance(record.proc_start, int | float) or not isinstance(record.proc_cmdline, list):
         return False
-    procs = [*root.children(recursive=True), root]
+    try:
+        with proc.oneshot():
+            return (abs(proc.create_time() - record.proc_start) <= _START_TOLERANCE_S
+                    and proc.cmdline() == record.proc_cmdline)
+    except psutil.Error:
+        return False
+
+
+def _started_near_submission(proc: psutil.Process, record: JobRecord) -> bool:
+    """For records without a recorded identity: did ``proc`` start when the job was submitted?
+
+    The manifest's ``submitted`` time (whole seconds) is taken right after the process
+    was started; a process started later reused the id. Used only to *show* a unit as
+    running, never to signal a process.
+    """
+    import psutil
+
+    try:
+        submitted = dt.datetime.fromisoformat(record.submitted).timestamp()
+        started = proc.create_time()
+    except (ValueError, TypeError, psutil.Error):
+        return False
+    return submitted - 60.0 <= started <= submitted + 1.0
+
+
+def pid_alive(target: JobRecord | str) -> bool:
+    """Whether a local job's process is still running.
+
+    Parameters
+    ----------
+    target
+        The job's manifest record: its process counts as alive only while the process
+        with that id has the recorded start time and command line (a reused process
+        id is not the unit). Records from older manifests, without them, fall back to
+        the process having started at the submission time. A bare process id is only
+        checked for existence: pass one only for a process this program started itself.
+    """
+    if isinstance(target, str):
+        return _live(target) is not None
+    proc = _live(target.job_id)
+    if proc is None:
+        return False
+    if target.proc_start is None and target.proc_cmdline is None:
+        return _started_near_submission(proc, target)
+    return _same_process(proc, target)
+
+
+def kill_tree(record: JobRecord) -> bool:
+    """Terminate a local job's process and its children; True when something was stopped.
+
+    Only a process verified to be the job's (its start time and command line match
+    the record) is signalled, with its descendants. A record without them (an older
+    manifest) is refused with a log line: the id may belong to anyone's process now.
+    """
+    import psutil
+
+    root = _live(record.job_id)
+    if root is None:
+        return False
+    if record.proc_start is None or record.proc_cmdline is None:
+        log.warning("not stopping process %s (%s %s): the manifest does not record its start time "
+                    "and command line (written by an older toolkit), so it cannot be told from an "
+                    "unrelated process that reused the id; stop it yourself if it is the unit",
+                    record.job_id, record.stage, record.key)
+        return False
+    if not _same_process(root, record):
+        log.warning("not stopping process %s (%s %s): it is not the unit's process (different "
+                    "start time or command line; the id was reused)", record.job_id, record.stage,
+                    record.key)
+        return False
+    try:
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return False
     for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        # psutil refuses to signal a process whose id was reused since `p` was made.
+        with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.Error):
             p.kill()
     return True
