@@ -162,6 +162,6 @@ def cancel_study(study: StudyConfig) -> None:
     # The detached driver first, so that it does not start new local jobs.
     local_recs = sorted((r for r in latest.values() if r.executor == "local"),
                         key=lambda r: r.stage != "driver")
-    killed = [r.job_id for r in local_recs if local.pid_alive(r.job_id) and local.kill_tree(r.job_id)]
+    killed = [r.job_id for r in local_recs if local.kill_tree(r)]  # verifies the pid is the unit's
     if local_recs:
         log.info("stopped %d local process(es)%s", len(killed), f": {', '.join(killed)}" if killed else "")

@@ -8,13 +8,13 @@ line found in it.
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.config import StudyConfig
+from toolkit.dispatch.job import read_outcome
 from toolkit.dispatch.local import pid_alive
 from toolkit.dispatch.manifest import JobRecord, Manifest, tail_lines
 from toolkit.dispatch.slurm import ACTIVE, job_states
@@ -53,16 +53,13 @@ def last_error_line(path: str | Path, tail_bytes: int = 65536) -> str:
 
 
 def _result(record: JobRecord) -> str | None:
-    """submitit's outcome for a finished job: 'success', 'error' or None (no result file)."""
-    out = record.stdout
-    if not out.endswith("_log.out"):
-        return None
-    path = Path(out[: -len("_log.out")] + "_result.pkl")
-    try:
-        with open(path, "rb") as f:
-            return str(pickle.load(f)[0])
-    except (OSError, pickle.UnpicklingError, EOFError, IndexError, AttributeError, ImportError):
-        return None
+    """A finished job's outcome: 'success', 'error', 'requeued' or None (unknown).
+
+    From the job's own JSON outcome file (:func:`toolkit.dispatch.job.read_outcome`),
+    never from submitit's ``*_result.pkl``: unpickling a file of a study folder that
+    others can write would run their code as whoever types ``toolkit status``.
+    """
+    return read_outcome(record.stdout)
 
 
 def unit_states(study: StudyConfig) -> list[UnitStatus]:
@@ -90,7 +87,7 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
                 continue
             why = st or "no longer known to the scheduler"
         else:
-            if pid_alive(rec.job_id):
+            if pid_alive(rec):
                 rows.append(UnitStatus(stage, key, "running", rec.job_id, "local process", rec.stderr))
                 continue
             why = "process ended"
