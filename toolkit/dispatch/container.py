@@ -13,12 +13,18 @@ through a symlink is bound from its real location to the path the study uses, so
 that the container sees it where the job looks for it.
 
 Commands are argument lists (never shell strings); :func:`shell_line` quotes one with
-:mod:`shlex` for logs and golden files, safe for paths with spaces and quotes.
+:mod:`shlex` for logs and golden files, safe for paths with spaces and quotes. Quoting
+does not help against a newline: ``shlex.quote`` keeps it, and in an sbatch script
+it ends the ``#SBATCH`` comment and starts a shell line. Every value that reaches a
+job script or a container command is checked with :func:`check_script_value` where
+the script or command is built (the study file's validation refuses them earlier;
+this is the last line of defence, for values set by code or ``--out``).
 """
 
 from __future__ import annotations
 
 import glob
+import re
 import shlex
 import shutil
 import sys
@@ -29,6 +35,47 @@ from toolkit.errors import SubmissionError
 
 STUDY_JSON = "study.json"
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 control characters, DEL and the Unicode line breaks."""
+_NEWLINES = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def check_script_value(value: object, field: str) -> str:
+    """``str(value)``, refused if it holds a newline or another control character.
+
+    Parameters
+    ----------
+    value
+        A value about to be written into a job script or a job's command line.
+    field
+        Where it comes from (``dispatch.resources.train.account``), for the message.
+
+    Raises
+    ------
+    SubmissionError
+        The value holds a control character; nothing has been queued yet.
+    """
+    text = str(value)
+    m = _CONTROL.search(text)
+    if m is None:
+        return text
+    what = "a newline" if m.group() in _NEWLINES else f"the control character {m.group()!r}"
+    shown = repr(text) if len(text) <= 80 else repr(text[:77]) + "..."
+    raise SubmissionError(f"{field} contains {what} ({shown}); values are written into job scripts, "
+                          "where a newline starts a new shell line: remove it and submit again")
+
+
+def check_container_values(study: StudyConfig) -> None:
+    """The container settings that reach the job's command line hold no control characters."""
+    c = study.dispatch.container
+    check_script_value(c.runtime, "dispatch.container.runtime")
+    if c.image is not None:
+        check_script_value(c.image, "dispatch.container.image")
+    if c.scratch:
+        check_script_value(c.scratch, "dispatch.container.scratch")
+    for i, extra in enumerate(c.binds):
+        check_script_value(extra, f"dispatch.container.binds[{i}]")
+
 
 def is_path_source(source: str) -> bool:
     """True for a file/folder/glob source, False for ``builtin:``, ``synthetic:``, ``shuffle:``."""
@@ -37,6 +84,7 @@ def is_path_source(source: str) -> bool:
 
 def _bind_entry(path: Path, what: str) -> str:
     """``real:as_used`` when ``path`` goes through a symlink, else the path itself."""
+    check_script_value(path, what)
     if not path.is_absolute():
         raise SubmissionError(f"{what}: '{path}' is not absolute; give an absolute path")
     if not path.exists():
@@ -44,6 +92,7 @@ def _bind_entry(path: Path, what: str) -> str:
                               "fix the path or create it before submitting")
     real = path.resolve()
     for p in {real, path}:
+        check_script_value(p, what)  # the real location may differ from the checked path
         if "," in str(p) or ":" in str(p):
             raise SubmissionError(f"{what}: '{p}' cannot be bound into the container (',' and ':' "
                                   "separate --bind entries); move or symlink it to a plain path")
@@ -108,6 +157,7 @@ def check_container(study: StudyConfig) -> None:
     c = study.dispatch.container
     if c.runtime == "none":
         return
+    check_container_values(study)
     if shutil.which(c.runtime) is None:
         raise SubmissionError(f"dispatch.container.runtime: '{c.runtime}' is not on PATH on this "
                               "machine; load its module or set runtime = \"none\"")
@@ -132,11 +182,12 @@ def unit_argv(study: StudyConfig, stage: str, key: str, *, python: str | None = 
     python
         Interpreter outside a container (default: this one, i.e. the project's venv).
     """
-    study_json = str(study.root / STUDY_JSON)
+    study_json = check_script_value(study.root / STUDY_JSON, "study folder (study.output_dir or --out)")
     c = study.dispatch.container
     if c.runtime == "none":
         return [python or sys.executable, "-m", "toolkit", "unit", study_json, stage, key]
     assert c.image is not None
+    check_container_values(study)
     scratch = str(study.resolve_path(c.scratch)) if c.scratch else "/tmp"
     gpus = study.dispatch.resources_for(stage).gpus_per_node > 0
     return [

@@ -6,6 +6,13 @@ of leaving it pending forever); ``train`` and ``evaluate`` are job arrays throug
 ``executor.batch()``, split into several arrays when larger than the cluster's
 ``MaxArraySize``. Everything the cluster cannot run (unknown partition, more GPUs
 than a node has, no ``sbatch``) is a :class:`SubmissionError` before anything is queued.
+
+Every value written into the sbatch script (the study folder, which holds the log
+paths, the job name, partition, account, qos, ``extra_sbatch`` keys and values and
+setup lines) is checked for newlines and other control characters when the script's
+parameters are built (:func:`check_script_values`): submitit quotes values with
+``shlex.quote``, which keeps a newline, and after a newline the rest of the value is
+a shell line that runs on the cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.config import ResourceConfig, StudyConfig
-from toolkit.dispatch.container import unit_argv
+from toolkit.dispatch.container import check_container_values, check_script_value, unit_argv
 from toolkit.dispatch.job import UnitJob
 from toolkit.dispatch.manifest import JobRecord, Manifest, now
 from toolkit.errors import SubmissionError
@@ -84,8 +91,9 @@ def probe_cluster() -> ClusterInfo:
 
 
 def check_resources(study: StudyConfig, stages: Sequence[str], info: ClusterInfo) -> None:
-    """Every stage's partition exists and has the GPUs asked for."""
+    """Every stage's partition exists and has the GPUs asked for; its script values are clean."""
     for stage in stages:
+        check_script_values(study, stage)
         res = study.dispatch.resources_for(stage)
         where = f"dispatch.resources.{stage}"
         partition = res.partition or info.default_partition
@@ -102,8 +110,49 @@ def check_resources(study: StudyConfig, stages: Sequence[str], info: ClusterInfo
                 "partition with GPUs (--set dispatch.resources.STAGE.partition=...)")
 
 
+_OPTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+"""An sbatch long option name (submitit turns '_' into '-')."""
+
+
+def check_script_values(study: StudyConfig, stage: str) -> None:
+    """Every value of ``stage`` that reaches its sbatch script is a single clean line.
+
+    Raises
+    ------
+    SubmissionError
+        A value holds a newline or another control character, or an ``extra_sbatch``
+        key is not an option name; the message names the field.
+    """
+    res: ResourceConfig = study.dispatch.resources_for(stage)
+    where = f"dispatch.resources.{stage}"
+    # The log paths (#SBATCH --output/--error) and the job's command live under the root.
+    check_script_value(Layout(study).logs_dir / stage, "study folder (study.output_dir or --out)")
+    check_script_value(study.name, "study.name (the job name)")
+    for key in ("partition", "account", "qos"):
+        value = getattr(res, key)
+        if value:
+            check_script_value(value, f"{where}.{key}")
+    for key, value in res.extra_sbatch.items():
+        check_script_value(key, f"{where}.extra_sbatch key")
+        if not _OPTION_NAME.match(key):
+            raise SubmissionError(f"{where}.extra_sbatch: {key!r} is not an sbatch option name "
+                                  "(letters, digits and '-', starting with a letter, e.g. "
+                                  "\"constraint\"); fix the key")
+        check_script_value(value, f"{where}.extra_sbatch.{key}")
+    for i, line in enumerate(res.setup):
+        check_script_value(line, f"{where}.setup[{i}]")
+    check_container_values(study)
+
+
 def slurm_parameters(study: StudyConfig, stage: str, dependency: str | None) -> dict[str, Any]:
-    """submitit ``SlurmExecutor`` parameters for one stage (sbatch flags, setup lines)."""
+    """submitit ``SlurmExecutor`` parameters for one stage (sbatch flags, setup lines).
+
+    Raises
+    ------
+    SubmissionError
+        A value would not be a single line of the script (:func:`check_script_values`).
+    """
+    check_script_values(study, stage)
     res: ResourceConfig = study.dispatch.resources_for(stage)
     params: dict[str, Any] = {
         "job_name": f"{study.name}:{stage}",
@@ -214,6 +263,11 @@ def submit_study(study: StudyConfig, pending: dict[str, list[str]], manifest: Ma
     with :func:`check_resources`). A unit whose newest job is still queued or running is
     not submitted again; later stages wait on it.
     """
+    # Every stage's script values first: a bad one in a later stage must not leave the
+    # earlier stages queued.
+    for stage, keys in pending.items():
+        if keys:
+            check_script_values(study, stage)
     latest = manifest.latest()
     old = {k: r.job_id for k, r in latest.items() if r.executor == "slurm"}
     states = job_states(list(old.values()))
