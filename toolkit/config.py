@@ -75,19 +75,20 @@ class Range:
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
        ge: float | None = None, gt: float | None = None, le: float | None = None,
-       lt: float | None = None, plain: bool = False, nonempty: bool = False,
+       lt: float | None = None, plain: bool | Literal["shell"] = False, nonempty: bool = False,
        distinct: bool = False) -> Any:
     """A dataclass field with the checks :func:`validate_study` applies to it.
 
     ``ge``/``gt``/``le``/``lt`` bound a number (each item of a list; None passes);
-    ``plain`` refuses control characters (values that reach job scripts);
+    ``plain`` refuses control characters (values that reach job scripts; ``"shell"``:
+    tabs allowed);
     ``nonempty`` and ``distinct`` apply to lists.
     """
     meta: dict[str, Any] = {}
     if any(b is not None for b in (ge, gt, le, lt)):
         meta["range"] = Range(ge=ge, gt=gt, le=le, lt=lt)
     if plain:
-        meta["plain"] = True
+        meta["plain"] = plain
     if nonempty:
         meta["nonempty"] = True
     if distinct:
@@ -342,8 +343,9 @@ class ResourceConfig:
     """Array tasks of this stage running at the same time (>= 1)."""
     extra_sbatch: dict[str, str] = _f(factory=dict, plain=True)
     """More ``#SBATCH --KEY=VALUE`` lines: keys are option names (letters, digits, '-'), no control characters."""
-    setup: tuple[str, ...] = _f((), plain=True)
-    """Shell lines run before the job (``module load ...``), one line each: no newlines."""
+    setup: tuple[str, ...] = _f((), plain="shell")
+    """Shell lines run before the job (``module load ...``), one line each: no newlines or
+    control characters other than tabs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -659,15 +661,17 @@ def tokenizer_vocab_size(spec: str) -> int:
 _HEADER = ("name", "seeds", "data_seed", "output_dir", "description")
 
 
-def check_plain(value: str, key: str, where: str) -> None:
+def check_plain(value: str, key: str, where: str, *, tabs: bool = False) -> None:
     """Refuse control characters (newlines above all) in a value that reaches job scripts.
+
+    ``tabs`` lets tabs through (shell lines, where a tab is only a blank).
 
     Raises
     ------
     ConfigError
         Naming ``where``, the dotted ``key`` and the offending character.
     """
-    m = _CONTROL.search(value)
+    m = _CONTROL.search(value.replace("\t", " ") if tabs else value)
     if m:
         raise ConfigError(f"{where}: {key} = {value!r} holds the control character "
                           f"{m.group()!r} at position {m.start() + 1}; this value is written into "
@@ -714,7 +718,8 @@ def _check_fields(obj: Any, prefix: str, where: str) -> None:
                     check_plain(v, f"{key}.{k}", where)
             else:
                 for i, v in enumerate(items):
-                    check_plain(v, f"{key}[{i}]" if is_list else key, where)
+                    check_plain(v, f"{key}[{i}]" if is_list else key, where,
+                                tabs=meta["plain"] == "shell")
         if dataclasses.is_dataclass(value):
             _check_fields(value, key, where)
         elif isinstance(value, dict):
