@@ -198,7 +198,7 @@ def _walk(folder: Path, source: str, exclude: tuple[Path, ...], hidden: list[Pat
                               f"folder '{source}'; move it out of the folder")
         real = Path(os.path.realpath(path))
         if any(_inside(real, ex) for ex in exclude):
-            log.info("corpus %s: skipping %s, the study's own output folder", source, path)
+            log.info("corpus %s: skipping %s, the study's own file or output folder", source, path)
             continue
         if is_dir:
             if _is_zarr_dir(path):
@@ -224,8 +224,8 @@ def _expand(source: str, base_dir: Path, *, fmt: str = "auto",
         with other files: a stray ``notes.txt`` or Zarr chunk beside the FASTA files is
         an error naming it, never silently read as data.
     exclude
-        Folders never read (the study's own output folder, when it sits inside the
-        corpus folder); files below them are skipped with an INFO line.
+        Files and folders never read (the study's own file and output folder, when
+        they sit inside the corpus folder); they are skipped with an INFO line.
 
     Raises
     ------

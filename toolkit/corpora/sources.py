@@ -127,8 +127,8 @@ def open_corpus(name: str, study: StudyConfig) -> Corpus:
     """Open the corpus ``study.corpora[name]``.
 
     Relative paths are resolved against the study file's folder; ``shuffle:OTHER``
-    opens OTHER of the same study and shuffles it. The study's output folder is
-    never read, even when it lies inside a corpus folder.
+    opens OTHER of the same study and shuffles it. The study's output folder and
+    study file are never read, even when they lie inside a corpus folder.
     """
     return _open_in_study(name, study, ())
 
@@ -144,9 +144,10 @@ def _open_in_study(name: str, study: StudyConfig, chain: tuple[str, ...]) -> Cor
     if cfg.source.startswith("shuffle:"):
         base = _open_in_study(cfg.source.split(":", 1)[1], study, (*chain, name))
         return ShuffledCorpus(name, cfg, base)
-    # The study's own outputs (token stores, reports) never become its data, even with
-    # source = "." and the output folder inside the corpus folder.
-    return _open(name, cfg, study.base_dir, exclude=(study.root,))
+    # The study's own outputs (token stores, reports) and its own study file never become
+    # its data, even with source = "." and the output folder inside the corpus folder.
+    own = (study.root, *((Path(study.source_file),) if study.source_file else ()))
+    return _open(name, cfg, study.base_dir, exclude=own)
 
 
 def open_source(source: str, *, kind: str = "auto", max_records: int | None = None,
