@@ -54,26 +54,33 @@ PAPER_GROUPS = ("embeddings", "transformer", "head")
 # --------------------------------------------------------------------------- members
 
 
-def complete_members(study: StudyConfig) -> tuple[dict[str, list[Member]], list[Member]]:
-    """Complete members per run (in seed order) and the members left out.
+def complete_members(study: StudyConfig, done_ids: list[Member] | None = None
+                     ) -> tuple[dict[str, list[Member]], list[Member]]:
+    """Done members per run (in seed order) and the members left out.
+
+    A member counts when its evaluate unit is done (:mod:`toolkit.units`): marker
+    present and nothing it consumed changed since. A member whose outputs are stale
+    is left out, never analysed.
 
     Raises
     ------
     StoreError
-        When no member of the study is complete: nothing can be analysed.
+        When no member of the study is done: nothing can be analysed.
     """
-    layout = Layout(study)
+    from toolkit.units import done_members
+
+    ok = set(done_members(study) if done_ids is None else done_ids)
     done: dict[str, list[Member]] = {run: [] for run in study.runs}
     missing: list[Member] = []
     for m in members(study):
-        (done[m.run] if layout.evaluate_marker(m).exists() else missing).append(m)
+        (done[m.run] if m in ok else missing).append(m)
     if not any(done.values()):
         raise StoreError(
-            f"{study.root}: no member of study '{study.name}' has finished evaluation "
-            f"(no members/<run>/seed<N>/evaluate.complete.json); run `toolkit run STUDY` "
-            f"or `toolkit evaluate STUDY --member {members(study)[0].id}` first")
+            f"{study.root}: no member of study '{study.name}' has finished evaluation with the "
+            f"current settings; run `toolkit run STUDY` (`toolkit status STUDY` shows what is "
+            "pending or stale)")
     if missing:
-        log.warning("analysing without %d incomplete member(s) (no evaluate marker): %s",
+        log.warning("analysing without %d member(s) whose evaluation is not done or stale: %s",
                     len(missing), ", ".join(m.id for m in missing))
     for run, ms in done.items():
         if len(ms) < 2:
@@ -154,7 +161,7 @@ def _block_order(name: str) -> tuple[int, int]:
     return (2, 0)
 
 
-def analyse_study(study: StudyConfig) -> Path:
+def analyse_study(study: StudyConfig, done_members: list[Member] | None = None) -> Path:
     """Analyse every complete member of a study and write ``summary.zarr``.
 
     Incomplete members (no evaluate marker) are left out and logged; a run with
@@ -164,6 +171,8 @@ def analyse_study(study: StudyConfig) -> Path:
     ----------
     study
         The study; its stores are read from ``Layout(study)``.
+    done_members
+        The members to analyse (default: those whose evaluate unit is done).
 
     Returns
     -------
@@ -178,7 +187,7 @@ def analyse_study(study: StudyConfig) -> Path:
     """
     layout = Layout(study)
     a = study.analysis
-    done, missing = complete_members(study)
+    done, missing = complete_members(study, done_members)
     runs = list(study.runs)
     n_r, n_p, n_k = len(runs), len(a.top_p), len(a.topk)
     results: dict[str, dict[str, Any]] = {}

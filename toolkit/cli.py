@@ -18,9 +18,21 @@ from toolkit.errors import ToolkitError
 
 
 def _study(args: argparse.Namespace) -> Any:
-    from toolkit.config import load_study
+    """The study named on the command line: a study file, or a study folder (its study.json)."""
+    from pathlib import Path
 
-    study = load_study(args.study, args.set or [])
+    from toolkit.config import load_study
+    from toolkit.errors import ConfigError
+
+    path = Path(args.study)
+    if path.is_dir():
+        path = path / "study.json"
+        if not path.exists():
+            raise ConfigError(f"{args.study}: a folder without study.json (it is written when a "
+                              "study is first run); give the study file instead")
+        if getattr(args, "out", None):
+            raise ConfigError(f"--out: {args.study} is a study folder already; drop --out")
+    study = load_study(path, args.set or [])
     if getattr(args, "out", None):
         from toolkit.config import check_plain
 
@@ -28,6 +40,30 @@ def _study(args: argparse.Namespace) -> Any:
         check_plain(args.out, "--out", str(args.study))
         study = dataclasses.replace(study, output_dir=args.out)
     return study
+
+
+def _submitted_study(args: argparse.Namespace) -> tuple[Any, str]:
+    """For status and cancel: the study as last run (``<root>/study.json``), so that the
+    run's ``--set`` overrides need not be repeated, and a note when the study file given
+    now differs from it ('' otherwise). With ``--set``, the study file as given."""
+    from pathlib import Path
+
+    from toolkit.config import load_study, study_to_dict
+    from toolkit.units import flat_settings
+
+    study = _study(args)
+    saved = study.root / "study.json"
+    if args.set or not saved.exists() or Path(args.study).resolve() in (saved, saved.parent):
+        return study, ""
+    submitted = load_study(saved)
+    now, then = flat_settings(study_to_dict(study)), flat_settings(study_to_dict(submitted))
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    note = ""
+    if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        note = (f"note: showing the study as last run ({saved}); {args.study} differs in "
+                f"{', '.join(changed[:4])}{more}: `toolkit run {args.study}` would apply that")
+    return submitted, note
 
 
 _WRITES = ("prepare", "train", "evaluate", "analyse", "report", "run", "submit", "unit")
@@ -69,7 +105,7 @@ def _check_output_dir(study: Any) -> None:
 
 
 def _add_study(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study", help="study file, e.g. jobs/demo.toml")
+    p.add_argument("study", help="study file (e.g. jobs/demo.toml) or a study folder (its study.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a study key, e.g. --set training.steps=10 (repeatable)")
     p.add_argument("--out", metavar="DIR", help="study output folder (default: studies/<name>)")
@@ -109,19 +145,19 @@ def cmd_corpus_stats(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.study import Member
-    from toolkit.train import train_member
+    from toolkit.units import run_unit
 
     study = _study(args)
-    train_member(study, Member.parse(args.member, study))
+    run_unit(study, "train", Member.parse(args.member, study).id, force=args.force)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from toolkit.evaluate import evaluate_member
     from toolkit.study import Member
+    from toolkit.units import run_unit
 
     study = _study(args)
-    evaluate_member(study, Member.parse(args.member, study))
+    run_unit(study, "evaluate", Member.parse(args.member, study).id, force=args.force)
     return 0
 
 
@@ -137,18 +173,20 @@ def _print_results(study: Any) -> None:
 
 
 def cmd_analyse(args: argparse.Namespace) -> int:
-    from toolkit.analyse import analyse_study
+    from toolkit.units import run_unit
 
     study = _study(args)
-    analyse_study(study)
+    run_unit(study, "analyse", "summary", force=args.force)
     _print_results(study)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from toolkit.report import write_report
+    from toolkit.units import require_current_summary
 
     study = _study(args)
+    require_current_summary(study)
     write_report(study)
     _print_results(study)
     return 0
@@ -158,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from toolkit.dispatch import run_study
 
     study = _study(args)
-    run_study(study, executor=args.executor, wait=not args.no_wait)
+    run_study(study, executor=args.executor, wait=not args.no_wait, force=args.force or ())
     if not args.no_wait and (args.executor or study.dispatch.executor) != "slurm":
         _print_results(study)
     return 0
@@ -167,21 +205,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from toolkit.dispatch import run_study
 
-    run_study(_study(args), executor="slurm", wait=False)
+    run_study(_study(args), executor="slurm", wait=False, force=args.force or ())
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from toolkit.dispatch import status_table
 
-    print(status_table(_study(args)))
+    study, note = _submitted_study(args)
+    print(status_table(study))
+    if note:
+        print(note)
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from toolkit.dispatch import cancel_study
 
-    cancel_study(_study(args))
+    cancel_study(_submitted_study(args)[0])
     return 0
 
 
@@ -209,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, "check a study file and list its runs and members")
     p = add("prepare", cmd_prepare, "build the token stores (corpus x tokenizer) of a study")
-    p.add_argument("--force", action="store_true", help="rebuild stores that already exist")
+    p.add_argument("--force", action="store_true", help="rebuild stores that are already done")
     p = add("corpus-stats", cmd_corpus_stats, "print the data-side entropy profile of a corpus",
             study=False)
     p.add_argument("source", help="a file, folder, glob or builtin:NAME (e.g. builtin:arabidopsis-thaliana-chr1)")
@@ -220,15 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = add("train", cmd_train, "train one ensemble member (resumes from its last checkpoint)")
     p.add_argument("--member", required=True, help="member id RUN/seedN, e.g. dna-6mer/seed1")
+    p.add_argument("--force", action="store_true",
+                   help="retrain although done: discard the member's checkpoints, start over")
     p = add("evaluate", cmd_evaluate, "write a member's predictions, embeddings and Fisher")
     p.add_argument("--member", required=True, help="member id RUN/seedN")
-    add("analyse", cmd_analyse, "aggregate every analysis into summary.zarr")
-    add("report", cmd_report, "write the HTML report and figures")
-    p = add("run", cmd_run, "run the whole study through an executor (default: the study's)")
+    p.add_argument("--force", action="store_true", help="evaluate again although done")
+    p = add("analyse", cmd_analyse, "aggregate every analysis into summary.zarr, write the report")
+    p.add_argument("--force", action="store_true", help="analyse again although done")
+    add("report", cmd_report, "write the HTML report and figures again from summary.zarr")
+    force_help = ("redo units although they are done: STAGE (every unit of it) or STAGE:KEY, "
+                  "e.g. --force analyse or --force train:r/seed1 (repeatable); a forced train "
+                  "unit starts over from scratch")
+    p = add("run", cmd_run, "run every unit that is not done (pending, stale, or after a stale one)")
     p.add_argument("--executor", choices=["local", "slurm", "debug"], default=None)
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
-    add("submit", cmd_submit, "queue the whole study on SLURM and return at once")
-    add("status", cmd_status, "show every unit: done / running / pending / failed")
+    p.add_argument("--force", action="append", metavar="STAGE[:KEY]", help=force_help)
+    p = add("submit", cmd_submit, "queue every unit that is not done on SLURM and return at once")
+    p.add_argument("--force", action="append", metavar="STAGE[:KEY]", help=force_help)
+    add("status", cmd_status, "show every unit: done / stale (and why) / running / pending / failed")
     add("cancel", cmd_cancel, "cancel the study's queued and running jobs")
     p = add("unit", cmd_unit, "run one unit of work (used by the dispatcher)")
     p.add_argument("stage", choices=["prepare", "train", "evaluate", "analyse"])

@@ -154,17 +154,15 @@ def _read_records(tokens: Any, offsets: np.ndarray, which: np.ndarray) -> Iterat
 def prepare_study(study: StudyConfig, force: bool = False) -> None:
     """Build every token store of the study (one per distinct corpus x tokenizer).
 
-    Stores whose ``complete.json`` exists are skipped unless ``force``.
+    Each is a prepare unit (:func:`toolkit.units.run_unit`): one that is done (its
+    marker current) is skipped unless ``force``.
     """
-    layout = Layout(study)
+    from toolkit.units import run_unit
+
     keys = prepare_keys(study)
     for i, (corpus, tok) in enumerate(keys, 1):
-        if layout.prepare_marker(corpus, tok).exists() and not force:
-            log.info("prepare %d/%d %s: complete, skipped (--force rebuilds it)", i, len(keys),
-                     token_key(corpus, tok))
-            continue
         log.info("prepare %d/%d %s", i, len(keys), token_key(corpus, tok))
-        prepare_unit(study, corpus, tok)
+        run_unit(study, "prepare", token_key(corpus, tok), force=force)
 
 
 def _clean_stale(parent: Path, key: str) -> None:
@@ -221,6 +219,9 @@ def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
             "unit": f"prepare:{key}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(), "tokenizer_hash": _read_hash(tmp)})
         store.replace_folder(tmp, final)
+    except OSError as e:
+        store.raise_if_no_space(e, final)  # a full disk is one line naming the mount, not a traceback
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,11 +13,13 @@ Layout (all paths below the study root, ``StudyConfig.root``)::
         evaluate.complete.json          marker: per-member outputs written
     summary.zarr                        aggregated analyses (analyse unit)
     report/index.html                   the report
+    analyse.complete.json               marker: summary and report written
     manifest.json                       jobs submitted by the dispatcher
 
 The member id ``<run>/seed<N>`` is the one key for job names, folders and store
-coordinates. A unit is complete only when its marker exists; markers are written
-last, after every store of the unit was renamed into place.
+coordinates. Markers are written last, after every store of the unit was renamed
+into place, and record what the unit consumed: a unit is done only when its marker
+exists and what it consumed has not changed since (:mod:`toolkit.units`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,10 @@ class Layout:
         return self.tokens_dir(corpus, tokenizer) / "complete.json"
 
     @property
+    def analyse_marker(self) -> Path:
+        return self.root / "analyse.complete.json"
+
+    @property
     def summary(self) -> Path:
         return self.root / "summary.zarr"
 
@@ -172,18 +177,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk is one line naming the mount, not a traceback
+            from toolkit.store import raise_if_no_space
+
+            raise_if_no_space(e, path)
         raise
-
-
-def iter_units(study: StudyConfig) -> Iterator[tuple[str, str, Path]]:
-    """(stage, unit id, completion marker) for every unit of the study, in dependency order."""
-    layout = Layout(study)
-    for corpus, tok in prepare_keys(study):
-        yield "prepare", token_key(corpus, tok), layout.prepare_marker(corpus, tok)
-    for m in members(study):
-        yield "train", m.id, layout.train_marker(m)
-    for m in members(study):
-        yield "evaluate", m.id, layout.evaluate_marker(m)
-    yield "analyse", "summary", layout.report_dir / "index.html"

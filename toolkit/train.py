@@ -278,8 +278,8 @@ def train_member(study: StudyConfig, member: Member) -> None:
     """Train one member (or adopt its external checkpoint), resuming from its last checkpoint.
 
     Writes ``checkpoints/{step-*,best,final,flow/step-*}``, ``train.zarr`` and, last,
-    the ``train.complete.json`` marker under the member folder. Returns at once if
-    the marker exists.
+    the ``train.complete.json`` marker under the member folder. Whether the member
+    needs training at all is decided by the caller (:func:`toolkit.units.run_unit`).
 
     Raises
     ------
@@ -291,10 +291,6 @@ def train_member(study: StudyConfig, member: Member) -> None:
         With code 75 after SIGTERM / SIGUSR2 (state saved; run again to resume).
     """
     layout = Layout(study)
-    marker = layout.train_marker(member)
-    if marker.exists():
-        log.info("%s: already trained (%s exists)", member.id, marker)
-        return
     group = _open_tokens(study, member.run)
     vocab_size = int(group.attrs["vocab_size"])
     tokenizer_hash = str(group.attrs["tokenizer_hash"])
@@ -338,7 +334,7 @@ def _fresh_state(total: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
             "total_steps": total, "fingerprint": fingerprint, **empty_log()}
 
 
-def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any], member: str) -> None:
     if saved == now:
         return
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -346,8 +342,8 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -
         a, b = saved.get("training", {}), now["training"]
         diff += [f"training.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     raise CheckpointError(f"{path}: written with a different configuration ({', '.join(diff)} "
-                          "changed); restore the study's settings or delete the member's "
-                          "checkpoints folder to train from scratch")
+                          "changed); restore the study's settings, or discard the checkpoints and "
+                          f"train from scratch with `toolkit run STUDY --force train:{member}`")
 
 
 def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: int,
@@ -394,7 +390,7 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
     latest = ckpt.latest_checkpoint(folder)
     if latest is not None:
         saved = json.loads((latest / "state.json").read_text(encoding="utf-8"))
-        _check_fingerprint(latest, saved.get("fingerprint", {}), fingerprint)
+        _check_fingerprint(latest, saved.get("fingerprint", {}), fingerprint, member.id)
         state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, device)
         log.info("%s: resuming from %s (step %d/%d)", member.id, latest.name, state["step"], total)
     flow_steps = list(iter_flow_steps(t.fisher_flow, total))

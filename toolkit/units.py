@@ -1,66 +1,634 @@
-"""One unit of work of a study, runnable on its own (the dispatcher's job body).
+"""The units of work of a study, their fingerprints, and whether each is done, stale or pending.
 
 A unit is ``(stage, key)``: ``prepare`` with key ``<corpus>--<tokenizer>``, ``train``
-and ``evaluate`` with a member id ``<run>/seed<N>``, ``analyse`` with key
-``summary`` (aggregation and report). A unit whose completion marker exists is
-skipped, so running a unit twice is harmless.
+and ``evaluate`` with a member id ``<run>/seed<N>``, ``analyse`` with key ``summary``
+(aggregation and report). :func:`study_units` lists them in dependency order; it is
+the one list that running, ``status``, ``submit`` and the CLI use.
+
+Every unit's completion marker (a JSON file, written last) records what the unit
+consumed, its *inputs*:
+
+- ``settings``: the resolved study settings the stage reads, as dotted keys
+  (``analysis.bootstrap``, ``corpora.m1.train_records``, ...);
+- ``upstream``: for every unit it read from, the digests of the outputs it read
+  (the tokens and tokenizer of a prepare unit, the weights of a train unit, ...);
+- ``sources``: for a prepare unit, the sha256 of every corpus file.
+
+and the digests of its own outputs. A unit is
+
+- ``done`` when its marker exists, its outputs are there and its recorded inputs
+  equal the current ones;
+- ``stale`` when its marker exists but something it consumed changed (the reason
+  names it: "analysis.bootstrap changed", "members added: r/seed3", "source file
+  ... changed", "waits for prepare m1--kmer3"), or its outputs are missing;
+- ``pending`` when it has no marker.
+
+Digests are of contents, so a unit that is rerun and writes the same outputs leaves
+the units after it done; one that writes different outputs makes them stale.
+Running a unit (:func:`run_unit`) takes a lock in the unit's folder, so two processes
+never run the same unit at once, re-checks its state under the lock (a unit that is
+done is skipped), then runs the stage and writes the marker with the inputs it saw
+*before* it started.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from toolkit.config import StudyConfig
-from toolkit.errors import ConfigError
-from toolkit.study import Member, iter_units
+from toolkit.config import STAGES, StudyConfig
+from toolkit.errors import ConfigError, StoreError, ToolkitError
+from toolkit.study import Layout, Member, members, prepare_keys, token_key, write_json_atomic
 
 log = logging.getLogger(__name__)
 
+MARKER_FORMAT = 1
+"""Version of the marker's unit fields; markers of another version read as stale."""
 
-def marker(study: StudyConfig, stage: str, key: str) -> Path:
-    for s, k, path in iter_units(study):
-        if s == stage and k == key:
-            return path
-    raise ConfigError(f"no unit {stage}:{key} in study '{study.name}'")
+# Which settings each stage reads. Every field of AnalysisConfig and TrainingConfig is
+# named here exactly once (a test checks it), so that a new setting cannot be left out
+# of every fingerprint by accident.
+ANALYSIS_FIELDS: dict[str, tuple[str, ...]] = {
+    "prepare": ("entropy_orders", "entropy_max_tokens"),
+    "evaluate": ("checkpoint", "eval_records", "seq_len", "distribution_mask_rate",
+                 "fisher_mask_rate", "mask_seed", "batch_size", "prediction_dtype",
+                 "fisher_estimators", "fisher_records", "contextual_records"),
+    "analyse": ("top_p", "topk", "spearman_variant", "rbf_sigma", "bootstrap", "confidence"),
+}
+# ``fisher_estimators`` is read by evaluate (what is computed) and analyse (what is shown).
+ANALYSIS_SHARED = {"fisher_estimators": ("evaluate", "analyse")}
+TRAINING_IGNORED = ("checkpoint_every_steps", "checkpoint_every_minutes", "log_every_steps",
+                    "device")
+"""Training settings that change how often things are saved or logged, or where the
+computation runs, but not the model a member ends up with."""
+
+State = Literal["done", "stale", "pending"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: its key, marker, lock, outputs and the units it reads from."""
+
+    stage: str
+    key: str
+    marker: Path
+    """Written last; its existence alone does not make the unit done (see :func:`unit_states`)."""
+    lock: Path
+    outputs: tuple[Path, ...]
+    upstream: tuple[tuple[str, str], ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}:{self.key}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} {self.key}"
+
+
+@dataclass(frozen=True)
+class UnitState:
+    unit: Unit
+    state: State
+    reason: str = ""
+    marker: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- the units
+
+
+def study_units(study: StudyConfig) -> list[Unit]:
+    """Every unit of the study, in dependency order (prepare, train, evaluate, analyse)."""
+    layout = Layout(study)
+    out: list[Unit] = []
+    for corpus, tok in prepare_keys(study):
+        folder = layout.tokens_dir(corpus, tok)
+        out.append(Unit("prepare", token_key(corpus, tok), layout.prepare_marker(corpus, tok),
+                        folder.parent / f".{folder.name}.lock",
+                        (folder / "tokens.zarr", folder / "tokenizer.json"), ()))
+    ms = members(study)
+    for m in ms:
+        run = study.runs[m.run]
+        d = layout.member_dir(m)
+        out.append(Unit("train", m.id, layout.train_marker(m), d / ".train.lock",
+                        (d / "train.zarr", layout.checkpoints_dir(m) / "final",
+                         layout.checkpoints_dir(m) / "best"),
+                        (("prepare", token_key(run.corpus, run.tokenizer)),)))
+    for m in ms:
+        run = study.runs[m.run]
+        d = layout.member_dir(m)
+        out.append(Unit("evaluate", m.id, layout.evaluate_marker(m), d / ".evaluate.lock",
+                        (d / "predictions.zarr", d / "embeddings.zarr", d / "fisher.zarr"),
+                        (("prepare", token_key(run.corpus, run.tokenizer)), ("train", m.id))))
+    up = [("prepare", token_key(c, t)) for c, t in prepare_keys(study)]
+    up += [("train", m.id) for m in ms] + [("evaluate", m.id) for m in ms]
+    out.append(Unit("analyse", "summary", layout.analyse_marker, layout.root / ".analyse.lock",
+                    (layout.summary, layout.report_dir / "index.html"), tuple(up)))
+    return out
+
+
+def get_unit(study: StudyConfig, stage: str, key: str) -> Unit:
+    """The unit ``stage key`` of the study, or a :class:`ConfigError` listing the valid keys."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}")
+    units = [u for u in study_units(study) if u.stage == stage]
+    for u in units:
+        if u.key == key:
+            return u
+    raise ConfigError(f"no unit {stage} '{key}' in study '{study.name}'; {stage} units: "
+                      f"{', '.join(u.key for u in units)}")
+
+
+def parse_force(study: StudyConfig, items: list[str] | tuple[str, ...] | None) -> set[tuple[str, str]]:
+    """``--force STAGE`` / ``--force STAGE:KEY`` (repeatable) -> the units to redo."""
+    chosen: set[tuple[str, str]] = set()
+    units = study_units(study)
+    for item in items or ():
+        stage, _, key = item.partition(":")
+        if stage not in STAGES:
+            raise ConfigError(f"--force {item}: unknown stage '{stage}'; use one of "
+                              f"{', '.join(STAGES)}, optionally with :KEY (e.g. train:r/seed1)")
+        if key:
+            chosen.add((stage, get_unit(study, stage, key).key))
+        else:
+            chosen.update((u.stage, u.key) for u in units if u.stage == stage)
+    return chosen
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, tuple | list):
+        out[prefix] = [v for v in value]
+    else:
+        out[prefix] = value
+
+
+def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A (nested) dataclass or dict as ``{dotted.key: value}``."""
+    out: dict[str, Any] = {}
+    _flatten(prefix, value, out)
+    return out
+
+
+def _analysis(study: StudyConfig, stage: str) -> dict[str, Any]:
+    a = study.analysis
+    out = {f"analysis.{f}": getattr(a, f) for f in ANALYSIS_FIELDS[stage]}
+    out.update({f"analysis.{f}": getattr(a, f) for f, stages in ANALYSIS_SHARED.items()
+                if stage in stages})
+    if stage == "evaluate" and a.seq_len is None:
+        out["analysis.seq_len"] = f"training.seq_len = {study.training.seq_len}"
+    return out
+
+
+def _corpus_chain(study: StudyConfig, corpus: str) -> list[str]:
+    """The corpus and, for ``shuffle:OTHER``, the corpora it is made from."""
+    chain = [corpus]
+    while study.corpora[chain[-1]].source.startswith("shuffle:"):
+        nxt = study.corpora[chain[-1]].source.split(":", 1)[1]
+        if nxt in chain or nxt not in study.corpora:
+            break
+        chain.append(nxt)
+    return chain
+
+
+def unit_settings(study: StudyConfig, unit: Unit) -> dict[str, Any]:
+    """The resolved settings a unit reads, as dotted keys (JSON values)."""
+    s: dict[str, Any] = {}
+    if unit.stage == "prepare":
+        corpus, _, tok = unit.key.partition("--")
+        for c in _corpus_chain(study, corpus):
+            s.update(flat_settings(study.corpora[c], f"corpora.{c}"))
+        s["tokenizer"] = tok
+        s.update(_analysis(study, "prepare"))
+    elif unit.stage == "train":
+        m = Member.parse(unit.key)
+        run = study.runs[m.run]
+        s.update(flat_settings(run, f"runs.{m.run}"))
+        s.update({k: v for k, v in flat_settings(study.training, "training").items()
+                  if k.split(".", 1)[1] not in TRAINING_IGNORED})
+        s["study.data_seed"] = study.data_seed
+    elif unit.stage == "evaluate":
+        s.update(_analysis(study, "evaluate"))
+    elif unit.stage == "analyse":
+        s.update(_analysis(study, "analyse"))
+        s["study.runs"] = [f"{r}: {c.corpus} x {c.tokenizer}" for r, c in study.runs.items()]
+        s["study.name"] = study.name
+        s["study.description"] = study.description
+    return json.loads(json.dumps(s, default=str))
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def _file_sha(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tree_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over the relative names and contents of every file below ``path``."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        rel = p.relative_to(path).as_posix() if p != path else p.name
+        # A store's inventory only restates the other files' sizes and checksums.
+        if rel in skip or rel == "inventory.json" or rel.endswith(".lock"):
+            continue
+        h.update(rel.encode() + b"\0" + _file_sha(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _root_attrs(store_path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((store_path / "zarr.json").read_text(encoding="utf-8"))
+        return dict(doc.get("attributes") or {})
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{store_path}: unreadable store metadata ({e}); rerun the unit "
+                         "that writes it") from e
+
+
+def _json_digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
+    """Content digests of a finished unit's outputs, by the name later units read them."""
+    layout = Layout(study)
+    if unit.stage == "prepare":
+        folder = unit.marker.parent
+        tokens = folder / "tokens.zarr"
+        attrs = _root_attrs(tokens)
+        profile = attrs.pop("entropy_profile", None)
+        # The entropy profile lives in the root metadata; training does not read it, so it
+        # is a digest of its own and changing an entropy setting does not retrain members.
+        return {"tokenizer": _file_sha(folder / "tokenizer.json"),
+                "tokens": _json_digest([_tree_digest(tokens, skip=("zarr.json",)), attrs]),
+                "profile": _json_digest(profile)}
+    if unit.stage == "train":
+        m = Member.parse(unit.key)
+        ckpts = layout.checkpoints_dir(m)
+        weights = [_tree_digest(ckpts / name) for name in ("final", "best")]
+        flow = ckpts / "flow"
+        if flow.is_dir():
+            weights.append(_tree_digest(flow))
+        return {"weights": _json_digest(weights), "log": _tree_digest(unit.outputs[0])}
+    if unit.stage == "evaluate":
+        return {p.name.removesuffix(".zarr"): _tree_digest(p) for p in unit.outputs}
+    return {"summary": _tree_digest(layout.summary)}
+
+
+# Which output digests of an upstream unit a unit reads.
+_READS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("train", "prepare"): ("tokenizer", "tokens"),
+    ("evaluate", "prepare"): ("tokenizer", "tokens"),
+    ("evaluate", "train"): ("weights",),
+    ("analyse", "prepare"): ("profile",),
+    ("analyse", "train"): ("weights", "log"),
+    ("analyse", "evaluate"): ("predictions", "embeddings", "fisher"),
+}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _source_files(study: StudyConfig, corpus: str) -> list[Path]:
+    """The files a corpus reads (none for synthetic sources)."""
+    from toolkit.corpora import open_corpus
+
+    src: Any = open_corpus(corpus, study)
+    while hasattr(src, "base"):
+        src = src.base
+    return [p for p, _ in getattr(src, "files", [])]
+
+
+def _sources(study: StudyConfig, unit: Unit, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """``{path: {"size", "mtime_ns", "sha256"}}`` of a prepare unit's corpus files.
+
+    A file whose size and modification time equal the recorded ones keeps its recorded
+    checksum (``status`` stays cheap on large genomes); any other file is read again.
+    """
+    corpus = unit.key.partition("--")[0]
+    old = (recorded or {}).get("sources") or {}
+    out: dict[str, Any] = {}
+    for path in _source_files(study, corpus):
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise StoreError(f"corpus {corpus}: cannot read {path} ({e.strerror}); check the "
+                             "corpus source") from e
+        prev = old.get(str(path))
+        if prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns:
+            sha = prev["sha256"]
+        else:
+            sha = _file_sha(path)
+        out[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    return out
+
+
+# --------------------------------------------------------------------------- inputs and states
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def unit_inputs(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], UnitState],
+                recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``unit`` consumes now: settings, upstream output digests (done upstream units
+    only) and, for prepare, source checksums."""
+    upstream: dict[str, Any] = {}
+    for up in unit.upstream:
+        st = states.get(up)
+        if st is None or st.state != "done" or st.marker is None:
+            continue
+        outputs = st.marker.get("outputs") or {}
+        upstream[f"{up[0]}:{up[1]}"] = {k: outputs.get(k) for k in _READS[(unit.stage, up[0])]}
+    inputs: dict[str, Any] = {"settings": unit_settings(study, unit), "upstream": upstream}
+    if unit.stage == "prepare":
+        inputs["sources"] = _sources(study, unit, recorded)
+    return inputs
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """sha256 of the inputs (file checksums only, not their times)."""
+    canon = dict(inputs)
+    if "sources" in canon:
+        canon["sources"] = {p: v["sha256"] for p, v in canon["sources"].items()}
+    return _json_digest(canon)
+
+
+def _names(items: list[str], limit: int = 4) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _member_of(unit_id: str) -> str:
+    stage, _, key = unit_id.partition(":")
+    return key if stage in ("train", "evaluate") else ""
+
+
+def explain(old: dict[str, Any], new: dict[str, Any], stage: str) -> str:
+    """Why recorded inputs ``old`` differ from current inputs ``new``, in a few words."""
+    parts: list[str] = []
+    a, b = old.get("settings") or {}, new.get("settings") or {}
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if changed:
+        parts.append(f"{_names(changed)} changed")
+    ua, ub = old.get("upstream") or {}, new.get("upstream") or {}
+    had = {_member_of(k) for k in ua} - {""}
+    has = {_member_of(k) for k in ub} - {""}
+    if stage == "analyse":
+        if has - had:
+            parts.append(f"members added: {_names(sorted(has - had))}")
+        if had - has:
+            parts.append(f"members removed: {_names(sorted(had - has))}")
+    skip = (has ^ had) if stage == "analyse" else set()
+    diff = sorted(k for k in set(ua) | set(ub) if ua.get(k) != ub.get(k) and _member_of(k) not in skip)
+    if diff:
+        parts.append(f"new output of {_names([k.replace(':', ' ', 1) for k in diff])}")
+    sa, sb = old.get("sources") or {}, new.get("sources") or {}
+    files = sorted(p for p in set(sa) | set(sb)
+                   if (sa.get(p) or {}).get("sha256") != (sb.get(p) or {}).get("sha256"))
+    if files:
+        parts.append(f"source file(s) {_names([Path(p).name for p in files], 3)} changed")
+    return "; ".join(parts) or "inputs changed"
+
+
+def unit_states(study: StudyConfig, units: list[Unit] | None = None) -> dict[tuple[str, str], UnitState]:
+    """The state of every unit, in dependency order: done, stale (with the reason) or pending."""
+    states: dict[tuple[str, str], UnitState] = {}
+    for u in units or study_units(study):
+        states[(u.stage, u.key)] = _state(study, u, states)
+    return states
+
+
+def _state(study: StudyConfig, u: Unit, states: dict[tuple[str, str], UnitState]) -> UnitState:
+    doc = _read_marker(u.marker)
+    if doc is None:
+        return UnitState(u, "pending", "not run")
+    if doc.get("marker_format") != MARKER_FORMAT or "inputs" not in doc:
+        return UnitState(u, "stale", "marker written by another toolkit version or damaged", doc)
+    missing = [p for p in u.outputs if not p.exists()]
+    if missing:
+        return UnitState(u, "stale", f"output {missing[0].name} is missing", doc)
+    waits = [up for up in u.upstream if states[up].state != "done"]
+    if waits and u.stage != "analyse":
+        s, k = waits[0]
+        return UnitState(u, "stale", f"waits for {s} {k} ({states[waits[0]].state})", doc)
+    try:
+        now = unit_inputs(study, u, states, recorded=doc["inputs"])
+    except ToolkitError as e:
+        return UnitState(u, "stale", str(e), doc)
+    reasons = []
+    if fingerprint(now) != doc.get("fingerprint"):
+        # Upstream units that are not done now are reported as waited for, not as removed.
+        wait_ids = {f"{s}:{k}" for s, k in waits}
+        then = {**doc["inputs"], "upstream": {k: v for k, v in (doc["inputs"].get("upstream") or {}).items()
+                                              if k not in wait_ids}}
+        why = explain(then, now, u.stage)
+        if why != "inputs changed" or not waits:
+            reasons.append(why)
+    if waits:  # analyse: the summary lacks members that are not done
+        recorded = {_member_of(k) for k in doc["inputs"].get("upstream") or {}}
+        new = sorted({_member_of(f"{s}:{k}") for s, k in waits} - recorded - {""})
+        old = [f"{s} {k} ({states[(s, k)].state})" for s, k in waits
+               if _member_of(f"{s}:{k}") not in new]
+        if new:
+            reasons.append(f"members added: {_names(new)} (not evaluated yet)")
+        if old:
+            reasons.append(f"waits for {_names(old, 2)}")
+    if reasons:
+        return UnitState(u, "stale", "; ".join(reasons), doc)
+    return UnitState(u, "done", "", doc)
+
+
+def to_run(study: StudyConfig, force: set[tuple[str, str]] | None = None) -> dict[str, list[str]]:
+    """Stage -> keys of the units a run must visit: those not done, the forced ones, and
+    every unit after them (each is re-checked when its turn comes and skipped if done)."""
+    units = study_units(study)
+    states = unit_states(study, units)
+    chosen = {k for k, st in states.items() if st.state != "done"} | set(force or ())
+    for u in units:  # dependency order: one pass closes over dependents
+        if any(up in chosen for up in u.upstream):
+            chosen.add((u.stage, u.key))
+    out: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for u in units:
+        if (u.stage, u.key) in chosen:
+            out[u.stage].append(u.key)
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+class UnitBusyError(ToolkitError):
+    """Another process holds the unit's lock."""
+
+
+@dataclass
+class _Lock:
+    path: Path
+    fd: int = -1
+
+    def __enter__(self) -> _Lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(self.fd)
+            raise UnitBusyError(f"{self.path}: the unit is being run by {holder}; wait for it to "
+                                "finish (or cancel it) instead of starting it twice") from e
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def unit_lock(unit: Unit) -> _Lock:
+    """An exclusive, non-blocking lock on a unit (``flock`` on a file in its folder)."""
+    return _Lock(unit.lock)
+
+
+def mark_complete(study: StudyConfig, unit: Unit, inputs: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the unit's marker: the stage's own fields, the inputs, the output digests."""
+    from toolkit import __version__
+
+    doc = {k: v for k, v in (_read_marker(unit.marker) or {}).items()
+           if k not in ("unit", "marker_format", "fingerprint", "inputs", "outputs")}
+    doc.update(extra or {})
+    doc.update({"unit": unit.id, "marker_format": MARKER_FORMAT, "fingerprint": fingerprint(inputs),
+                "inputs": inputs, "outputs": output_digests(study, unit),
+                "toolkit_version": __version__, "host": socket.gethostname(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json_atomic(unit.marker, doc)
+    return doc
 
 
 def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -> None:
-    """Run one unit in this process; skipped when its marker exists.
+    """Run one unit in this process, unless it is done.
 
-    ``force`` removes the marker first, so the stage redoes its final outputs
-    (training resumes from its last checkpoint rather than starting over).
+    Under the unit's lock its state is computed afresh: a done unit is skipped (unless
+    ``force``); a unit whose upstream units are not done is refused (analyse runs with
+    the members that are done and says which are left out). ``force`` on a train unit
+    discards the member's checkpoints and trains it from scratch.
+
+    Raises
+    ------
+    UnitBusyError
+        Another process runs the same unit.
+    SubmissionError
+        An upstream unit is not done.
     """
+    from toolkit.errors import SubmissionError
+
+    unit = get_unit(study, stage, key)
     if stage in ("train", "evaluate"):
         # A unit gets the CPUs its stage asked for; torch's default (every core) makes
         # units that share a node, or the two cores of a laptop, fight each other.
         import torch
 
         torch.set_num_threads(max(1, study.dispatch.resources_for(stage).cpus_per_task))
-    done = marker(study, stage, key)
-    if force:
-        done.unlink(missing_ok=True)
-    elif done.exists():
-        log.info("%s %s: already complete, skipped", stage, key)
-        return
-    if stage == "prepare":
+    with unit_lock(unit):
+        states = unit_states(study)
+        st = states[(stage, key)]
+        if st.state == "done" and not force:
+            log.info("%s: already complete, skipped", unit.label)
+            return
+        if stage != "analyse":
+            waits = [up for up in unit.upstream if states[up].state != "done"]
+            if waits:
+                s, k = waits[0]
+                raise SubmissionError(f"{unit.label}: needs {s} {k}, which is {states[waits[0]].state}"
+                                      f"{' (' + states[waits[0]].reason + ')' if states[waits[0]].reason else ''}; "
+                                      "run `toolkit run STUDY` to run every unit in order")
+        if st.state == "stale":
+            log.info("%s: rerunning (stale: %s)", unit.label, st.reason)
+        inputs = unit_inputs(study, unit, states, recorded=(st.marker or {}).get("inputs"))
+        unit.marker.unlink(missing_ok=True)
+        _run_stage(study, unit, states, fresh=force)
+        mark_complete(study, unit, inputs)
+
+
+def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], UnitState],
+               fresh: bool) -> None:
+    if unit.stage == "prepare":
         from toolkit.prepare import prepare_unit
 
-        corpus, _, tokenizer = key.partition("--")
+        corpus, _, tokenizer = unit.key.partition("--")
         prepare_unit(study, corpus, tokenizer)
-    elif stage == "train":
+    elif unit.stage == "train":
         from toolkit.train import train_member
 
-        train_member(study, Member.parse(key, study))
-    elif stage == "evaluate":
+        member = Member.parse(unit.key, study)
+        if fresh:
+            import shutil
+
+            ckpts = Layout(study).checkpoints_dir(member)
+            if ckpts.exists():
+                log.info("train %s: --force: discarding %s, training from scratch", member.id, ckpts)
+                shutil.rmtree(ckpts)
+        train_member(study, member)
+    elif unit.stage == "evaluate":
         from toolkit.evaluate import evaluate_member
 
-        evaluate_member(study, Member.parse(key, study))
-    elif stage == "analyse":
+        evaluate_member(study, Member.parse(unit.key, study))
+    else:
         from toolkit.analyse import analyse_study
         from toolkit.report import write_report
 
-        analyse_study(study)
+        done = [Member.parse(k) for (s, k), st in states.items() if s == "evaluate" and st.state == "done"]
+        analyse_study(study, done)
         write_report(study)
-    else:
-        raise ConfigError(f"unknown stage '{stage}'; stages: prepare, train, evaluate, analyse")
+
+
+def done_members(study: StudyConfig) -> list[Member]:
+    """Members whose evaluate unit is done (marker present and current)."""
+    return [Member.parse(k) for (s, k), st in unit_states(study).items()
+            if s == "evaluate" and st.state == "done"]
+
+
+def require_current_summary(study: StudyConfig) -> None:
+    """Refuse to show a summary that no longer matches the study (the analyse unit is not done).
+
+    Raises
+    ------
+    StoreError
+        The analyse unit is pending or stale; the message says why.
+    """
+    st = unit_states(study)[("analyse", "summary")]
+    if st.state != "done":
+        raise StoreError(f"{Layout(study).summary}: the summary is {st.state} ({st.reason}); run "
+                         "`toolkit run STUDY` to bring it up to date")

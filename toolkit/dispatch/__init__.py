@@ -8,9 +8,11 @@ a job array) and analyse (one job). Every job runs::
 
 (optionally inside an Apptainer container, :mod:`toolkit.dispatch.container`), where
 ``study.json`` is the resolved study saved before submission, so overrides and
-``--out`` reach every job. Units whose completion marker exists are skipped; units
-whose job is still queued or running (``<root>/manifest.json`` and the scheduler)
-are not submitted again. See :mod:`.local` and :mod:`.slurm` for the executors and
+``--out`` reach every job. Units that are done (:mod:`toolkit.units`: marker present
+and nothing they consumed changed) are skipped; stale and pending units run, and so
+does every unit after them (each re-checks its inputs when its turn comes and is
+skipped if they turned out unchanged). Units whose job is still queued or running
+(``<root>/manifest.json`` and the scheduler) are not submitted again. See :mod:`.local` and :mod:`.slurm` for the executors and
 :mod:`.job` for preemption and time limits.
 """
 
@@ -20,24 +22,22 @@ import logging
 import time
 from pathlib import Path
 
-from toolkit.config import STAGES, StudyConfig, study_to_dict
+from toolkit.config import StudyConfig, study_to_dict
 from toolkit.dispatch.container import STUDY_JSON, check_container
 from toolkit.dispatch.manifest import Manifest
 from toolkit.errors import SubmissionError
-from toolkit.study import Layout, iter_units, write_json_atomic
+from toolkit.study import Layout, write_json_atomic
 
 __all__ = ["cancel_study", "pending_units", "run_study", "save_study", "status_table", "wait_study"]
 
 log = logging.getLogger(__name__)
 
 
-def pending_units(study: StudyConfig) -> dict[str, list[str]]:
-    """Stage -> keys of the units without a completion marker, stages in order."""
-    pending: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for stage, key, marker in iter_units(study):
-        if not marker.exists():
-            pending[stage].append(key)
-    return pending
+def pending_units(study: StudyConfig, force: set[tuple[str, str]] | None = None) -> dict[str, list[str]]:
+    """Stage -> keys of the units a run visits (not done, forced, or after one of those)."""
+    from toolkit.units import to_run
+
+    return to_run(study, force)
 
 
 def save_study(study: StudyConfig) -> Path:
@@ -47,7 +47,8 @@ def save_study(study: StudyConfig) -> Path:
     return path
 
 
-def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True) -> None:
+def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True,
+              force: list[str] | tuple[str, ...] = ()) -> None:
     """Run (or queue) every unit of the study that is not complete yet.
 
     Parameters
@@ -62,6 +63,9 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
     wait
         Block until every unit has finished. ``slurm`` without waiting returns right
         after queuing; ``local`` without waiting runs in a background process.
+    force
+        ``STAGE`` or ``STAGE:KEY`` items: units to redo although they are done (their
+        markers are removed before anything is queued; a forced train unit starts over).
 
     Raises
     ------
@@ -74,7 +78,10 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
     executor = executor or study.dispatch.executor
     if executor not in ("local", "debug", "slurm"):
         raise SubmissionError(f"unknown executor '{executor}'; use local, debug or slurm")
-    pending = pending_units(study)
+    from toolkit.units import parse_force, study_units
+
+    forced = parse_force(study, force)
+    pending = pending_units(study, forced)
     todo = sum(len(keys) for keys in pending.values())
     if not todo:
         log.info("study %s: every unit is complete (%s)", study.name, study.root)
@@ -88,6 +95,12 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
     if executor != "debug":
         check_container(study)
     save_study(study)
+    for unit in study_units(study):
+        if (unit.stage, unit.key) in forced:
+            # A forced unit must not read as done while it waits for its job.
+            unit.marker.unlink(missing_ok=True)
+            if unit.stage == "train":
+                _discard_checkpoints(study, unit.key)
     manifest = Manifest.load(Layout(study).manifest)
     log.info("study %s: %d unit(s) to run with the %s executor; output %s",
              study.name, todo, executor, study.root)
@@ -104,6 +117,18 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
                  study.root / STUDY_JSON)
         if wait:
             wait_study(study)
+
+
+def _discard_checkpoints(study: StudyConfig, key: str) -> None:
+    """--force train: the member trains from scratch, not from its last checkpoint."""
+    import shutil
+
+    from toolkit.study import Member
+
+    folder = Layout(study).checkpoints_dir(Member.parse(key))
+    if folder.exists():
+        log.info("train %s: --force: discarding %s", key, folder)
+        shutil.rmtree(folder)
 
 
 def wait_study(study: StudyConfig, *, poll_s: float = 5.0, timeout_s: float | None = None) -> None:
