@@ -18,7 +18,7 @@ from toolkit.dispatch.job import read_outcome
 from toolkit.dispatch.local import pid_alive
 from toolkit.dispatch.manifest import JobRecord, Manifest, tail_lines
 from toolkit.dispatch.slurm import ACTIVE, job_states
-from toolkit.study import Layout, iter_units
+from toolkit.study import Layout
 
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING"}
 _ERROR = re.compile(r"(toolkit: error:|\b\w*(Error|Exception)\b|Traceback|CANCELLED|TIME LIMIT|Killed)")
@@ -30,7 +30,7 @@ class UnitStatus:
     stage: str
     key: str
     state: str
-    """``done``, ``running``, ``pending`` or ``failed``."""
+    """``done``, ``stale``, ``running``, ``pending`` or ``failed``."""
     job_id: str = ""
     detail: str = ""
     log: str = ""
@@ -63,20 +63,24 @@ def _result(record: JobRecord) -> str | None:
 
 
 def unit_states(study: StudyConfig) -> list[UnitStatus]:
-    """The status of every unit of the study, in dependency order."""
+    """The status of every unit of the study, in dependency order.
+
+    ``done`` and ``stale`` come from the unit model (:func:`toolkit.units.unit_states`:
+    a stale unit's detail says what changed); a unit that is not done shows its job as
+    ``running``, queued (``pending``) or ``failed`` where the manifest has one.
+    """
+    from toolkit.units import unit_states as model_states
+
     latest = Manifest.load(Layout(study).manifest).latest()
     slurm_ids = [r.job_id for r in latest.values() if r.executor == "slurm"]
     states = job_states(slurm_ids) if slurm_ids else {}
     rows = []
-    for stage, key, marker in iter_units(study):
+    for (stage, key), ust in model_states(study).items():
         rec = latest.get((stage, key))
-        if marker.exists():
+        if ust.state == "done":
             rows.append(UnitStatus(stage, key, "done", rec.job_id if rec else ""))
             continue
-        if rec is None:
-            rows.append(UnitStatus(stage, key, "pending", "", "not submitted"))
-            continue
-        if rec.executor == "slurm":
+        if rec is not None and rec.executor == "slurm":
             st = states.get(rec.job_id)
             if st in RUNNING_STATES:
                 rows.append(UnitStatus(stage, key, "running", rec.job_id, st.lower(), rec.stderr))
@@ -86,11 +90,17 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
                                        rec.stderr))
                 continue
             why = st or "no longer known to the scheduler"
-        else:
+        elif rec is not None:
             if pid_alive(rec):
                 rows.append(UnitStatus(stage, key, "running", rec.job_id, "local process", rec.stderr))
                 continue
             why = "process ended"
+        if ust.state == "stale":
+            rows.append(UnitStatus(stage, key, "stale", rec.job_id if rec else "", ust.reason))
+            continue
+        if rec is None:
+            rows.append(UnitStatus(stage, key, "pending", "", "not submitted"))
+            continue
         outcome = _result(rec)
         if outcome == "success":
             why = f"{why}; finished without writing its completion marker"
@@ -104,7 +114,8 @@ def format_table(study: StudyConfig, rows: list[UnitStatus]) -> str:
     """A plain-text table: a summary line, then one line per unit (logs for failures)."""
     counts = Counter(r.state for r in rows)
     head = (f"study {study.name} ({study.root}): {len(rows)} units: "
-            + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "pending", "failed")))
+            + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "stale", "running", "pending",
+                                                              "failed")))
     w_stage = max(len("STAGE"), *(len(r.stage) for r in rows))
     w_key = max(len("UNIT"), *(len(r.key) for r in rows))
     w_job = max(len("JOB"), *(len(r.job_id) for r in rows))
