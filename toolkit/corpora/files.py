@@ -262,12 +262,12 @@ def _expand(source: str, base_dir: Path, *, fmt: str = "auto",
         hidden: list[Path] = []
         files, real_seen = [], set()
         for f in _walk(path, source, exclude, hidden, set()):
-            real = os.path.realpath(f)
-            if real in real_seen:  # a link to a sibling folder: the same data read twice
+            real_file = os.path.realpath(f)
+            if real_file in real_seen:  # a link to a sibling folder: the same data read twice
                 log.warning("corpus %s: %s is a second path to a file already read; skipped",
                             source, f)
                 continue
-            real_seen.add(real)
+            real_seen.add(real_file)
             files.append(f)
         if hidden:
             log.info("corpus %s: skipping %d hidden file(s) or folder(s): %s", source, len(hidden),
