@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.cli import main
-from toolkit.config import CorpusConfig, load_study
+from toolkit.config import CorpusConfig, RunConfig, StudyConfig, load_study
 from toolkit.corpora import open_corpus
 from toolkit.errors import CorpusError
 
@@ -316,8 +316,6 @@ def test_corpus_folder_never_reads_the_study_outputs(tmp_path: Path) -> None:
 
 
 def test_hidden_files_are_skipped_and_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from toolkit.config import StudyConfig, RunConfig
-
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.fa").write_text(">r\nACGTACGTACGT\n")
     (tmp_path / "data" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
