@@ -122,10 +122,12 @@ def save_hf(model: Any, dest: Path) -> None:
         for f in tmp.iterdir():
             _fsync_file(f)
         _install(tmp, dest)
-    except OSError as e:
+    except Exception as e:  # safetensors reports a full disk as its own SafetensorError
         from toolkit.store import raise_if_no_space
 
         raise_if_no_space(e, dest, error=CheckpointError)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f"{dest}: cannot write model folder ({e.strerror or e})") from e
     finally:
         if bars:
@@ -214,10 +216,12 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, schedul
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync_file(tmp / "meta.json")
         _install(tmp, dest)
-    except OSError as e:
+    except Exception as e:  # safetensors reports a full disk as its own SafetensorError
         from toolkit.store import raise_if_no_space
 
         raise_if_no_space(e, dest, error=CheckpointError)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f"{dest}: cannot write checkpoint ({e.strerror or e}); "
                               "check the disk and the folder's permissions") from e
     finally:

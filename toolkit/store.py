@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -386,6 +387,8 @@ def _no_space_cause(exc: BaseException) -> OSError | None:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return e
+        if not isinstance(e, OSError) and "(os error 28)" in str(e):  # Rust I/O (safetensors)
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
         todo.extend(getattr(e, "exceptions", ()) or ())
     return None
@@ -475,7 +478,27 @@ def writing(path: str | Path, kind: str, attrs: Mapping[str, Any] | None = None,
         replace_folder(tmp, path)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
+
+
+def _remove(folder: Path) -> None:
+    """Remove a temporary store folder, also when Zarr's writer tasks still add chunks.
+
+    When one chunk write of ``arr[...] = data`` fails (a full disk), Zarr's other writes
+    of that call go on in its event-loop thread and recreate folders after a first
+    removal; so remove until the folder stays absent for a while (a few seconds at most).
+    """
+    absent_since = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if folder.exists():
+            absent_since = None
+            shutil.rmtree(folder, ignore_errors=True)
+        elif absent_since is None:
+            absent_since = time.monotonic()
+        elif time.monotonic() - absent_since > 0.3:
+            return
+        time.sleep(0.05)
 
 
 def open_store(path: str | Path, kind: str, mode: str = "r", *, verify: Verify = "full") -> Any:
