@@ -2,8 +2,9 @@
 
 The SLURM tests run against a real single-node cluster (munged, slurmctld, slurmd on
 this machine with two fake GPUs, ``tests/slurm_cluster.py``) started once per session.
-Most tests run a *payload* instead of the real stages: a small script that writes the
-unit's real completion marker (with start and end times), sleeps for a configurable
+Most tests run a *payload* instead of the real stages: a small script that writes
+placeholder outputs and the unit's real completion marker through the unit model
+(``toolkit.units.mark_complete``, with start and end times), sleeps for a configurable
 time, can fail on request, and on SIGTERM/SIGUSR2 saves its progress and exits 75
 exactly like ``toolkit/train.py``. The payload goes through the real dispatcher
 (submitit, sbatch arrays, afterok chains, requeue); only the command inside the job
@@ -41,12 +42,14 @@ from toolkit.dispatch.job import EXIT_REQUEUE, UnitFailedError, UnitJob
 from toolkit.dispatch.manifest import JobRecord, Manifest
 from toolkit.dispatch.status import last_error_line, unit_states
 from toolkit.errors import SubmissionError
-from toolkit.study import Layout, iter_units
+from toolkit.study import Layout
+from toolkit.units import get_unit, study_units
 
 PAYLOAD = textwrap.dedent('''\
     """Test payload: a unit that takes WORK seconds, checkpoints on SIGTERM/SIGUSR2 (exit 75)."""
     import json, os, signal, sys, time
     marker, state_path, control, unit = sys.argv[1:5]
+    study_json = sys.argv[5] if len(sys.argv) > 5 else None
     ctl = json.load(open(control)) if os.path.exists(control) else {}
     work = float(ctl.get(unit, ctl.get("*", 0.0)))
     state = json.load(open(state_path)) if os.path.exists(state_path) else {"progress": 0.0, "runs": 0, "signals": []}
@@ -72,9 +75,27 @@ PAYLOAD = textwrap.dedent('''\
             sys.exit(75)
     json.dump(state, open(state_path, "w"))
     os.makedirs(os.path.dirname(marker), exist_ok=True)
-    json.dump({"start": t0, "end": time.time(), "runs": state["runs"],
-               "job": os.environ.get("SLURM_JOB_ID"), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")},
-              open(marker, "w"))
+    doc = {"start": t0, "end": time.time(), "runs": state["runs"],
+           "job": os.environ.get("SLURM_JOB_ID"), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if study_json is None:
+        json.dump(doc, open(marker, "w"))
+        sys.exit(0)
+    # Placeholder outputs (the real stages do not run here), then the real marker.
+    from toolkit.config import load_study
+    from toolkit.units import get_unit, mark_complete, unit_inputs, unit_states
+    study = load_study(study_json)
+    u = get_unit(study, *unit.split(":", 1))
+    for out in u.outputs:
+        if out.suffix == ".zarr":
+            os.makedirs(out, exist_ok=True)
+            json.dump({"attributes": {"payload": unit}}, open(out / "zarr.json", "w"))
+        elif out.suffix:
+            os.makedirs(out.parent, exist_ok=True)
+            open(out, "w").write(unit)
+        else:
+            os.makedirs(out, exist_ok=True)
+            open(out / "weights", "w").write(unit)
+    mark_complete(study, u, unit_inputs(study, u, unit_states(study)), extra=doc)
 ''')
 
 
@@ -113,9 +134,10 @@ def payload_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     states.mkdir()
 
     def argv(study, stage, key, python=None):
-        marker = next(m for s, k, m in iter_units(study) if (s, k) == (stage, key))
+        marker = get_unit(study, stage, key).marker
         state = states / f"{stage}-{key.replace('/', '-')}.json"
-        return [sys.executable, str(script), str(marker), str(state), str(control), f"{stage}:{key}"]
+        return [sys.executable, str(script), str(marker), str(state), str(control), f"{stage}:{key}",
+                str(study.root / "study.json")]
 
     monkeypatch.setattr(dslurm, "unit_argv", argv)
     monkeypatch.setattr(dlocal, "unit_argv", argv)
@@ -123,7 +145,8 @@ def payload_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def markers(study) -> dict[tuple[str, str], dict]:
-    return {(s, k): json.loads(m.read_text()) for s, k, m in iter_units(study) if m.exists()}
+    return {(u.stage, u.key): json.loads(u.marker.read_text()) for u in study_units(study)
+            if u.marker.exists()}
 
 
 def assert_stage_order(study) -> None:
@@ -251,7 +274,7 @@ def test_local_executor_stages_progress_and_failure(tmp_path: Path, payload_unit
     assert_stage_order(study)
     lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
     assert len(lines) == 7 and "[7/7," in lines[-1]
-    assert "7 done, 0 running, 0 pending, 0 failed" in status_table(study)
+    assert "7 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
     # A failing unit: the stage fails naming its log, the next stage is not started.
     other = tiny_study(tmp_path / "out2", seeds=1, max_parallel=2)
     payload_units.write_text(json.dumps({"fail": "train:r2/seed1"}))
@@ -339,7 +362,7 @@ def test_chain_arrays_resubmit_kill_and_status(slurm_cluster, tmp_path: Path, pa
     done = markers(study)
     assert done[("train", "r1/seed1")]["gpus"] in ("0", "1")  # one fake GPU each
     assert done[("evaluate", "r2/seed3")]["gpus"] in ("0", "1")
-    assert "15 done, 0 running, 0 pending, 0 failed" in status_table(study)
+    assert "15 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
 
 
 @pytest.mark.slurm
@@ -363,7 +386,7 @@ def test_cancel_study_and_bad_requests(slurm_cluster, tmp_path: Path, payload_un
     wait_for(lambda: not (set(ids) & {i for i, s in dslurm.job_states(ids).items() if s in dslurm.ACTIVE}),
              30, "every job to leave the queue")
     assert all(r.state == "failed" for r in unit_states(study))
-    assert "0 running, 0 pending, 7 failed" in status_table(study)
+    assert "0 stale, 0 running, 0 pending, 7 failed" in status_table(study)
 
 
 def _submit_payload(tmp_path: Path, control: dict, **params) -> tuple:
@@ -530,7 +553,7 @@ def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: 
     assert "exiting with code 75" in text and "Requeued job" in text
     assert re.search(r"resuming from .* \(step \d+/40\)", text), text[-3000:]
     assert (out / "report" / "index.html").exists()
-    assert "6 done, 0 running, 0 pending, 0 failed" in status_table(study)
+    assert "6 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
     seen = [json.loads(line) for line in calls.read_text().splitlines()]
     units = [c["argv"][-3:] for c in seen]
     assert [str(out / "study.json"), "train", "markov-3mer/seed1"] in units

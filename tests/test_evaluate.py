@@ -19,7 +19,7 @@ import xarray as xr
 from toolkit import store
 from toolkit.config import StudyConfig, study_from_dict
 from toolkit.errors import CheckpointError, StoreError
-from toolkit.masks import ensure_masks, select_positions
+from toolkit.masks import ensure_masks, masks_path, select_positions
 from toolkit.sequences import EVAL, MASK, SPECIAL_TOKENS, TRAIN, UNUSED, load_sequences
 from toolkit.study import Layout, Member, write_json_atomic
 
@@ -115,7 +115,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudyConfig, st
 
 
 def masks_of(study: StudyConfig) -> Any:
-    return store.open_store(Layout(study).run_tokens_dir(RUN) / "masks.zarr", "masks")
+    return store.open_store(masks_path(study, RUN), "masks")
 
 
 # --------------------------------------------------------------------------- masks
@@ -145,7 +145,8 @@ def test_masks_content_rates_and_determinism(tmp_path: Path) -> None:
     study = make_study(tmp_path / "a")
     write_tokens(study)
     path = ensure_masks(study, RUN)
-    assert path == Layout(study).run_tokens_dir(RUN) / "masks.zarr"
+    assert path == masks_path(study, RUN)
+    assert path.parent == Layout(study).run_tokens_dir(RUN) and path.name.startswith("masks-")
     g = store.open_store(path, "masks")
     tokens = store.open_store(Layout(study).run_tokens_dir(RUN) / "tokens.zarr", "tokens")
     seqs = load_sequences(tokens, EVAL, SEQ_LEN, "truncate")
@@ -188,14 +189,20 @@ def test_masks_content_rates_and_determinism(tmp_path: Path) -> None:
     assert not np.array_equal(np.asarray(g3["distribution/labels"][:]), d_lab)
 
 
-def test_masks_changed_config_is_refused(tmp_path: Path) -> None:
+def test_masks_changed_config_builds_beside_and_mismatch_is_refused(tmp_path: Path) -> None:
     study = make_study(tmp_path)
     write_tokens(study)
     path = ensure_masks(study, RUN)
     assert ensure_masks(study, RUN) == path  # same config: reused
+    before = (path / "zarr.json").stat().st_mtime_ns
     changed = dataclasses.replace(study, analysis=dataclasses.replace(study.analysis,
                                                                       distribution_mask_rate=0.2))
-    with pytest.raises(StoreError, match=r"distribution_mask_rate = 0\.1.*delete .*masks\.zarr"):
+    other = ensure_masks(changed, RUN)  # other settings: a store of their own, the old one untouched
+    assert other != path and (path / "zarr.json").stat().st_mtime_ns == before
+    assert store.open_store(other, "masks").attrs["distribution_mask_rate"] == 0.2
+    shutil.rmtree(other)
+    shutil.copytree(path, other)  # a store whose attributes disagree with its name
+    with pytest.raises(StoreError, match=r"distribution_mask_rate = 0\.1"):
         ensure_masks(changed, RUN)
     write_tokens(study, seed=1)  # the token store was rebuilt with another tokenizer
     with pytest.raises(StoreError, match="tokenizer_hash"):
@@ -222,8 +229,9 @@ def test_masks_concurrent_builders_agree(tmp_path: Path) -> None:
         t.join()
     assert all(isinstance(r, Path) for r in results), results
     folder = Layout(study).run_tokens_dir(RUN)
-    assert sorted(p.name for p in folder.iterdir()) == ["masks.zarr", "tokens.zarr"]  # no leftovers
-    store.open_store(folder / "masks.zarr", "masks")
+    # no leftovers
+    assert sorted(p.name for p in folder.iterdir()) == [masks_path(study, RUN).name, "tokens.zarr"]
+    store.open_store(masks_path(study, RUN), "masks")
 
 
 # --------------------------------------------------------------------------- errors
@@ -363,7 +371,7 @@ def test_stores_open_lazily_and_rerun_keeps_them(evaluated: tuple[StudyConfig, s
         ds = store.open_dataset(mdir / f"{name}.zarr", name, chunks={})
         assert ds.data_vars and all(v.chunks is not None for v in ds.data_vars.values())  # dask-backed
     # The masks store keeps its sets in groups; each opens lazily on its own.
-    path = Layout(study).run_tokens_dir(RUN) / "masks.zarr"
+    path = masks_path(study, RUN)
     store.open_dataset(path, "masks")  # validates
     for group in ("distribution", "fisher", "contextual"):
         ds = xr.open_zarr(path, group=group, zarr_format=3, consolidated=False)

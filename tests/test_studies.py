@@ -228,7 +228,7 @@ def test_entropy_sweep_runs_on_one_machine(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     # 2 prepare (one per level), 4 train, 4 evaluate, 1 analyse.
-    assert "11 units: 11 done, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
+    assert "11 units: 11 done, 0 stale, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
     summary = open_results(tmp_path / "out")["summary"].to_dataset()
     rates = dict(zip(summary["run"].values.tolist(),
                      summary["analytic_entropy_rate_bits_per_symbol"].values.tolist(), strict=True))
@@ -323,7 +323,7 @@ def test_paper_study_dry_run_through_make_submit(cluster, tmp_path: Path,
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     # 3 prepare (2 corpora x tokenizers), 6 train, 6 evaluate, 1 analyse.
-    assert "16 units: 16 done, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
+    assert "16 units: 16 done, 0 stale, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
     assert "16 units: 16 done" in status_table(study)
     tree = open_results(out)
     summary = tree["summary"].to_dataset()

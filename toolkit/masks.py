@@ -1,6 +1,7 @@
 """Evaluation masks: the masked inputs every member of a corpus x tokenizer is evaluated on.
 
-Built once per token store, at ``tokens/<corpus>--<tokenizer>/masks.zarr``, from the
+Built once per token store and mask settings, at
+``tokens/<corpus>--<tokenizer>/masks-<settings digest>.zarr``, from the
 evaluation split (``toolkit.sequences``, truncate mode) and deterministically from
 ``analysis.mask_seed``, so that every member of every run on that token store sees
 exactly the same masked inputs (METHODS.md, "identical masked positions for every
@@ -19,8 +20,10 @@ become [MASK] only (no 80/10/10 as in training).
 
 Several evaluate jobs may need the store at the same moment: each builds a private
 copy (all-or-nothing through :func:`toolkit.store.writing`) and renames it into place;
-the first rename wins and the others discard their copy. A store that exists but was
-built from another configuration is refused, never mixed.
+the first rename wins and the others discard their copy. The file name carries a
+digest of the mask settings, so changing them (a stale evaluate unit) builds a new
+store beside the old one and never replaces a store another job may be reading; a
+store whose attributes disagree with its name is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -51,8 +54,13 @@ CHECKED_ATTRS = ("tokenizer_hash", "seq_len", "mask_seed", "distribution_mask_ra
 
 
 def masks_path(study: StudyConfig, run: str) -> Path:
-    """Where the evaluation masks of ``run``'s token store live."""
-    return Layout(study).run_tokens_dir(run) / "masks.zarr"
+    """Where the evaluation masks of ``run``'s token store live under the current settings."""
+    import hashlib
+    import json
+
+    settings = {k: v for k, v in expected_attrs(study, run, {}).items() if k != "tokenizer_hash"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Layout(study).run_tokens_dir(run) / f"masks-{digest}.zarr"
 
 
 def eval_seq_len(study: StudyConfig) -> int:

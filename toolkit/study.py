@@ -4,7 +4,7 @@ Layout (all paths below the study root, ``StudyConfig.root``)::
 
     study.json                          the resolved study, written by the dispatcher for its jobs
     tokens/<corpus>--<tokenizer>/       one prepare unit: token store, tokenizer, eval masks
-        tokens.zarr  tokenizer.json  masks.zarr  complete.json
+        tokens.zarr  tokenizer.json  masks-<digest>.zarr  complete.json
     members/<run>/seed<N>/              one ensemble member
         checkpoints/                    resumable training state (train unit)
         train.zarr                      loss curve and evaluation loss
