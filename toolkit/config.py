@@ -712,7 +712,7 @@ def _check_fields(obj: Any, prefix: str, where: str) -> None:
             if isinstance(value, dict):
                 for k, v in value.items():
                     if not _OPTION.match(k):
-                        raise ConfigError(f"{where}: {key}: '{k}' is not an sbatch option name; use "
+                        raise ConfigError(f"{where}: {key}: {k!r} is not an sbatch option name; use "
                                           "letters, digits and '-' only, without the leading '--' "
                                           "(e.g. constraint = \"a100\")")
                     check_plain(v, f"{key}.{k}", where)
