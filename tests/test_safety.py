@@ -385,7 +385,7 @@ def test_cli_submit_with_a_newline_in_out_or_account(queue_snapshot: Any, tmp_pa
     flag = tmp_path / "injected"
     before = queue_snapshot()
     for extra, field in [
-        (["--out", f"{tmp_path / 'o'}\ntouch {flag} #"], "study folder (study.output_dir or --out)"),
+        (["--out", f"{tmp_path / 'o'}\ntouch {flag} #"], "--out"),
         (["--set", f'dispatch.resources.train.account="lab\\ntouch {flag} #"'],
          "dispatch.resources.train.account"),
         (["--set", 'dispatch.resources.train.extra_sbatch={"a\\nb" = "x"}'],
