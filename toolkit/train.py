@@ -262,7 +262,8 @@ def evaluate_loss(model: Any, batches: list[Batch], device: Any, precision: str 
     return total / max(count, 1)
 
 
-def _fingerprint(study: StudyConfig, member: Member, model_cfg: dict, tokenizer_hash: str) -> dict:
+def _fingerprint(study: StudyConfig, member: Member, model_cfg: dict, tokenizer_hash: str,
+                 data_digest: str | None) -> dict:
     """What a checkpoint must agree on to be resumed (cadence fields excluded)."""
     t = dataclasses.asdict(study.training)
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "eval_every_steps",
@@ -271,15 +272,17 @@ def _fingerprint(study: StudyConfig, member: Member, model_cfg: dict, tokenizer_
     t["fisher_flow"] = list(t["fisher_flow"])
     model_cfg = {k: v for k, v in model_cfg.items() if k != "transformers_version"}
     return {"member": member.id, "data_seed": study.data_seed, "tokenizer_hash": tokenizer_hash,
-            "training": t, "model": model_cfg}
+            "data": data_digest, "training": t, "model": model_cfg}
 
 
-def train_member(study: StudyConfig, member: Member) -> None:
+def train_member(study: StudyConfig, member: Member, data_digest: str | None = None) -> None:
     """Train one member (or adopt its external checkpoint), resuming from its last checkpoint.
 
     Writes ``checkpoints/{step-*,best,final,flow/step-*}``, ``train.zarr`` and, last,
     the ``train.complete.json`` marker under the member folder. Whether the member
-    needs training at all is decided by the caller (:func:`toolkit.units.run_unit`).
+    needs training at all is decided by the caller (:func:`toolkit.units.run_unit`),
+    which passes ``data_digest``, the digest of the token store's contents: a resume
+    checkpoint written on other data is refused, never continued.
 
     Raises
     ------
@@ -299,7 +302,7 @@ def train_member(study: StudyConfig, member: Member) -> None:
     if run.checkpoints:
         _adopt_external(study, member, vocab_size, tokenizer_hash)
         return
-    _run_training(study, member, group, vocab_size, tokenizer_hash)
+    _run_training(study, member, group, vocab_size, tokenizer_hash, data_digest)
 
 
 def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokenizer_hash: str) -> None:
@@ -347,7 +350,7 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any], m
 
 
 def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: int,
-                  tokenizer_hash: str) -> None:
+                  tokenizer_hash: str, data_digest: str | None) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -384,7 +387,8 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
                                t.mlm_probability)
     model_cfg = {k: v for k, v in json.loads(model.config.to_json_string()).items()
                  if k != "transformers_version"}
-    fingerprint = json.loads(json.dumps(_fingerprint(study, member, model_cfg, tokenizer_hash)))
+    fingerprint = json.loads(json.dumps(_fingerprint(study, member, model_cfg, tokenizer_hash,
+                                                         data_digest)))
 
     state = _fresh_state(total, fingerprint)
     latest = ckpt.latest_checkpoint(folder)

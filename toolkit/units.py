@@ -578,12 +578,12 @@ def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -
             log.info("%s: rerunning (stale: %s)", unit.label, st.reason)
         inputs = unit_inputs(study, unit, states, recorded=(st.marker or {}).get("inputs"))
         unit.marker.unlink(missing_ok=True)
-        _run_stage(study, unit, states, fresh=force)
+        _run_stage(study, unit, states, inputs, fresh=force)
         mark_complete(study, unit, inputs)
 
 
 def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], UnitState],
-               fresh: bool) -> None:
+               inputs: dict[str, Any], fresh: bool) -> None:
     if unit.stage == "prepare":
         from toolkit.prepare import prepare_unit
 
@@ -600,7 +600,9 @@ def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Uni
             if ckpts.exists():
                 log.info("train %s: --force: discarding %s, training from scratch", member.id, ckpts)
                 shutil.rmtree(ckpts)
-        train_member(study, member)
+        run = study.runs[member.run]
+        prep = inputs["upstream"].get(f"prepare:{token_key(run.corpus, run.tokenizer)}") or {}
+        train_member(study, member, data_digest=_json_digest(prep))
     elif unit.stage == "evaluate":
         from toolkit.evaluate import evaluate_member
 
