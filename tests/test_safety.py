@@ -471,3 +471,25 @@ def test_every_file_of_a_study_follows_the_umask(tmp_path: Path, umask: int) -> 
         assert name in names, name
     assert any(n.endswith("_outcome.json") for n in names)
     assert all(st & 0o040 for st in (p.stat().st_mode for p in out.rglob("*") if p.is_file()))
+
+
+@pytest.mark.slurm
+def test_array_jobs_write_their_outcome_next_to_their_log(queue_snapshot: Any, tmp_path: Path) -> None:
+    """On SLURM (an array, as train/evaluate are queued), each task's outcome is readable as JSON."""
+    import submitit
+
+    from toolkit.dispatch.job import UnitJob
+
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs")
+    ex.update_parameters(time=5, cpus_per_task=1)
+    with ex.batch():
+        ok = ex.submit(UnitJob([sys.executable, "-c", "print('ok')"], name="train a"))
+        bad = ex.submit(UnitJob([sys.executable, "-c", "raise SystemExit(3)"], name="train b"))
+    assert "_" in ok.job_id  # array task ids: <array>_<index>
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and None in (read_outcome(ok.paths.stdout), read_outcome(bad.paths.stdout)):
+        time.sleep(0.5)
+    assert read_outcome(ok.paths.stdout) == "success"
+    assert read_outcome(bad.paths.stdout) == "error"
+    doc = json.loads(Path(str(bad.paths.stdout).replace("_log.out", "_outcome.json")).read_text())
+    assert doc["returncode"] == 3 and doc["finished"]
