@@ -510,7 +510,8 @@ def open_store(path: str | Path, kind: str, mode: str = "r", *, verify: Verify =
         ``"full"`` (default): every chunk's checksum is checked before anything is
         read, as needed before numbers are computed from the store. ``"size"``: only
         that every chunk is present with its size (a directory walk), for callers that
-        read attributes only or read lazily. See :func:`verify_store`.
+        read attributes only or read lazily. ``"none"``: no file checks, but the store
+        must still have an inventory. See :func:`verify_store`.
 
     Raises
     ------
@@ -528,7 +529,8 @@ def open_store(path: str | Path, kind: str, mode: str = "r", *, verify: Verify =
     except Exception as e:  # zarr raises several unrelated types for a broken folder
         if inventory is not None:  # damaged metadata: name the file rather than zarr's complaint
             verify_store(path, kind, "size", inventory)
-        raise StoreError(f"{path}: not a readable Zarr v3 store ({e}); {rerun_hint(path, kind)}") from e
+        why = " ".join(str(e).split())[:300]  # one line: the CLI prints one line per error
+        raise StoreError(f"{path}: not a readable Zarr v3 store ({why}); {rerun_hint(path, kind)}") from e
     # Schema first: a store of another version is refused with the version, not its files.
     validate(group, kind, path)
     if verify != "none" or inventory is None:
