@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_analyse import make_study
+from tests.test_analyse import make_study, marked
 from toolkit.config import StudyConfig, study_from_dict, study_to_dict
 from toolkit.dispatch import dask_cluster
 from toolkit.dispatch.container import bind_paths
@@ -185,7 +185,7 @@ def test_analyse_on_slurm_workers_matches_local(slurm_cluster, tmp_path: Path,
     from toolkit.analyse import analyse_study
 
     local = make_study(tmp_path / "local", seeds=(1, 2))
-    analyse_study(local)
+    analyse_study(local, marked(local))
     study = with_dispatch(make_study(tmp_path / "slurm", seeds=(1, 2)), dask="slurm",
                           resources={"analyse": {"partition": "cpu", "time_minutes": 5}})
     seen: dict[str, object] = {}
@@ -201,7 +201,7 @@ def test_analyse_on_slurm_workers_matches_local(slurm_cluster, tmp_path: Path,
 
     monkeypatch.setattr(dask_cluster, "slurm_client", recording)
     with caplog.at_level(logging.INFO, logger="toolkit.dispatch.dask_cluster"):
-        analyse_study(study)  # the same analysis, its Dask graphs computed by SLURM workers
+        analyse_study(study, marked(study))  # the same analysis, its Dask graphs computed by SLURM workers
     # Every worker was a SLURM job of the study and ran the distribution graphs' tasks.
     assert seen["workers"] and all(job in seen["jobs"] and n > 100  # type: ignore[operator]
                                    for job, _, n in seen["workers"].values())  # type: ignore[union-attr]

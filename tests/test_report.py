@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_analyse import RUNS, make_study, shared_study, summary
+from tests.test_analyse import RUNS, make_study, marked, shared_study, summary
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 from toolkit.study import Layout
@@ -85,7 +85,7 @@ def test_a_run_without_complete_members_still_reports(tmp_path: Path) -> None:
     from toolkit.report import FIGURES, summary_table, write_report
 
     study = make_study(tmp_path, seeds=(1, 2), complete={"text-bpe": (1, 2), "dna-kmer2": ()})
-    analyse_study(study)
+    analyse_study(study, marked(study))
     index = write_report(study)
     assert all((index.parent / f"{name}.png").stat().st_size > 0 for name, _, _ in FIGURES)
     table = summary_table(study)

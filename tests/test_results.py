@@ -8,7 +8,7 @@ import dask.array
 import numpy as np
 import pytest
 
-from tests.test_analyse import RUNS, make_study, shared_study, stored
+from tests.test_analyse import RUNS, make_study, marked, shared_study, stored
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 
@@ -101,7 +101,7 @@ def test_a_moved_study_folder_still_opens(tmp_path: Path) -> None:
     from toolkit.results import open_results
 
     study = make_study(tmp_path / "orig", seeds=(1, 2), complete={"text-bpe": (1, 2), "dna-kmer2": (2,)})
-    analyse_study(study)
+    analyse_study(study, marked(study))
     want = stored(study, "text-bpe", 2, "predictions")["log_probs"][...]
     moved = tmp_path / "moved 'study'"
     shutil.copytree(study.root, moved)

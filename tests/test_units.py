@@ -342,3 +342,17 @@ def test_report_refuses_a_stale_summary(study_copy: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "the summary is stale (analysis.bootstrap changed)" in err[0]
+
+
+def test_open_results_refuses_a_stale_summary_and_leaves_out_stale_members(study_copy: Path) -> None:
+    from toolkit import open_results
+    from toolkit.errors import StoreError
+
+    out = study_copy.parent / "out"
+    assert open_results(out).attrs["members"] == ["r/seed1", "r/seed2"]
+    shutil.rmtree(out / "members" / "r" / "seed2" / "fisher.zarr")
+    with pytest.raises(StoreError, match=r"summary is stale: waits for evaluate r/seed2 \(stale\)"):
+        open_results(out)
+    tree = open_results(out, allow_stale=True)
+    assert tree.attrs["summary_stale"].startswith("stale: waits for evaluate r/seed2")
+    assert tree.attrs["members"] == ["r/seed1"]

@@ -25,6 +25,33 @@ _KINDS = ("predictions", "embeddings", "fisher")
 _LABELLED = {"member", "estimator", "step", "group", "parameter"}
 
 
+def _currency(root: Path) -> tuple[dict[str, list[int]] | None, str]:
+    """From ``study.json`` and the unit model: run -> seeds of the members whose evaluate
+    unit is done, and why the summary is not current ('' when it is). ``(None, ...)``
+    when the folder has no study.json (stores written by the library, not a run)."""
+    if not (root / "study.json").exists():
+        return None, ""
+    from toolkit.config import load_study
+    from toolkit.study import Member
+    from toolkit.units import unit_states
+
+    study = load_study(root / "study.json")
+    if study.root != root:  # a moved or copied folder: judge the stores where they are now
+        import dataclasses
+
+        study = dataclasses.replace(study, output_dir=str(root))
+    states = unit_states(study)
+    done: dict[str, list[int]] = {}
+    for (stage, key), st in states.items():
+        if stage == "evaluate" and st.state == "done":
+            m = Member.parse(key)
+            done.setdefault(m.run, []).append(m.seed)
+        elif stage == "evaluate" and st.state == "stale":
+            log.warning("member %s left out: its outputs are stale (%s)", key, st.reason)
+    summary = states[("analyse", "summary")]
+    return done, "" if summary.state == "done" else f"{summary.state}: {summary.reason}"
+
+
 def _members(root: Path) -> dict[str, list[int]]:
     """Run -> seeds of the complete members (evaluate marker), runs in study order."""
     base = root / "members"
@@ -87,12 +114,15 @@ def _combinable(sets: dict[str, Any]) -> bool:
     return all(s == sizes[0] for s in sizes)
 
 
-def open_results(study_dir: str | Path) -> Any:
+def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
     """Open a study's results as a lazy :class:`xarray.DataTree`.
 
     Reads the study folder alone (no study file needed): ``summary.zarr`` and the
-    stores of every complete member (``members/<run>/seed<N>/evaluate.complete.json``
-    present). Every variable is Dask-backed and keeps the ``units`` and
+    stores of every member whose evaluation is done and current (the unit model of
+    :mod:`toolkit.units`, judged from the folder's ``study.json``; members whose
+    outputs are stale are left out with a warning). A summary that no longer matches
+    the study (members added, a setting changed, an input rerun) is refused unless
+    ``allow_stale``. Every variable is Dask-backed and keeps the ``units`` and
     ``description`` attributes of its schema (``storage_schemas/``).
 
     Groups
@@ -121,6 +151,9 @@ def open_results(study_dir: str | Path) -> Any:
     ----------
     study_dir
         The study folder (``StudyConfig.root``, e.g. ``studies/demo``).
+    allow_stale
+        Open a summary that is not current anyway; ``tree.attrs["summary_stale"]`` then
+        says why it is not.
 
     Returns
     -------
@@ -129,8 +162,8 @@ def open_results(study_dir: str | Path) -> Any:
     Raises
     ------
     StoreError
-        The folder holds neither a summary nor a complete member, or a store does not
-        match its schema.
+        The folder holds neither a summary nor a complete member, the summary is stale
+        (and not ``allow_stale``), or a store does not match its schema.
 
     Examples
     --------
@@ -151,7 +184,14 @@ def open_results(study_dir: str | Path) -> Any:
         raise StoreError(f"{root}: no study folder here; give the study's output folder "
                          "(e.g. studies/demo)")
     runs = _members(root)
+    current, stale = _currency(root)
+    if current is not None:
+        runs = {r: [s for s in seeds if s in current.get(r, [])] for r, seeds in runs.items()}
+        runs = {r: seeds for r, seeds in runs.items() if seeds}
     nodes: dict[str, Any] = {}
+    if stale and (root / "summary.zarr").exists() and not allow_stale:
+        raise StoreError(f"{root / 'summary.zarr'}: the summary is {stale}; run `toolkit run "
+                         f"{root}` to bring it up to date, or open_results(..., allow_stale=True)")
     if (root / "summary.zarr").exists():
         summary = store.open_dataset(root / "summary.zarr", "summary", chunks={})
         nodes["/summary"] = summary
@@ -180,6 +220,8 @@ def open_results(study_dir: str | Path) -> Any:
             for run, ds in sets.items():
                 nodes[f"/{kind}/{run}"] = ds.assign_coords(run=run)
     tree = xr.DataTree.from_dict(nodes)
+    if stale and (root / "summary.zarr").exists():
+        tree.attrs["summary_stale"] = stale
     tree.attrs.update(study_dir=str(root), runs=list(runs),
                       members=[f"{r}/seed{s}" for r, seeds in runs.items() for s in seeds])
     return tree
