@@ -22,8 +22,9 @@ from toolkit.config import StudyConfig, TrainingConfig, study_from_dict, study_t
 from toolkit.errors import CheckpointError, StoreError
 from toolkit.model import build_model, load_model
 from toolkit.sequences import EVAL, MASK, TRAIN, load_sequences
-from toolkit.study import Layout, Member, write_json_atomic
+from toolkit.study import Layout, Member
 from toolkit.train import DataStream, lr_factor, mask_tokens, total_steps, train_member
+from toolkit.units import get_unit, mark_complete, run_unit, unit_inputs, unit_states
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
@@ -81,7 +82,12 @@ def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval
         store.create_array(g, "tokens", "offsets", data=offsets)
         store.create_array(g, "tokens", "split", data=split)
         store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64) * 2)
-    write_json_atomic(folder / "complete.json", {"tokens": int(tokens.size)})
+    # A tokenizer file and the prepare unit's real marker, so the unit model sees the
+    # prepare unit done and `toolkit train` runs on this store.
+    (folder / "tokenizer.json").write_text(json.dumps({"test": "kmer2", "vocab": vocab, "seed": seed}))
+    unit = get_unit(study, "prepare", "c--kmer2")
+    unit.marker.unlink(missing_ok=True)
+    mark_complete(study, unit, unit_inputs(study, unit, unit_states(study)), {"tokens": int(tokens.size)})
     return folder
 
 
@@ -98,6 +104,8 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 M1, M2 = Member("r", 1), Member("r", 2)
+UNIT_KEYS = {"unit", "marker_format", "fingerprint", "inputs", "outputs", "toolkit_version", "host",
+             "finished"}
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -223,11 +231,13 @@ def test_members_share_batches_and_differ_in_weights(tmp_path: Path,
 
 def test_train_member_writes_everything(tmp_path: Path) -> None:
     study = make_study(tmp_path)
-    train_member(study, M1)
+    run_unit(study, "train", M1.id)
     layout = Layout(study)
     mdir = layout.member_dir(M1)
     marker = json.loads(layout.train_marker(M1).read_text())
-    assert set(marker) == MARKER_KEYS
+    assert set(marker) == MARKER_KEYS | UNIT_KEYS
+    assert marker["unit"] == "train:r/seed1" and set(marker["outputs"]) == {"weights", "log"}
+    assert marker["inputs"]["settings"]["training.steps"] == 12
     assert marker["member"] == "r/seed1" and marker["final_step"] == 12
     assert marker["vocab_size"] == VOCAB and marker["tokenizer_hash"] == "ab" * 32
     assert marker["tokens_per_second"] > 0
@@ -255,9 +265,9 @@ def test_train_member_writes_everything(tmp_path: Path) -> None:
     best = train_mod.evaluate_loss(load_model(mdir / "checkpoints/best"), evals, torch.device("cpu"))
     assert best == pytest.approx(float(eval_loss.min()), rel=1e-5)
     assert eval_loss[-1] < math.log(VOCAB - 5)  # it learned something beyond uniform guessing
-    # running again is a no-op: the marker says the unit is complete
+    # running the unit again is a no-op: its marker is current
     before = layout.train_marker(M1).stat().st_mtime_ns
-    train_member(study, M1)
+    run_unit(study, "train", M1.id)
     assert layout.train_marker(M1).stat().st_mtime_ns == before
 
 

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +335,10 @@ def _sources(study: StudyConfig, unit: Unit, recorded: dict[str, Any] | None) ->
             raise StoreError(f"corpus {corpus}: cannot read {path} ({e.strerror}); check the "
                              "corpus source") from e
         prev = old.get(str(path))
-        if prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns:
+        if not stat.S_ISREG(st.st_mode):
+            # A pipe or device can be read once, by the prepare itself: nothing to compare.
+            sha = "not a regular file"
+        elif prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns:
             sha = prev["sha256"]
         else:
             sha = _file_sha(path)
