@@ -356,3 +356,19 @@ def test_open_results_refuses_a_stale_summary_and_leaves_out_stale_members(study
     tree = open_results(out, allow_stale=True)
     assert tree.attrs["summary_stale"].startswith("stale: waits for evaluate r/seed2")
     assert tree.attrs["members"] == ["r/seed1"]
+
+
+def test_removed_source_keeps_prepared_tokens_valid(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Raw data purged after preparing: the token store stays done (it cannot be rebuilt)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "g.fa").write_text(">r\n" + "ACGTTGCA" * 600 + "\n>s\n" + "TTGACCA" * 700 + "\n")
+    path = tmp_path / "s.toml"
+    path.write_text(f"""[study]\nname = "gone"\nseeds = [1]\noutput_dir = "{tmp_path / 'out'}"\n
+[corpora.g]\nsource = "data"\ntrain_records = 3\neval_records = 1\n
+[runs.r]\ncorpus = "g"\ntokenizer = "kmer3"\n""")
+    study = load_study(path)
+    run_unit(study, "prepare", "g--kmer3")
+    shutil.rmtree(data)
+    assert states(study)["prepare:g--kmer3"][0] == "done"
+    assert "could not be rebuilt" in caplog.text

@@ -325,10 +325,22 @@ def _sources(study: StudyConfig, unit: Unit, recorded: dict[str, Any] | None) ->
     A file whose size and modification time equal the recorded ones keeps its recorded
     checksum (``status`` stays cheap on large genomes); any other file is read again.
     """
+    from toolkit.errors import CorpusError
+
     corpus = unit.key.partition("--")[0]
     old = (recorded or {}).get("sources") or {}
+    try:
+        files = _source_files(study, corpus)
+    except CorpusError as e:
+        if not old:
+            raise
+        # Raw data removed after preparing (a purged scratch folder): the token store is
+        # still what those checksums produced, so the unit stays done; it cannot be rebuilt.
+        log.warning("corpus %s: its source cannot be read now (%s); the prepared token store "
+                    "stays valid but could not be rebuilt", corpus, e)
+        return old
     out: dict[str, Any] = {}
-    for path in _source_files(study, corpus):
+    for path in files:
         try:
             st = path.stat()
         except OSError as e:
