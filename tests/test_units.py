@@ -372,3 +372,17 @@ def test_removed_source_keeps_prepared_tokens_valid(tmp_path: Path, caplog: pyte
     shutil.rmtree(data)
     assert states(study)["prepare:g--kmer3"][0] == "done"
     assert "could not be rebuilt" in caplog.text
+
+
+def test_external_checkpoint_files_are_part_of_the_train_fingerprint(study_copy: Path) -> None:
+    """A member adopted from a checkpoint folder is stale once that folder's files change."""
+    out = study_copy.parent / "out"
+    ext = study_copy.parent / "external"
+    shutil.copytree(out / "members" / "r" / "seed1" / "checkpoints" / "final", ext)
+    text = study_copy.read_text().replace("seeds = [1, 2]", "seeds = [1]")
+    study_copy.write_text(text + f'\n[runs.x]\ncorpus = "markov"\ntokenizer = "kmer3"\ncheckpoints = ["{ext}"]\n')
+    study = load_study(study_copy)
+    run_unit(study, "train", "x/seed1")
+    assert states(study)["train:x/seed1"][0] == "done"
+    (ext / "config.json").write_text((ext / "config.json").read_text() + " ")
+    assert states(study)["train:x/seed1"] == ("stale", "source file(s) config.json changed")

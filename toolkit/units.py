@@ -176,7 +176,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     elif isinstance(value, tuple | list):
-        out[prefix] = [v for v in value]
+        out[prefix] = list(value)
     else:
         out[prefix] = value
 
@@ -309,43 +309,57 @@ _READS: dict[tuple[str, str], tuple[str, ...]] = {
 # --------------------------------------------------------------------------- sources
 
 
-def _source_files(study: StudyConfig, corpus: str) -> list[Path]:
-    """The files a corpus reads (none for synthetic sources)."""
+def _source_files(study: StudyConfig, unit: Unit) -> list[Path]:
+    """The files from outside the study a unit reads: a prepare unit's corpus files (none
+    for synthetic sources), an adopted external checkpoint's files for a train unit."""
     from toolkit.corpora import open_corpus
+    from toolkit.errors import CorpusError
 
-    src: Any = open_corpus(corpus, study)
+    if unit.stage == "train":
+        m = Member.parse(unit.key)
+        folder = study.resolve_path(study.runs[m.run].checkpoints[study.seeds.index(m.seed)])
+        if not folder.is_dir():
+            raise CorpusError(f"runs.{m.run}.checkpoints: {folder} is not a folder")
+        return sorted(p for p in folder.rglob("*") if p.is_file())
+    src: Any = open_corpus(unit.key.partition("--")[0], study)
     while hasattr(src, "base"):
         src = src.base
     return [p for p, _ in getattr(src, "files", [])]
 
 
+def _has_sources(study: StudyConfig, unit: Unit) -> bool:
+    if unit.stage == "train":
+        return bool(study.runs[Member.parse(unit.key).run].checkpoints)
+    return unit.stage == "prepare"
+
+
 def _sources(study: StudyConfig, unit: Unit, recorded: dict[str, Any] | None) -> dict[str, Any]:
-    """``{path: {"size", "mtime_ns", "sha256"}}`` of a prepare unit's corpus files.
+    """``{path: {"size", "mtime_ns", "sha256"}}`` of the files a unit reads from outside
+    the study (:func:`_source_files`).
 
     A file whose size and modification time equal the recorded ones keeps its recorded
     checksum (``status`` stays cheap on large genomes); any other file is read again.
     """
     from toolkit.errors import CorpusError
 
-    corpus = unit.key.partition("--")[0]
     old = (recorded or {}).get("sources") or {}
     try:
-        files = _source_files(study, corpus)
+        files = _source_files(study, unit)
     except CorpusError as e:
         if not old:
             raise
-        # Raw data removed after preparing (a purged scratch folder): the token store is
-        # still what those checksums produced, so the unit stays done; it cannot be rebuilt.
-        log.warning("corpus %s: its source cannot be read now (%s); the prepared token store "
-                    "stays valid but could not be rebuilt", corpus, e)
+        # Raw data removed after preparing (a purged scratch folder): the unit's outputs
+        # are still what those checksums produced, so it stays done; it cannot be rebuilt.
+        log.warning("%s: its source cannot be read now (%s); its outputs stay valid but could "
+                    "not be rebuilt", unit.label, e)
         return old
     out: dict[str, Any] = {}
     for path in files:
         try:
             st = path.stat()
         except OSError as e:
-            raise StoreError(f"corpus {corpus}: cannot read {path} ({e.strerror}); check the "
-                             "corpus source") from e
+            raise StoreError(f"{unit.label}: cannot read {path} ({e.strerror}); check the "
+                             "source path") from e
         prev = old.get(str(path))
         if not stat.S_ISREG(st.st_mode):
             # A pipe or device can be read once, by the prepare itself: nothing to compare.
@@ -383,7 +397,7 @@ def unit_inputs(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Un
         outputs = st.marker.get("outputs") or {}
         upstream[f"{up[0]}:{up[1]}"] = {k: outputs.get(k) for k in _READS[(unit.stage, up[0])]}
     inputs: dict[str, Any] = {"settings": unit_settings(study, unit), "upstream": upstream}
-    if unit.stage == "prepare":
+    if _has_sources(study, unit):
         inputs["sources"] = _sources(study, unit, recorded)
     return inputs
 
