@@ -493,3 +493,21 @@ def test_array_jobs_write_their_outcome_next_to_their_log(queue_snapshot: Any, t
     assert read_outcome(bad.paths.stdout) == "error"
     doc = json.loads(Path(str(bad.paths.stdout).replace("_log.out", "_outcome.json")).read_text())
     assert doc["returncode"] == 3 and doc["finished"]
+
+
+def test_process_identity_is_the_exec_ed_command_not_the_forking_parent() -> None:
+    """Recorded right after Popen, before the child may have exec'ed: still the child's argv."""
+    import subprocess
+    import sys
+
+    from toolkit.dispatch.local import process_identity
+
+    for _ in range(20):
+        argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+        proc = subprocess.Popen(argv)
+        try:
+            started, cmdline = process_identity(proc.pid)
+            assert cmdline == argv and started is not None
+        finally:
+            proc.kill()
+            proc.wait()
