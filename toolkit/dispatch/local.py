@@ -176,13 +176,14 @@ def process_identity(pid: int | str) -> tuple[float | None, list[str] | None]:
     try:
         proc = psutil.Process(int(pid))
         # Right after Popen the child may not have exec'ed yet: between fork and exec its
-        # command line is still ours. Wait (briefly) for the one it will keep.
+        # command line is still ours, and during exec it reads empty. Wait (briefly) for
+        # the one it will keep.
         ours = psutil.Process().cmdline()
         deadline = time.monotonic() + 5.0
         while True:
             with proc.oneshot():
                 started, cmdline = proc.create_time(), proc.cmdline()
-            if cmdline != ours or time.monotonic() > deadline:
+            if (cmdline and cmdline != ours) or time.monotonic() > deadline:
                 return started, cmdline
             time.sleep(0.01)
     except (psutil.Error, ValueError):
