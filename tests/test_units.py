@@ -386,3 +386,13 @@ def test_external_checkpoint_files_are_part_of_the_train_fingerprint(study_copy:
     assert states(study)["train:x/seed1"][0] == "done"
     (ext / "config.json").write_text((ext / "config.json").read_text() + " ")
     assert states(study)["train:x/seed1"] == ("stale", "source file(s) config.json changed")
+
+
+def test_an_unopenable_lock_file_is_one_line(study_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    study = load_study(study_copy)
+    unit = get_unit(study, "analyse", "summary")
+    unit.lock.unlink(missing_ok=True)
+    unit.lock.mkdir()  # something that is not a file where the lock file goes
+    rc = main(["analyse", str(study_copy), "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot open the unit's lock file" in err[0]

@@ -49,7 +49,16 @@ from typing import Any, Literal
 
 from toolkit.config import STAGES, StudyConfig
 from toolkit.errors import ConfigError, StoreError, ToolkitError
-from toolkit.study import Layout, Member, members, prepare_keys, token_key, write_json_atomic
+from toolkit.study import (
+    Layout,
+    Member,
+    checkpoint_run,
+    members,
+    prepare_keys,
+    run_tokenizer,
+    token_key,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,9 @@ ANALYSIS_FIELDS: dict[str, tuple[str, ...]] = {
     "prepare": ("entropy_orders", "entropy_max_tokens"),
     "evaluate": ("checkpoint", "eval_records", "seq_len", "distribution_mask_rate",
                  "fisher_mask_rate", "mask_seed", "batch_size", "prediction_dtype",
-                 "fisher_estimators", "fisher_records", "contextual_records"),
-    "analyse": ("top_p", "topk", "spearman_variant", "rbf_sigma", "bootstrap", "confidence"),
+                 "fisher_estimators", "fisher_records", "fisher_diagonal", "contextual_records"),
+    "analyse": ("top_p", "topk", "spearman_variant", "rbf_sigma", "bootstrap", "confidence",
+                "definitions", "top_p_rule", "spread_ddof", "kl_headline"),
 }
 # ``fisher_estimators`` is read by evaluate (what is computed) and analyse (what is shown).
 ANALYSIS_SHARED = {"fisher_estimators": ("evaluate", "analyse")}
@@ -124,13 +134,13 @@ def study_units(study: StudyConfig) -> list[Unit]:
         out.append(Unit("train", m.id, layout.train_marker(m), d / ".train.lock",
                         (d / "train.zarr", layout.checkpoints_dir(m) / "final",
                          layout.checkpoints_dir(m) / "best"),
-                        (("prepare", token_key(run.corpus, run.tokenizer)),)))
+                        (("prepare", token_key(run.corpus, run_tokenizer(study, m.run))),)))
     for m in ms:
         run = study.runs[m.run]
         d = layout.member_dir(m)
         out.append(Unit("evaluate", m.id, layout.evaluate_marker(m), d / ".evaluate.lock",
                         (d / "predictions.zarr", d / "embeddings.zarr", d / "fisher.zarr"),
-                        (("prepare", token_key(run.corpus, run.tokenizer)), ("train", m.id))))
+                        (("prepare", token_key(run.corpus, run_tokenizer(study, m.run))), ("train", m.id))))
     up = [("prepare", token_key(c, t)) for c, t in prepare_keys(study)]
     up += [("train", m.id) for m in ms] + [("evaluate", m.id) for m in ms]
     out.append(Unit("analyse", "summary", layout.analyse_marker, layout.root / ".analyse.lock",
@@ -217,6 +227,9 @@ def unit_settings(study: StudyConfig, unit: Unit) -> dict[str, Any]:
         for c in _corpus_chain(study, corpus):
             s.update(flat_settings(study.corpora[c], f"corpora.{c}"))
         s["tokenizer"] = tok
+        ckpt_run = checkpoint_run(tok)
+        if ckpt_run in study.runs:  # the tokenizer comes from these folders
+            s[f"runs.{ckpt_run}.checkpoints"] = list(study.runs[ckpt_run].checkpoints)
         s.update(_analysis(study, "prepare"))
     elif unit.stage == "train":
         m = Member.parse(unit.key)
@@ -321,10 +334,20 @@ def _source_files(study: StudyConfig, unit: Unit) -> list[Path]:
         if not folder.is_dir():
             raise CorpusError(f"runs.{m.run}.checkpoints: {folder} is not a folder")
         return sorted(p for p in folder.rglob("*") if p.is_file())
-    src: Any = open_corpus(unit.key.partition("--")[0], study)
+    corpus, _, tok = unit.key.partition("--")
+    src: Any = open_corpus(corpus, study)
     while hasattr(src, "base"):
         src = src.base
-    return [p for p, _ in getattr(src, "files", [])]
+    files = [p for p, _ in getattr(src, "files", [])]
+    ckpt_run = checkpoint_run(tok)
+    if ckpt_run in study.runs:
+        # tokenizer = "checkpoint": the tokenizer files of every checkpoint (all are compared
+        # when preparing) are sources, so replacing one re-prepares and re-checks them.
+        from toolkit.hf_tokenizer import tokenizer_files
+
+        for given in study.runs[ckpt_run].checkpoints:
+            files += tokenizer_files(study.resolve_path(given), f"runs.{ckpt_run}.checkpoints")
+    return files
 
 
 def _has_sources(study: StudyConfig, unit: Unit) -> bool:
@@ -523,9 +546,20 @@ class _Lock:
     path: Path
     fd: int = -1
 
+    writable: bool = True
+
     def __enter__(self) -> _Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:
+                # A colleague's lock file in a shared folder: flock works on a read-only
+                # descriptor too; only the holder note is not written.
+                self.fd, self.writable = os.open(self.path, os.O_RDONLY), False
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot open the unit's lock file ({e.strerror}); "
+                             "the study folder must be writable by whoever runs its units") from e
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -535,13 +569,15 @@ class _Lock:
             os.close(self.fd)
             raise UnitBusyError(f"{self.path}: the unit is being run by {holder}; wait for it to "
                                 "finish (or cancel it) instead of starting it twice") from e
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        if self.writable:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.ftruncate(self.fd, 0)
+        if self.writable:
+            os.ftruncate(self.fd, 0)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -631,7 +667,7 @@ def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Uni
                 log.info("train %s: --force: discarding %s, training from scratch", member.id, ckpts)
                 shutil.rmtree(ckpts)
         run = study.runs[member.run]
-        prep = inputs["upstream"].get(f"prepare:{token_key(run.corpus, run.tokenizer)}") or {}
+        prep = inputs["upstream"].get(f"prepare:{token_key(run.corpus, run_tokenizer(study, member.run))}") or {}
         train_member(study, member, data_digest=_json_digest(prep))
     elif unit.stage == "evaluate":
         from toolkit.evaluate import evaluate_member
