@@ -139,7 +139,7 @@ def test_load_model_roundtrip(tmp_path: Path) -> None:
     other = tmp_path / "gpt"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(CheckpointError, match="'gpt2' checkpoint, not BERT"):
+    with pytest.raises(CheckpointError, match="'gpt2' checkpoint as a masked LM"):
         load_model(other)
 
 

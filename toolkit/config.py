@@ -32,6 +32,8 @@ from toolkit.errors import ConfigError
 
 TOKENIZER_PATTERN = re.compile(r"^(char|kmer(?P<k>[1-9]\d*)(?P<overlap>-overlap)?|bpe(?P<v>[1-9]\d*))$")
 N_SPECIALS = 5  # UNK, PAD, CLS, SEP, MASK
+CHECKPOINT_TOKENIZER = "checkpoint"
+"""``runs.X.tokenizer`` value: tokenize with the tokenizer saved in the run's checkpoints."""
 PAPER_TOP_P = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PAPER_TOPK = (1, 3, 5, 10, 20, 50, 100, 1000, 4000)
 STAGES = ("prepare", "train", "evaluate", "analyse")
@@ -203,10 +205,14 @@ class RunConfig:
     corpus: str
     """Name of one of the study's corpora."""
     tokenizer: str
-    """``char``, ``kmer<k>``, ``kmer<k>-overlap`` or ``bpe<V>`` (e.g. ``kmer6``, ``bpe4096``)."""
+    """``char``, ``kmer<k>``, ``kmer<k>-overlap`` or ``bpe<V>`` (e.g. ``kmer6``, ``bpe4096``), or
+    ``checkpoint``: the tokenizer saved with the run's ``checkpoints`` (they must all share
+    it; such a run only adopts, it cannot train)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoints: tuple[str, ...] = _f((), plain=True)
-    """Local folders of existing HF BertForMaskedLM checkpoints used as members instead of training."""
+    """Local folders of existing HuggingFace masked-LM checkpoints (any ``AutoModelForMaskedLM``:
+    BERT, RoBERTa, ESM, ...; ``save_pretrained`` layout) used as members instead of training.
+    Non-BERT checkpoints need ``tokenizer = "checkpoint"``."""
 
 
 # --------------------------------------------------------------------------- training
@@ -820,14 +826,21 @@ def validate_study(study: StudyConfig, where: str) -> None:
         if run.corpus not in study.corpora:
             raise err(f"runs.{name}.corpus: '{run.corpus}' is not one of the study's corpora "
                       f"({', '.join(sorted(study.corpora))})")
-        m = TOKENIZER_PATTERN.match(run.tokenizer)
-        if not m:
-            raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' is not valid; "
-                      "use char, kmer<k> (e.g. kmer6), kmer<k>-overlap or bpe<V> (e.g. bpe4096)")
-        if m.group("v") and int(m.group("v")) <= N_SPECIALS:
+        if run.tokenizer == CHECKPOINT_TOKENIZER:
+            if not run.checkpoints:
+                raise err(f"runs.{name}.tokenizer = 'checkpoint' needs runs.{name}.checkpoints (one "
+                          "folder per seed): a run with a checkpoint's tokenizer adopts those "
+                          "models and cannot be trained; give checkpoints or a tokenizer such as kmer6")
+            m = None
+        else:
+            m = TOKENIZER_PATTERN.match(run.tokenizer)
+            if not m:
+                raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' is not valid; use char, kmer<k> "
+                          "(e.g. kmer6), kmer<k>-overlap, bpe<V> (e.g. bpe4096) or checkpoint")
+        if m is not None and m.group("v") and int(m.group("v")) <= N_SPECIALS:
             raise err(f"runs.{name}.tokenizer: vocabulary {m.group('v')} is not larger than the "
                       f"{N_SPECIALS} special tokens; use e.g. bpe4096")
-        if m.group("k"):
+        if m is not None and m.group("k"):
             from toolkit.tokenizer import MAX_K  # imports this module: not at the top
 
             if int(m.group("k")) > MAX_K:

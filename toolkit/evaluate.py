@@ -34,7 +34,7 @@ from toolkit import store
 from toolkit.config import StudyConfig
 from toolkit.errors import CheckpointError, StoreError
 from toolkit.masks import CHECKED_ATTRS, IGNORE, ensure_masks
-from toolkit.model import load_model, masked_logits, pick_device
+from toolkit.model import last_hidden, load_model, masked_logits, model_positions, pick_device
 from toolkit.study import Layout, Member, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,8 @@ def write_embeddings(model: Any, masks: Any, path: Path, attrs: dict[str, Any], 
     import torch
 
     device = next(model.parameters()).device
-    words = model.bert.embeddings.word_embeddings.weight.detach().float().cpu().numpy()  # (V, d)
+    # The input word embeddings of any architecture (BERT, RoBERTa, ESM, ...).
+    words = model.get_input_embeddings().weight.detach().float().cpu().numpy()  # (V, d)
     ids_a, att_a = masks["contextual/input_ids"], masks["contextual/attention_mask"]
     pooled = np.empty((ids_a.shape[0], words.shape[1]), dtype=np.float32)  # (C, d)
     progress = _Progress(f"contextual {attrs['member']}", ids_a.shape[0], "sequences")
@@ -230,7 +231,7 @@ def write_embeddings(model: Any, masks: Any, path: Path, attrs: dict[str, Any], 
             input_ids = torch.from_numpy(ids.astype(np.int64)).to(device)  # (B, T)
             attention = torch.from_numpy(att.astype(np.int64)).to(device)  # (B, T)
             # With no transformer layers this is the embedding output, as wanted.
-            hidden = model.bert(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (B, T, d)
+            hidden = last_hidden(model, input_ids, attention)  # (B, T, d)
             weight = attention.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             mean = (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # (B, d)
             pooled[lo:hi] = mean.float().cpu().numpy()
@@ -365,8 +366,8 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
             if int(model.config.vocab_size) != vocab:
                 raise CheckpointError(f"{ckpt}: model vocabulary {model.config.vocab_size} differs from "
                                       f"the token store's {vocab}; retrain the member")
-            if int(model.config.max_position_embeddings) < int(mask_attrs["seq_len"]):
-                raise CheckpointError(f"{ckpt}: the model has {model.config.max_position_embeddings} "
+            if model_positions(model) < int(mask_attrs["seq_len"]):
+                raise CheckpointError(f"{ckpt}: the model has {model_positions(model)} "
                                       f"positions, evaluation sequences {mask_attrs['seq_len']}; "
                                       "set analysis.seq_len to at most that")
         return model

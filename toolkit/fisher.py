@@ -31,6 +31,13 @@ head on masked positions only (the toolkit's training step).
 Groups: ``embeddings`` (word, position, token-type tables, embedding LayerNorm),
 ``layer.<i>`` (transformer block i), ``head`` (MLM transform, decoder bias, and the
 decoder weight when it is not tied to the word embeddings).
+
+Other architectures (adopted RoBERTa, ESM, ... checkpoints) get the same groups from
+their parameter names (:func:`parameter_group` with the model's ``base_model_prefix``:
+``*.embeddings.*``, ``*.layer.<i>.*``, everything outside the base model is ``head``,
+as is a base-model parameter after the blocks such as ESM's final LayerNorm). Their
+per-example estimator runs one backward per sequence (exact, slower); the batch
+estimator is the same code for every architecture.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ ESTIMATORS: tuple[str, ...] = ("per-example", "batch")
 IGNORE = -100  # HF label of a position that is not masked
 _REQUIRED = ("input_ids", "attention_mask", "labels")
 _OPTIONAL = ("token_type_ids", "position_ids")
-_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:encoder\.)?layers?\.(\d+)\.")
 _EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
 _LOG_EVERY_S = 30.0
 # Per-sequence weight gradients materialised at once: on a GPU 16 MiB (fp32) per bmm; on a
@@ -97,18 +104,35 @@ class FisherTraces:
         return {g: v / total for g, v in self.groups.items()}
 
 
-def parameter_group(name: str) -> str:
-    """The Fisher group of a BertForMaskedLM parameter name.
+def parameter_group(name: str, base_prefix: str | None = None) -> str:
+    """The Fisher group of a masked-LM parameter name.
 
-    ``bert.embeddings.*`` -> ``embeddings``, ``bert.encoder.layer.<i>.*`` -> ``layer.<i>``,
-    ``cls.*`` -> ``head``. A tied decoder weight is named (and grouped) as the word embedding.
+    ``*.embeddings.*`` -> ``embeddings``, ``*.layer.<i>.*`` / ``*.layers.<i>.*`` (transformer
+    block i: ``bert.encoder.layer.<i>``, ``roberta.encoder.layer.<i>``,
+    ``esm.encoder.layer.<i>``) -> ``layer.<i>``, the MLM head (``cls.*``, ``lm_head.*``) ->
+    ``head``. A tied decoder weight is named (and grouped) as the word embedding.
+
+    Parameters
+    ----------
+    name
+        As in ``model.named_parameters()``.
+    base_prefix
+        The model's ``base_model_prefix`` (``bert``, ``roberta``, ``esm``); given, the rule is
+        generic: every parameter outside the base model is ``head``, and a base-model
+        parameter that is neither an embedding nor in a block (ESM's
+        ``encoder.emb_layer_norm_after``, a pooler, ESM's unused contact head) is ``head``
+        too: it acts on the last block's output, as the head does. Without it, names
+        other than BERT's, RoBERTa's and ESM's are a :class:`ConfigError`.
     """
-    if m := _LAYER.search(name):
+    inside = base_prefix is None or name.startswith(f"{base_prefix}.")
+    if inside and (m := _LAYER.search(name)):
         return f"layer.{m.group(1)}"
-    if name.startswith("cls."):
+    if name.startswith(("cls.", "lm_head.")) or (base_prefix is not None and not inside):
         return "head"
-    if _EMBEDDINGS.search(name):
+    if inside and _EMBEDDINGS.search(name):
         return "embeddings"
+    if base_prefix is not None:
+        return "head"
     raise ConfigError(f"parameter '{name}' belongs to no Fisher group; groups are embeddings "
                       "(bert.embeddings.*), layer.<i> (bert.encoder.layer.<i>.*) and head (cls.*)")
 
@@ -153,7 +177,8 @@ def fisher_traces(model: Any, batches: Iterable[Mapping[str, Any]],
     acc, names, n_examples, n_tokens = _run(model, batches, estimator, device, diagonal=False)
     denom = n_examples if estimator == "per-example" else n_tokens
     parameters = {name: float(acc[name]) / denom for name in names}
-    parameter_groups = {name: parameter_group(name) for name in names}
+    prefix = getattr(model, "base_model_prefix", None) or None
+    parameter_groups = {name: parameter_group(name, prefix) for name in names}
     groups: dict[str, float] = {}
     for group in sorted(set(parameter_groups.values()), key=_group_key):
         groups[group] = sum(v for n, v in parameters.items() if parameter_groups[n] == group)
@@ -183,7 +208,7 @@ def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, devic
 
     if estimator not in ESTIMATORS:
         raise ConfigError(f"Fisher estimator '{estimator}' is unknown; estimators: {', '.join(ESTIMATORS)}")
-    _check_bert(model)
+    bert = _is_bert(model)
     named = list(model.named_parameters())  # tied parameters appear once, under their first name
     names = [n for n, _ in named]
     n_examples = n_tokens = 0
@@ -194,7 +219,11 @@ def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, devic
             sums: dict[int, Any] = {id(p): torch.zeros_like(p) for _, p in named}
         else:
             sums = {id(p): torch.zeros((), dtype=torch.float64, device=dev) for _, p in named}
-        engine = _PerExample(model, sums, diagonal) if estimator == "per-example" else None
+        engine: Any = None
+        if estimator == "per-example":
+            # The one-pass engine knows BERT's modules; other architectures (RoBERTa, ESM ...)
+            # take one backward per sequence: the same g_i, slower.
+            engine = _PerExample(model, sums, diagonal) if bert else _PerSequence(model, named, sums, diagonal)
         try:
             for k, batch in enumerate(_batches(batches, dev, model.config.vocab_size)):
                 counts = (batch["labels"] != IGNORE).sum(1)  # (B,) masked tokens per sequence
@@ -225,13 +254,17 @@ def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, devic
     return {n: sums[id(p)] for n, p in named}, names, n_examples, n_tokens
 
 
-def _check_bert(model: Any) -> None:
+def _is_bert(model: Any) -> bool:
+    """A BertForMaskedLM layout (bert.embeddings with its tables, cls.predictions)."""
     emb = getattr(getattr(model, "bert", None), "embeddings", None)
     needed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
     head = getattr(getattr(model, "cls", None), "predictions", None)
-    if emb is None or head is None or not all(hasattr(emb, n) for n in needed):
-        raise ConfigError(f"the Fisher needs a transformers BertForMaskedLM (bert.embeddings, "
-                          f"cls.predictions); got {type(model).__name__}")
+    if emb is not None and head is not None and all(hasattr(emb, n) for n in needed):
+        return True
+    if not hasattr(model, "base_model") or not hasattr(model, "config"):
+        raise ConfigError(f"the Fisher needs a transformers masked LM (a PreTrainedModel with a base "
+                          f"model and an MLM head); got {type(model).__name__}")
+    return False
 
 
 @contextmanager
@@ -299,6 +332,11 @@ def _batches(batches: Iterable[Mapping[str, Any]], device: torch.device,
 
 def _masked_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """MLM logits at the masked positions only, row-major: (M, V)."""
+    if not hasattr(model, "bert"):  # any other architecture: its base model and MLM head
+        from toolkit.model import masked_logits
+
+        return masked_logits(model, batch["input_ids"], batch["attention_mask"],
+                             batch["labels"] != IGNORE)  # (M, V)
     hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         token_type_ids=batch.get("token_type_ids"),
                         position_ids=batch.get("position_ids"))[0]  # (B, T, d)
@@ -325,6 +363,29 @@ def _batch_step(model: Any, named: list[tuple[str, torch.nn.Parameter]],
 
 
 # --------------------------------------------------------------------------- per-example engine
+
+
+class _PerSequence:
+    """The per-example estimator for any architecture: one backward per sequence.
+
+    Sequence i's gradient g_i is that of the mean cross-entropy over its own masked
+    tokens (the batch estimator's step on a batch of one), so the result is exactly the
+    definition; it costs a forward and a backward per sequence instead of per batch.
+    """
+
+    def __init__(self, model: Any, named: list[tuple[str, Any]], sums: dict[int, Any],
+                 diagonal: bool) -> None:
+        self.model, self.named, self.sums, self.diagonal = model, named, sums, diagonal
+
+    def run(self, batch: Mapping[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Add the squared per-sequence gradients of one batch to ``sums``."""
+        for i in counts.nonzero()[:, 0].tolist():
+            one = {key: t[i:i + 1] for key, t in batch.items()}  # (1, T) each
+            _batch_step(self.model, self.named, one, self.sums, self.diagonal)
+
+    def close(self) -> None:
+        """Nothing to release (no hooks)."""
+
 
 
 class _PerExample:

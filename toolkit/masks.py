@@ -13,8 +13,9 @@ member"). Three sets (storage_schemas/masks.json):
 - ``contextual``: the first ``contextual_records`` sequences, unmasked.
 
 Maskable positions are real tokens that are not special tokens ([UNK] included: a
-model is not asked to predict "unknown"). Each sequence with at least one maskable
-position gets exactly ``max(1, round(rate * n_maskable))`` masked positions, so rates
+model is not asked to predict "unknown"); the special ids and the [MASK] id are the
+token store's recorded ones (a checkpoint's tokenizer has its own). Each sequence with
+at least one maskable position gets exactly ``max(1, round(rate * n_maskable))`` masked positions, so rates
 hold per sequence and no sequence is left without a prediction. Selected positions
 become [MASK] only (no 80/10/10 as in training).
 
@@ -41,7 +42,7 @@ import numpy as np
 from toolkit import store
 from toolkit.config import N_SPECIALS, StudyConfig
 from toolkit.errors import StoreError
-from toolkit.sequences import EVAL, MASK, load_sequences
+from toolkit.sequences import EVAL, MASK, load_sequences, never_masked, special_ids
 from toolkit.study import Layout
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def expected_attrs(study: StudyConfig, run: str, tokens_attrs: dict[str, Any]) -
 
 
 def select_positions(input_ids: np.ndarray, attention_mask: np.ndarray, rate: float,
-                     rng: np.random.Generator) -> np.ndarray:
+                     rng: np.random.Generator, special: np.ndarray | None = None) -> np.ndarray:
     """Choose the masked positions of a block of sequences.
 
     Parameters
@@ -98,6 +99,9 @@ def select_positions(input_ids: np.ndarray, attention_mask: np.ndarray, rate: fl
         Fraction of each sequence's maskable positions to mask.
     rng
         Source of randomness; one (S, T) draw is taken from it.
+    special
+        Ids never masked (the token store's specials, :func:`toolkit.sequences.never_masked`);
+        None: the toolkit's own, ids below 5.
 
     Returns
     -------
@@ -106,7 +110,8 @@ def select_positions(input_ids: np.ndarray, attention_mask: np.ndarray, rate: fl
         ``max(1, floor(rate * n_i + 0.5))`` True entries, ``n_i`` its maskable
         positions (non-padding, non-special), or none when ``n_i`` is 0.
     """
-    maskable = (attention_mask != 0) & (input_ids >= N_SPECIALS)  # (S, T)
+    is_special = input_ids < N_SPECIALS if special is None else np.isin(input_ids, special)  # (S, T)
+    maskable = (attention_mask != 0) & ~is_special  # (S, T)
     n = maskable.sum(axis=1)  # (S,)
     k = np.where(n > 0, np.maximum(1, np.floor(rate * n + 0.5)), 0).astype(np.int64)  # (S,)
     # Random keys, +inf where not maskable: the k smallest keys of a row are a uniform
@@ -130,9 +135,9 @@ def _read_inputs(seqs: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, att
 
 
-def _apply(ids: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Masked inputs and labels (-100 where not chosen)."""
-    masked = np.where(chosen, MASK, ids).astype(np.int32)
+def _apply(ids: np.ndarray, chosen: np.ndarray, mask_id: int = MASK) -> tuple[np.ndarray, np.ndarray]:
+    """Masked inputs (``mask_id`` where chosen) and labels (-100 where not chosen)."""
+    masked = np.where(chosen, mask_id, ids).astype(np.int32)
     labels = np.where(chosen, ids, IGNORE).astype(np.int32)
     return masked, labels
 
@@ -155,10 +160,13 @@ def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
     # One independent stream per set, so changing one rate never moves the other set's positions.
     dist_rng = np.random.default_rng(np.random.SeedSequence([a.mask_seed, 0]))
     fish_rng = np.random.default_rng(np.random.SeedSequence([a.mask_seed, 1]))
-    dist_chosen = select_positions(ids, att, a.distribution_mask_rate, dist_rng)  # (S, T)
-    fish_chosen = select_positions(ids[:n_fisher], att[:n_fisher], a.fisher_mask_rate, fish_rng)
-    dist_ids, dist_labels = _apply(ids, dist_chosen)
-    fish_ids, fish_labels = _apply(ids[:n_fisher], fish_chosen)
+    # The store's own specials: a checkpoint's tokenizer has other ids than the toolkit's 0..4.
+    special = never_masked(tokens.attrs)
+    mask_id = special_ids(tokens.attrs)["[MASK]"]
+    dist_chosen = select_positions(ids, att, a.distribution_mask_rate, dist_rng, special)  # (S, T)
+    fish_chosen = select_positions(ids[:n_fisher], att[:n_fisher], a.fisher_mask_rate, fish_rng, special)
+    dist_ids, dist_labels = _apply(ids, dist_chosen, mask_id)
+    fish_ids, fish_labels = _apply(ids[:n_fisher], fish_chosen, mask_id)
     seq_of, off_of = np.nonzero(dist_chosen)  # row-major: sorted by (sequence, seq_pos)
     attrs = {**expected_attrs(study, run, dict(tokens.attrs)), "n_sequences": int(len(seqs)),
              "n_positions": int(seq_of.shape[0]), "n_fisher_sequences": int(n_fisher),

@@ -16,6 +16,11 @@ Parameter counts at vocabulary 4096 (tied embeddings counted once; measured with
 
 ``num_hidden_layers = 0`` is accepted by HuggingFace as is: the encoder is an empty
 ``ModuleList`` and the embeddings feed the MLM head directly.
+
+Adopted external checkpoints (``runs.X.checkpoints``) may be any ``AutoModelForMaskedLM``
+(RoBERTa, ESM / Nucleotide Transformer, ...): :func:`load_model` loads them from local
+files, and :func:`masked_logits`, :func:`last_hidden` and :func:`model_positions` work on
+the generic base model and MLM head instead of BERT's ``.bert`` / ``.cls``.
 """
 
 from __future__ import annotations
@@ -118,13 +123,17 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int,
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForMaskedLM:
-    """Load a HuggingFace ``save_pretrained`` folder (safetensors) in eval mode.
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """Load a HuggingFace ``save_pretrained`` folder in eval mode.
+
+    BERT (the toolkit's members) loads as ``BertForMaskedLM`` with SDPA from safetensors;
+    any other ``model_type`` (an adopted external checkpoint: RoBERTa, ESM, ...) through
+    ``AutoModelForMaskedLM``, local files only.
 
     Raises
     ------
     CheckpointError
-        The folder is missing or does not hold a BertForMaskedLM checkpoint.
+        The folder is missing or does not hold a masked-LM checkpoint.
     """
     from transformers import BertForMaskedLM
     from transformers.utils import logging as hf_logging
@@ -140,8 +149,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForM
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: config.json is not readable JSON ({e})") from e
     if model_type != "bert":
-        raise CheckpointError(f"{path}: a '{model_type}' checkpoint, not BERT; the toolkit's members "
-                              "are BertForMaskedLM models")
+        return _load_other(path, model_type, device)
     from safetensors import SafetensorError
 
     from toolkit.checkpoint import verify_export
@@ -170,13 +178,79 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> BertForM
     return model.to(device).eval()
 
 
-def masked_logits(model: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def _load_other(path: Path, model_type: Any, device: str | torch.device) -> Any:
+    """Any other ``AutoModelForMaskedLM`` checkpoint (RoBERTa, ESM, ...), local files only."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the model hub
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        loaded: Any = AutoModelForMaskedLM.from_pretrained(str(path), local_files_only=True,
+                                                           output_loading_info=True)
+        model, info = loaded
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path}: cannot load this '{model_type}' checkpoint as a masked LM "
+                              f"(AutoModelForMaskedLM: {why}); give a save_pretrained folder of a "
+                              "masked-LM model") from e
+    missing = list(info.get("missing_keys", ()))
+    if missing or info.get("mismatched_keys"):
+        raise CheckpointError(f"{path}: weights missing or of the wrong shape for "
+                              f"{type(model).__name__} ({(missing or list(info['mismatched_keys']))[:3]}); "
+                              "is it a masked-LM checkpoint?")
+    return model.to(device).eval()
+
+
+# Architectures whose MLM forward is exactly ``head(base_model(...)[0])``, the head being the
+# model's one child beside its base model (BertForMaskedLM .bert/.cls, RobertaForMaskedLM
+# and EsmForMaskedLM .roberta|.esm/.lm_head). Others run their whole forward.
+_BASE_THEN_HEAD = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "esm"})
+
+
+def mlm_head(model: Any) -> Any:
+    """The module that maps the base model's hidden states to MLM logits, or None.
+
+    None when the architecture is not known to apply exactly ``head(hidden)`` (then
+    :func:`masked_logits` runs the model's own forward).
+    """
+    if getattr(model.config, "model_type", None) not in _BASE_THEN_HEAD:
+        return None
+    base = model.base_model
+    others = [m for _, m in model.named_children() if m is not base]
+    return others[0] if len(others) == 1 else None
+
+
+def model_positions(model: Any) -> int:
+    """The longest input (tokens, specials included) the model's position table takes.
+
+    RoBERTa-style absolute positions start after the padding index (ids ``padding_idx +
+    1 ...``), so they take ``num_embeddings - padding_idx - 1`` tokens; rotary models
+    (ESM-2) have no table and report ``max_position_embeddings``.
+    """
+    emb = getattr(model.base_model, "embeddings", None)
+    table = getattr(emb, "position_embeddings", None)
+    if table is None or not hasattr(table, "num_embeddings"):
+        return int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    if getattr(model.config, "model_type", None) != "bert" and table.padding_idx is not None:
+        return int(table.num_embeddings) - int(table.padding_idx) - 1
+    return int(table.num_embeddings)
+
+
+def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) last-layer states of the base model (the input of its MLM head)."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def masked_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
-    """MLM logits at the masked positions only.
+    """MLM logits at the masked positions only, for any HuggingFace masked LM.
 
     The trunk runs once over the whole batch; the MLM head (transform + V-wide
     decoder, a large share of the matmul work at small hidden sizes) runs only on the
     selected rows, instead of allocating an (B, T, V) tensor of which ~15% is used.
+    Architectures without a known base + head split (:func:`mlm_head`) run their whole
+    forward and the masked rows are selected from its (B, T, V) logits.
 
     Parameters
     ----------
@@ -190,9 +264,12 @@ def masked_logits(model: BertForMaskedLM, input_ids: torch.Tensor, attention_mas
     torch.Tensor
         (M, V) logits, rows in row-major order of ``positions`` (M = positions.sum()).
     """
-    hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+    head = mlm_head(model)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]  # (M, V)
+    hidden = last_hidden(model, input_ids, attention_mask)  # (B, T, d)
     picked = hidden[positions]  # (M, d)
-    return model.cls(picked)  # (M, V)
+    return head(picked)  # (M, V)
 
 
 def pick_device(preference: str = "auto") -> torch.device:

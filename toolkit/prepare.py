@@ -1,7 +1,10 @@
 """``toolkit prepare`` and ``toolkit corpus-stats``: corpora -> tokenizer -> token stores.
 
 One prepare unit is one (corpus, tokenizer) pair of the study. It writes the folder
-``tokens/<corpus>--<tokenizer>/`` all-or-nothing::
+``tokens/<corpus>--<tokenizer>/`` all-or-nothing (``<tokenizer>`` is ``checkpoint-<run>``
+for a run with ``tokenizer = "checkpoint"``: the corpus is encoded with its
+checkpoints' own tokenizer, :mod:`toolkit.hf_tokenizer`, whose identity document is
+saved as ``tokenizer.json`` and whose special ids are recorded in the store)::
 
     tokens.zarr      tokens, record offsets, split, symbols per record (storage_schemas/tokens.json)
     tokenizer.json   the tokenizer (its sha256 is the store's tokenizer_hash)
@@ -35,7 +38,7 @@ from toolkit import store
 from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
 from toolkit.errors import ConfigError, StoreError
 from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
-from toolkit.study import Layout, prepare_keys, token_key, write_json_atomic
+from toolkit.study import Layout, checkpoint_run, prepare_keys, token_key, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ class _Progress:
 
 def _check_spec(spec: str) -> None:
     """Fail fast, before any corpus is read, on a spec no tokenizer can have."""
+    if checkpoint_run(spec) is not None:
+        return  # a checkpoint's own tokenizer: checked when it is loaded
     m = TOKENIZER_PATTERN.match(spec)
     if not m:
         tokenizer_vocab_size(spec)  # raises the ConfigError listing the valid specs
@@ -79,7 +84,7 @@ def _check_spec(spec: str) -> None:
 
 
 def _needs_training(spec: str) -> bool:
-    return not spec.startswith("kmer")
+    return not spec.startswith("kmer") and checkpoint_run(spec) is None
 
 
 def _batches(records: Iterator[Any]) -> Iterator[list[Any]]:
@@ -241,13 +246,21 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
 
     cfg = study.corpora[name]
     what = f"prepare {token_key(name, spec)}"
-    tok, split = _make_tokenizer(spec, src, cfg, what)
+    ckpt_run = checkpoint_run(spec)
+    if ckpt_run is not None:
+        tok, split = _checkpoint_tokenizer(study, ckpt_run), None
+        vocab_size = _checkpoint_vocab_size(study, ckpt_run, tok)
+        specials: dict[str, Any] = {"special_tokens": dict(tok.special_tokens),
+                                    "special_ids": list(tok.special_ids)}
+    else:
+        tok, split = _make_tokenizer(spec, src, cfg, what)
+        vocab_size = tok.vocab_size
+        specials = {"special_tokens": dict(SPECIAL_TOKENS)}
     tok.save(out / "tokenizer.json")
     attrs = {
         "corpus": name, "source": cfg.source, "kind": src.kind, "tokenizer": spec,
-        "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size,
-        "special_tokens": dict(SPECIAL_TOKENS), "provenance": src.provenance(),
-        "toolkit_version": __version__,
+        "tokenizer_hash": tok.hash, "vocab_size": vocab_size, **specials,
+        "provenance": src.provenance(), "toolkit_version": __version__,
     }
     with store.writing(out / "tokens.zarr", "tokens", attrs) as group:
         keep_mask = src.kind == "dna" and cfg.dna.keep_softmask
@@ -280,12 +293,53 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
 
         profile = entropy_profile(
             _read_records(group["tokens"], offsets, which),
-            n_symbols=int(record_symbols[which].sum()), vocab_size=tok.vocab_size,
+            n_symbols=int(record_symbols[which].sum()), vocab_size=vocab_size,
             orders=study.analysis.entropy_orders,
             raw_sample=raw.encode("utf-8"), raw_sample_symbols=len(raw),
             analytic_entropy_rate=src.analytic_entropy_rate, max_tokens=study.analysis.entropy_max_tokens)
         group.attrs["entropy_profile"] = {"corpus": name, "source": cfg.source, "kind": src.kind,
                                           "tokenizer": spec, "split": "train", **profile}
+
+
+def _checkpoint_tokenizer(study: StudyConfig, run: str) -> Any:
+    """The tokenizer shared by every checkpoint of ``run``; a run mixing two is refused."""
+    from toolkit.hf_tokenizer import load_checkpoint_tokenizer
+
+    if run not in study.runs or not study.runs[run].checkpoints:
+        raise ConfigError(f"tokenizer 'checkpoint-{run}': no run '{run}' with checkpoints in this study; "
+                          "give runs.<name>.checkpoints with tokenizer = \"checkpoint\"")
+    folders = [study.resolve_path(f) for f in study.runs[run].checkpoints]
+    first = load_checkpoint_tokenizer(folders[0])
+    for folder in folders[1:]:
+        other = load_checkpoint_tokenizer(folder)
+        if other.hash != first.hash:
+            raise ConfigError(
+                f"runs.{run}.checkpoints: {folder} has another tokenizer than {folders[0]} (identity "
+                f"{other.hash[:12]} vs {first.hash[:12]}, vocabularies {other.vocab_size} and "
+                f"{first.vocab_size}); the members of a run must share one tokenizer, so put "
+                "these checkpoints in separate runs")
+    log.info("run %s: tokenizer %r of its %d checkpoints", run, first, len(folders))
+    return first
+
+
+def _checkpoint_vocab_size(study: StudyConfig, run: str, tok: Any) -> int:
+    """The width of the checkpoints' output layer (``config.json`` vocab_size).
+
+    It may exceed the tokenizer's ids (vocabularies padded to a multiple of 8 or 64): the
+    extra rows are ids no record contains, like the ``[unusedN]`` entries of a padded BPE.
+    """
+    import json
+
+    folder = study.resolve_path(study.runs[run].checkpoints[0])
+    try:
+        width = int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder / 'config.json'}: no readable vocab_size ({e}); give a "
+                          "save_pretrained checkpoint folder") from e
+    if width < tok.vocab_size:
+        raise ConfigError(f"{folder}: the model's vocabulary ({width}) is smaller than its tokenizer's "
+                          f"({tok.vocab_size}); the checkpoint and its tokenizer do not belong together")
+    return width
 
 
 def _make_tokenizer(spec: str, src: Any, cfg: Any, what: str) -> tuple[Any, np.ndarray | None]:

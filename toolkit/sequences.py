@@ -1,6 +1,8 @@
 """Model input sequences built from a token store, shared by training and evaluation.
 
-A sequence is ``[CLS] t_1 ... t_n [SEP]`` followed by ``[PAD]`` up to ``seq_len``.
+A sequence is ``[CLS] t_1 ... t_n [SEP]`` followed by ``[PAD]`` up to ``seq_len``, with
+the ids the token store records for these roles (the toolkit's 2, 3, 0; a checkpoint's
+tokenizer brings its own, e.g. RoBERTa ``<s> </s> <pad>`` = 0, 2, 1).
 Two modes:
 
 - ``truncate`` (paper): one sequence per record, the record cut to ``seq_len - 2``
@@ -23,6 +25,24 @@ import numpy as np
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = {"[PAD]": PAD, "[UNK]": UNK, "[CLS]": CLS, "[SEP]": SEP, "[MASK]": MASK}
 TRAIN, EVAL, UNUSED = 0, 1, 2
+
+
+def special_ids(attrs: Any) -> dict[str, int]:
+    """Role (``[PAD]`` ...) -> id of a token store's recorded specials (its root attributes).
+
+    The toolkit's own tokenizers use :data:`SPECIAL_TOKENS`; a checkpoint's tokenizer
+    records its own ids (``tokenizer = "checkpoint"``). Missing roles fall back to ours.
+    """
+    recorded = dict(attrs.get("special_tokens") or {}) if hasattr(attrs, "get") else {}
+    return {role: int(recorded.get(role, default)) for role, default in SPECIAL_TOKENS.items()}
+
+
+def never_masked(attrs: Any) -> np.ndarray:
+    """Sorted ids a token store marks as special (evaluation never masks them)."""
+    ids = attrs.get("special_ids") if hasattr(attrs, "get") else None
+    if ids is None:
+        ids = [i for i in special_ids(attrs).values() if i >= 0]
+    return np.unique(np.asarray(ids, dtype=np.int64))
 
 
 class _ChunkReader:
@@ -79,6 +99,9 @@ class SequenceSet:
     mode: Literal["truncate", "pack"]
     record_ids: np.ndarray  # (S,) record of each sequence (first record for packed)
     sep_after: list[np.ndarray] | None = None  # pack mode: content positions of [SEP] separators
+    cls: int = CLS  # framing ids: the store's recorded specials (a checkpoint's tokenizer has its own)
+    sep: int = SEP
+    pad: int = PAD
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])
@@ -87,19 +110,19 @@ class SequenceSet:
         """Tokens between [CLS] and [SEP] of sequence i (pack: with inner [SEP]s)."""
         toks = self.reader.read(int(self.starts[i]), int(self.stops[i])).astype(np.int64)
         if self.mode == "pack" and self.sep_after is not None and len(self.sep_after[i]):
-            toks = np.insert(toks, self.sep_after[i], SEP)
+            toks = np.insert(toks, self.sep_after[i], self.sep)
             toks = toks[: self.seq_len - 2]
         return toks
 
     def batch(self, indices: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(indices), self.seq_len), PAD, dtype=np.int64)
+        ids = np.full((len(indices), self.seq_len), self.pad, dtype=np.int64)
         mask = np.zeros((len(indices), self.seq_len), dtype=np.int64)
         for row, i in enumerate(indices):
             toks = self.content(int(i))
             n = toks.shape[0]
-            ids[row, 0] = CLS
+            ids[row, 0] = self.cls
             ids[row, 1:n + 1] = toks
-            ids[row, n + 1] = SEP
+            ids[row, n + 1] = self.sep
             mask[row, : n + 2] = 1
         return ids, mask
 
@@ -110,7 +133,12 @@ class SequenceSet:
 
 def load_sequences(group: Any, split: int, seq_len: int, mode: Literal["truncate", "pack"] = "truncate",
                    max_records: int | None = None, cache_chunks: int = 16) -> SequenceSet:
-    """Sequences of ``split`` (TRAIN or EVAL) of an open token store group, in record order."""
+    """Sequences of ``split`` (TRAIN or EVAL) of an open token store group, in record order.
+
+    Sequences are framed with the store's recorded [CLS]/[SEP]/[PAD] ids (:func:`special_ids`).
+    """
+    sp = special_ids(getattr(group, "attrs", {}))
+    framing: dict[str, Any] = {"cls": sp["[CLS]"], "sep": sp["[SEP]"], "pad": sp["[PAD]"]}
     offsets = np.asarray(group["offsets"][...])
     which = np.flatnonzero(np.asarray(group["split"][...]) == split)
     if max_records is not None:
@@ -123,7 +151,7 @@ def load_sequences(group: Any, split: int, seq_len: int, mode: Literal["truncate
     room = seq_len - 2
     if mode == "truncate":
         stops = starts + np.minimum(lengths, room)
-        return SequenceSet(reader, starts, stops, seq_len, mode, which)
+        return SequenceSet(reader, starts, stops, seq_len, mode, which, **framing)
     # Pack: walk the records, each followed by a [SEP], cutting every `room` positions.
     # Packed sequences may span records that are not adjacent in the flat array, so
     # a sequence is described by (records, pieces); to keep random access simple we
@@ -170,4 +198,4 @@ def load_sequences(group: Any, split: int, seq_len: int, mode: Literal["truncate
         close(prev_stop)
     # Separator positions are in original (separator-free) coordinates, as np.insert wants.
     return SequenceSet(reader, np.array(seq_starts, dtype=np.int64), np.array(seq_stops, dtype=np.int64),
-                       seq_len, mode, np.array(seq_records, dtype=np.int64), seps)
+                       seq_len, mode, np.array(seq_records, dtype=np.int64), seps, **framing)

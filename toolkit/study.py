@@ -4,6 +4,7 @@ Layout (all paths below the study root, ``StudyConfig.root``)::
 
     study.json                          the resolved study, written by the dispatcher for its jobs
     tokens/<corpus>--<tokenizer>/       one prepare unit: token store, tokenizer, eval masks
+                                        (<tokenizer> is checkpoint-<run> for tokenizer = "checkpoint")
         tokens.zarr  tokenizer.json  masks-<digest>.zarr  complete.json
     members/<run>/seed<N>/              one ensemble member
         checkpoints/                    resumable training state (train unit)
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import StudyConfig
+from toolkit.config import CHECKPOINT_TOKENIZER, StudyConfig
 from toolkit.errors import ConfigError
 
 
@@ -67,11 +68,30 @@ def token_key(corpus: str, tokenizer: str) -> str:
     return f"{corpus}--{tokenizer}"
 
 
+_CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def run_tokenizer(study: StudyConfig, run: str) -> str:
+    """The tokenizer part of ``run``'s token store key.
+
+    The run's spec (``kmer6``, ``bpe4096`` ...), except for ``tokenizer = "checkpoint"``:
+    ``checkpoint-<run>``, because each such run brings its own tokenizer (that of its
+    checkpoints), so two runs on one corpus must not share a token store.
+    """
+    cfg = study.runs[run]
+    return f"{_CHECKPOINT_PREFIX}{run}" if cfg.tokenizer == CHECKPOINT_TOKENIZER else cfg.tokenizer
+
+
+def checkpoint_run(tokenizer: str) -> str | None:
+    """The run whose checkpoints' tokenizer a token-key tokenizer part names, or None."""
+    return tokenizer[len(_CHECKPOINT_PREFIX):] if tokenizer.startswith(_CHECKPOINT_PREFIX) else None
+
+
 def prepare_keys(study: StudyConfig) -> list[tuple[str, str]]:
     """Distinct (corpus, tokenizer) pairs, in run order: one prepare unit each."""
     seen: dict[tuple[str, str], None] = {}
-    for run in study.runs.values():
-        seen[(run.corpus, run.tokenizer)] = None
+    for name, run in study.runs.items():
+        seen[(run.corpus, run_tokenizer(study, name))] = None
     return list(seen)
 
 
@@ -86,8 +106,7 @@ class Layout:
         return self.root / "tokens" / token_key(corpus, tokenizer)
 
     def run_tokens_dir(self, run: str) -> Path:
-        cfg = self.study.runs[run]
-        return self.tokens_dir(cfg.corpus, cfg.tokenizer)
+        return self.tokens_dir(self.study.runs[run].corpus, run_tokenizer(self.study, run))
 
     def member_dir(self, member: Member) -> Path:
         return self.root / "members" / member.run / f"seed{member.seed}"

@@ -38,9 +38,16 @@ import numpy as np
 
 from toolkit import checkpoint as ckpt
 from toolkit import store
-from toolkit.config import StudyConfig, TrainingConfig
+from toolkit.config import CHECKPOINT_TOKENIZER, StudyConfig, TrainingConfig
 from toolkit.errors import CheckpointError, StoreError
-from toolkit.model import build_model, load_model, masked_logits, n_parameters, pick_device
+from toolkit.model import (
+    build_model,
+    load_model,
+    masked_logits,
+    model_positions,
+    n_parameters,
+    pick_device,
+)
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member, write_json_atomic
 
@@ -311,13 +318,17 @@ def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokeniz
     run = study.runs[member.run]
     source = study.resolve_path(run.checkpoints[study.seeds.index(member.seed)])
     model = load_model(source)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type != "bert" and run.tokenizer != CHECKPOINT_TOKENIZER:
+        raise CheckpointError(f"{source}: a '{model_type}' checkpoint reads the ids of its own tokenizer; "
+                              f"set runs.{member.run}.tokenizer = \"checkpoint\"")
     if model.config.vocab_size != vocab_size:
         raise CheckpointError(f"{source}: checkpoint vocabulary size {model.config.vocab_size} differs "
                               f"from the token store's {vocab_size} (run '{member.run}'); give a "
                               "checkpoint trained with this run's tokenizer")
     seq_len = study.analysis.seq_len or study.training.seq_len
-    if model.config.max_position_embeddings < seq_len:
-        raise CheckpointError(f"{source}: checkpoint has {model.config.max_position_embeddings} "
+    if model_positions(model) < seq_len:
+        raise CheckpointError(f"{source}: checkpoint has {model_positions(model)} "
                               f"positions, the study evaluates sequences of {seq_len}; lower "
                               "analysis.seq_len or training.seq_len")
     folder = layout.checkpoints_dir(member)
