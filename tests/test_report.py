@@ -72,11 +72,16 @@ def test_summary_table_has_every_run_from_any_source(study: StudyConfig) -> None
     lines = table.splitlines()
     header = next(line for line in lines if line.startswith("run "))
     assert header.split()[1:] == list(RUNS)
-    for name in ("KL to uniform bits", "JS distance (p=1)", "top-10 overlap", "Fisher share embeddings"):
+    for name in ("KL(P || U) bits", "KL(U || P) bits", "JS distance (p=1)", "top-10 overlap",
+                 "Fisher share embeddings", "definitions: toolkit"):
         assert any(line.startswith(name) for line in lines), name
-    kl_line = next(line for line in lines if line.startswith("KL to uniform bits"))
-    means = [float(m) for m in re.findall(r"([0-9.e+-]+) ±", kl_line)]
-    np.testing.assert_allclose(means, ds.kl_to_uniform_bits.values, rtol=5e-3)
+    for title, name in (("KL(P || U) bits", "kl_to_uniform_bits"),
+                        ("KL(U || P) bits", "kl_uniform_to_model_bits")):
+        kl_line = next(line for line in lines if line.startswith(title))
+        means = [float(m) for m in re.findall(r"([0-9.e+-]+) ±", kl_line)]
+        np.testing.assert_allclose(means, ds[name].values, rtol=5e-3)
+    # the toolkit's headline KL direction comes first
+    assert table.index("KL(P || U) bits") < table.index("KL(U || P) bits")
 
 
 @pytest.mark.slow

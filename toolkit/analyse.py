@@ -35,7 +35,7 @@ import numpy as np
 from toolkit import __version__, store
 from toolkit.analyse_runs import MIN_COVERAGE as MIN_COVERAGE
 from toolkit.analyse_runs import NAN as NAN
-from toolkit.analyse_runs import _mean_std
+from toolkit.analyse_runs import _mean_std, resolve_definitions, spread_ddof
 from toolkit.analyse_runs import distribution_run as distribution_run
 from toolkit.analyse_runs import embedding_run as embedding_run
 from toolkit.analyse_runs import fisher_run as fisher_run
@@ -130,7 +130,7 @@ def _fisher_arrays(per_run: dict[str, dict[str, Any]], runs: list[str], estimato
                     if vals:
                         out["fisher_block_share"][r, bi], out["fisher_block_share_std"][r, bi] = (
                             _mean_std(vals))
-    # Final weights = the last real flow step of each run.
+    # The evaluated checkpoint = the last real flow step of each run (evaluate writes it last).
     last = np.full((n_r, n_e, n_g), NAN)
     last_std = np.full((n_r, n_e, n_g), NAN)
     for r in range(n_r):
@@ -185,6 +185,13 @@ def analyse_study(study: StudyConfig, done_members: list[Member] | None = None) 
     StoreError
         No member is complete, or a store does not match its schema.
     """
+    # Every std of this summary (distributions, embeddings, Fisher) uses the resolved ddof.
+    with spread_ddof(resolve_definitions(study.analysis)["spread_ddof"]):
+        return _analyse_study(study, done_members)
+
+
+def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Path:
+    """The body of :func:`analyse_study`, inside its ``spread_ddof`` block."""
     layout = Layout(study)
     a = study.analysis
     done, missing = complete_members(study, done_members)
@@ -289,6 +296,7 @@ def analyse_study(study: StudyConfig, done_members: list[Member] | None = None) 
         "members_analysed": analysed,
         "members_missing": [m.id for m in missing],
         "spearman_variant": a.spearman_variant,
+        "definitions": resolve_definitions(a),
         "bootstrap": a.bootstrap,
         "confidence": a.confidence,
         "coordinates": " ".join(coords),

@@ -7,24 +7,29 @@
 - :func:`weights_run` and :func:`loss_run`: the weight-distance sanity check and the loss curves;
 - :func:`profile_run`: the data-side entropy profile of the run's token store;
 
-plus the mean/std and bootstrap-CI helpers they share with the summary. Each returns plain
-NumPy values; :func:`toolkit.analyse.analyse_study` lays them out and writes ``summary.zarr``.
+plus the mean/std and bootstrap-CI helpers they share with the summary, and
+:func:`resolve_definitions` (the toolkit's or the authors' definitions, ``analysis.definitions``).
+Each returns plain NumPy values; :func:`toolkit.analyse.analyse_study` lays them out and
+writes ``summary.zarr``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolkit import store
-from toolkit.config import StudyConfig
+from toolkit.config import AnalysisConfig, StudyConfig
 from toolkit.errors import CheckpointError, StoreError
 from toolkit.study import Layout, Member
 
@@ -34,11 +39,52 @@ MIN_COVERAGE = 10.0  # tokens per distinct context for a conditional-entropy est
 NAN = math.nan
 
 
+# --------------------------------------------------------------------------- definitions
+
+DEFINITIONS: dict[str, dict[str, Any]] = {
+    "toolkit": {"top_p_rule": "reach", "spread_ddof": 0, "kl_headline": "model_to_uniform",
+                "js_nan": "none"},
+    "authors": {"top_p_rule": "authors", "spread_ddof": 1, "kl_headline": "uniform_to_model",
+                "js_nan": "pair_mean"},
+}
+"""What ``analysis.definitions`` selects. ``js_nan`` follows ``top_p_rule``: the "reach" rule
+never gives NaN (float64, clipped before the square root); the authors' float32 arithmetic
+can, and they replace a NaN by the mean over the pair's other positions."""
+
+
+def resolve_definitions(a: AnalysisConfig) -> dict[str, Any]:
+    """The definitions an analysis uses: ``analysis.definitions`` gives the defaults, and each of
+    ``top_p_rule``, ``spread_ddof``, ``kl_headline`` that is set (not None) overrides its own
+    entry. Recorded in the summary's ``definitions`` attribute."""
+    out = {"definitions": a.definitions, **DEFINITIONS[a.definitions]}
+    for key in ("top_p_rule", "spread_ddof", "kl_headline"):
+        value = getattr(a, key)
+        if value is not None:
+            out[key] = value
+    out["js_nan"] = "pair_mean" if out["top_p_rule"] == "authors" else "none"
+    return out
+
+
 # --------------------------------------------------------------------------- shared
+
+_DDOF: contextvars.ContextVar[int] = contextvars.ContextVar("spread_ddof", default=0)
+"""ddof of every std the analysis reports; set for one analysis by :func:`spread_ddof`, so every
+helper (and any later analysis that calls :func:`_mean_std`) uses the same one."""
+
+
+@contextlib.contextmanager
+def spread_ddof(ddof: int) -> Iterator[None]:
+    """Within the block, :func:`_mean_std` uses ``ddof`` (``analysis.spread_ddof`` resolved)."""
+    token = _DDOF.set(int(ddof))
+    try:
+        yield
+    finally:
+        _DDOF.reset(token)
 
 
 def _mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:
-    """Mean and std (see :func:`toolkit.metrics.pair_mean_std`) of finite values; NaN if none."""
+    """Mean and std (see :func:`toolkit.metrics.pair_mean_std`; ddof from :func:`spread_ddof`)
+    of finite values; NaN if none, std NaN from a single value."""
     from toolkit.metrics import pair_mean_std
 
     v = np.asarray(values, dtype=np.float64)
@@ -47,7 +93,7 @@ def _mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:
         return NAN, NAN
     if v.size == 1:
         return float(v[0]), NAN
-    mean, std = pair_mean_std(v.tolist())
+    mean, std = pair_mean_std(v.tolist(), ddof=_DDOF.get())
     return float(mean), float(std)
 
 
@@ -122,12 +168,13 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
     from toolkit import metrics
 
     a = study.analysis
+    rule = resolve_definitions(a)["top_p_rule"]
     sets = _open_predictions(Layout(study), ms)
     n_pos, vocab = sets[0].sizes["position"], sets[0].sizes["vocab"]
     target = da.from_array(sets[0]["target"].values, chunks=sets[0]["log_probs"].data.chunks[0])
     lps = [ds["log_probs"].data for ds in sets]  # each (P, V), chunked along P
     stats = [metrics.lazy_distribution_stats(lp, target) for lp in lps]
-    keys = ("entropy_bits", "kl_to_uniform_bits", "nll_nats", "correct")
+    keys = ("entropy_bits", "kl_to_uniform_bits", "kl_uniform_to_model_bits", "nll_nats", "correct")
     graph: dict[str, Any] = {
         "member_means": [{k: s[k].astype("f8").mean() for k in keys} for s in stats],
         "position_means": {k: da.stack([s[k].astype("f8") for s in stats]).mean(0) for k in keys},
@@ -135,7 +182,9 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
     }
     pairs = list(itertools.combinations(range(len(ms)), 2))
     if pairs:
-        js = [metrics.lazy_js_distance(lps[i], lps[j], a.top_p) for i, j in pairs]  # (P, n_p) each
+        js = [metrics.lazy_js_distance(lps[i], lps[j], a.top_p, rule) for i, j in pairs]  # (P, n_p) each
+        if rule == "authors":  # their NaN (float32 JSD < 0) -> mean over the pair's other positions
+            js = [metrics.replace_nan_by_mean(x) for x in js]
         agree = [metrics.lazy_argmax_agreement(lps[i], lps[j]).astype("f8") for i, j in pairs]
         graph["pair_js"] = [x.mean(0) for x in js]  # (n_p,) per pair
         graph["pair_agree"] = [x.mean() for x in agree]
@@ -153,6 +202,7 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
     derived = {
         "kl_to_uniform_bits": per_member["kl_to_uniform_bits"],
         "kl_to_uniform_fraction": per_member["kl_to_uniform_bits"] / log2v,
+        "kl_uniform_to_model_bits": per_member["kl_uniform_to_model_bits"],
         "entropy_bits": per_member["entropy_bits"],
         "entropy_fraction": per_member["entropy_bits"] / log2v,
         "perplexity": np.exp(per_member["nll_nats"]),
@@ -162,6 +212,7 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
         out[name], out[f"{name}_std"] = _mean_std(values)
     pm = res["position_means"]
     for name, key in (("kl_to_uniform_bits", "kl_to_uniform_bits"), ("entropy_bits", "entropy_bits"),
+                      ("kl_uniform_to_model_bits", "kl_uniform_to_model_bits"),
                       ("top1_accuracy", "correct")):
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _ci(pm[key], study)
     # exp is monotone, so the CI of the mean NLL maps onto a CI of the perplexity.
@@ -268,8 +319,10 @@ def fisher_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, Any]
 
     Each member's traces are normalised to sum to 1 over the groups (per estimator and
     step) before averaging over members, so members of different overall scale weigh
-    the same. Returns per-member arrays keyed by estimator;
-    :func:`toolkit.analyse._fisher_arrays` pads them onto the study-wide coordinates.
+    the same. Returns per-member arrays keyed by estimator, and the step of each snapshot
+    (NaN where members' snapshots at that index are from different steps, e.g. each
+    member's own best checkpoint); :func:`toolkit.analyse._fisher_arrays` pads them onto the
+    study-wide coordinates.
     """
     layout = Layout(study)
     shares: dict[str, list[dict[str, np.ndarray]]] = {}  # estimator -> per member {block: (S,)}
@@ -279,19 +332,23 @@ def fisher_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, Any]
         est = [str(e) for e in g["estimator"][...]]
         step = np.asarray(g["step"][...], dtype=np.int64)
         groups = [str(x) for x in g["group"][...]]
+        # Stored order, not sorted by step: the flow snapshots, then the evaluated checkpoint,
+        # whose step (e.g. of 'best') can precede the last snapshots; the summary takes the last.
         trace = np.asarray(g["fisher_trace"][...], dtype=np.float64)  # (E, S, G)
-        order = np.argsort(step, kind="stable")
-        step, trace = step[order], trace[:, order]
         total = trace.sum(axis=2, keepdims=True)  # (E, S, 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             norm = trace / total  # (E, S, G): sums to 1 over groups
         for e, name in enumerate(est):
             shares.setdefault(name, []).append({b: norm[e, :, gi] for gi, b in enumerate(groups)})
         steps.append(step)
+    label = np.asarray(steps[0] if steps else [], dtype=np.float64)
     if any(len(s) != len(steps[0]) or not np.array_equal(s, steps[0]) for s in steps):
-        log.warning("%s: members have different Fisher-flow steps %s; the flow is aligned by index",
-                    run, [s.tolist() for s in steps])
-    return {"shares": shares, "steps": steps[0] if steps else np.zeros(0, np.int64)}
+        for i in range(len(label)):
+            if any(i >= len(s) or s[i] != steps[0][i] for s in steps):
+                label[i] = NAN  # no one step describes this index
+        log.warning("%s: members have different Fisher-flow steps %s; the flow is aligned by index "
+                    "(step NaN where they differ)", run, [s.tolist() for s in steps])
+    return {"shares": shares, "steps": label}
 
 
 # --------------------------------------------------------------------------- sanity, profile

@@ -11,7 +11,7 @@ writes, in ``members/<run>/seed<N>/``:
   states of the 'contextual' set;
 - ``fisher.zarr``: empirical Fisher traces per group and per parameter tensor, for
   every estimator and every weight snapshot (the Fisher flow, then the evaluated
-  checkpoint at the final step);
+  checkpoint, labelled with the step its weights were saved at);
 
 then ``evaluate.complete.json`` last. Each store is all-or-nothing and a store that
 exists, validates and was computed from the same inputs is kept, so a re-run after a
@@ -136,6 +136,30 @@ def _checkpoint(study: StudyConfig, member: Member, marker: dict[str, Any]) -> t
     # A checkpoint outside the member folder is an external one (runs.X.checkpoints).
     label = name if path.is_relative_to(member_dir.resolve()) else str(path)
     return label, path
+
+
+def _checkpoint_step(study: StudyConfig, member: Member, marker: dict[str, Any], label: str) -> int:
+    """Training step of the weights ``label`` names: what the last Fisher-flow point measured.
+
+    'final' and adopted checkpoints: the final step; 'best': the marker's ``best_step``, or for
+    markers written before it was recorded, the same rule as training (first evaluation, then
+    every strictly lower loss) over ``train.zarr``'s evaluation record.
+    """
+    final_step = int(marker["final_step"])
+    if label != "best":
+        return final_step
+    if marker.get("best_step") is not None:
+        return int(marker["best_step"])
+    from toolkit.train import best_eval_step
+
+    path = Layout(study).member_dir(member) / "train.zarr"
+    if not path.exists():
+        log.warning("%s: no train.zarr to find the step of 'best'; labelling it with the final step %d",
+                    member.id, final_step)
+        return final_step
+    g = store.open_store(path, "train")
+    return best_eval_step([int(x) for x in g["eval_step"][...]], [float(x) for x in g["eval_loss"][...]],
+                          final_step)
 
 
 def _reusable(path: Path, kind: str, expected: dict[str, Any]) -> Any:
@@ -383,17 +407,22 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     if _reusable(member_dir / "embeddings.zarr", "embeddings", base) is None:
         write_embeddings(analysis_model(), masks, member_dir / "embeddings.zarr", base,
                          batch_size=a.batch_size)
-    final_step = int(marker["final_step"])
+    # The evaluated checkpoint comes last, labelled with the step its weights are from (for
+    # 'best' that can precede the last flow snapshots); a flow snapshot of that step holds the
+    # same weights, so it is not measured twice.
+    ckpt_step = _checkpoint_step(study, member, marker, label)
     flow = sorted((int(f["step"]), (member_dir / f["path"]).resolve()) for f in marker.get("flow") or [])
-    steps = [s for s, _ in flow if s != final_step] + [final_step]
-    fisher_attrs = {**base, "estimators": list(a.fisher_estimators), "steps": steps}
+    steps = [s for s, _ in flow if s != ckpt_step] + [ckpt_step]
+    fisher_attrs = {**base, "estimators": list(a.fisher_estimators), "steps": steps,
+                    "checkpoint_step": ckpt_step}
     if _reusable(member_dir / "fisher.zarr", "fisher", fisher_attrs) is None:
-        snapshots: list[tuple[int, Any]] = [(s, p) for s, p in flow if s != final_step]
-        snapshots.append((final_step, analysis_model()))
+        snapshots: list[tuple[int, Any]] = [(s, p) for s, p in flow if s != ckpt_step]
+        snapshots.append((ckpt_step, analysis_model()))
         write_fisher(snapshots, masks, member_dir / "fisher.zarr", fisher_attrs,
                      estimators=tuple(a.fisher_estimators), batch_size=a.batch_size, device=device)
     summary = {**summary, "perplexity": math.exp(summary["mean_nll"]), "member": member.id,
-               "checkpoint": label, "device": str(device), "fisher_steps": steps,
+               "checkpoint": label, "checkpoint_step": ckpt_step, "device": str(device),
+               "fisher_steps": steps,
                "wall_seconds": round(time.perf_counter() - t0, 3)}
     write_json_atomic(layout.evaluate_marker(member), summary)
     log.info("evaluate %s: %d positions, mean NLL %.4f nats, top-1 %.3f (%.1f s)", member.id,

@@ -94,12 +94,46 @@ def _entropy_column(ds: Any) -> tuple[np.ndarray, str]:
     return ds.entropy_rate_bits_per_symbol.values, "entropy rate estimate H(X | j tokens)"
 
 
+KL_COLUMNS = {"model_to_uniform": ("kl_to_uniform_bits", "KL(P || U) bits"),
+              "uniform_to_model": ("kl_uniform_to_model_bits", "KL(U || P) bits")}
+"""The two KL directions: summary variable and column title; the headline one comes first."""
+
+
+def _definitions(ds: Any) -> dict[str, Any]:
+    """The summary's resolved definitions (``definitions`` attribute)."""
+    return dict(ds.attrs.get("definitions") or {})
+
+
+def _kl_order(ds: Any) -> list[tuple[str, str]]:
+    """(variable, title) of both KL directions, the headline (``kl_headline``) first."""
+    head = _definitions(ds).get("kl_headline", "model_to_uniform")
+    return [KL_COLUMNS[head], *[v for k, v in KL_COLUMNS.items() if k != head]]
+
+
+def definitions_note(ds: Any) -> str:
+    """One sentence naming the definitions a summary was computed with."""
+    d = _definitions(ds)
+    if not d:
+        return "definitions: not recorded"
+    rule_key, nan_key, kl_key = (str(d.get(k)) for k in ("top_p_rule", "js_nan", "kl_headline"))
+    rule = {"reach": "smallest prefix whose mass reaches p (float64)",
+            "authors": "the authors' float32 code (largest prefix with mass <= p, at least one "
+                       "token)"}.get(rule_key, rule_key)
+    nan = {"none": "never NaN", "pair_mean": "NaN replaced by the pair's mean over positions"}.get(
+        nan_key, nan_key)
+    head = KL_COLUMNS.get(kl_key, ("", kl_key))[1].replace(" bits", "")
+    return (f"definitions: {d.get('definitions')} (JS top-p truncation: {rule}, {nan}; every std "
+            f"with ddof = {d.get('spread_ddof')}; headline KL: {head}; both KL directions are stored)")
+
+
 def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the entropy-versus-learnability table (one row per run)."""
     p, k = _table_p(ds), _table_k(ds)
     cond, cond_name = _entropy_column(ds)
+    kls = [kl for kl in _kl_order(ds) if kl[0] in ds]
     header = ["run", "kind", "tokenizer", "members", "|V|", f"{cond_name} bits/symbol",
-              "compression bits/symbol", "analytic rate bits/symbol", "KL to uniform bits", "H / log2|V|", "perplexity",
+              "compression bits/symbol", "analytic rate bits/symbol", *[t for _, t in kls],
+              "H / log2|V|", "perplexity",
               "top-1 accuracy", f"JS distance (p={p:g})", "argmax agreement",
               f"top-{k} overlap", f"local Spearman k={k}", "Procrustes disparity",
               "Fisher share embeddings"]
@@ -112,7 +146,7 @@ def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
             f"{_fmt(cond[i])} (j={int(ds.entropy_rate_order.values[i])})",
             _fmt(float(ds.compression_bits_per_symbol.values[i])),
             _fmt(float(ds.analytic_entropy_rate_bits_per_symbol.values[i])),
-            _pm(ds, "kl_to_uniform_bits", **r), _pm(ds, "entropy_fraction", **r),
+            *[_pm(ds, name, **r) for name, _ in kls], _pm(ds, "entropy_fraction", **r),
             _pm(ds, "perplexity", **r), _pm(ds, "top1_accuracy", **r),
             _pm(ds, "js_distance", top_p=p, **r), _pm(ds, "argmax_agreement", **r),
             _pm(ds, "topk_overlap", k=k, **r), _pm(ds, "local_spearman", k=k, **r),
@@ -142,7 +176,7 @@ def summary_table(study_or_summary: StudyConfig | str | Path | Any) -> str:
     lines = [[h, *[row[i] for row in rows]] for i, h in enumerate(header)]
     widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
     out = [f"Entropy versus learnability ({ds.attrs.get('study', '')}; mean ± std over "
-           "members or member pairs)"]
+           "members or member pairs)", definitions_note(ds)]
     for n, line in enumerate(lines):
         out.append("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                              for c, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip())
@@ -287,7 +321,9 @@ def fig_flow(ds: Any) -> Figure | None:
             f = flow.sel(run=run, group=group)
             std = ds.fisher_flow_std.sel(run=run, group=group, estimator=est).values
             ok = np.isfinite(steps) & np.isfinite(f.values)
-            _band(ax, steps[ok], f.values[ok], std[ok], run, c, (0, 1))
+            # by step: the evaluated checkpoint (stored last) can be from before the last snapshots
+            idx = np.flatnonzero(ok)[np.argsort(steps[ok], kind="stable")]
+            _band(ax, steps[idx], f.values[idx], std[idx], run, c, (0, 1))
         title = "transformer layers" if group == "transformer" else str(group)
         ax.set(xlabel="training step", ylabel="share of the Fisher trace", title=title)
     axes[0, 0].legend(fontsize=8)
@@ -315,7 +351,7 @@ def fig_loss(ds: Any) -> Figure | None:
 
 
 LEARNABILITY: tuple[tuple[str, dict[str, str], str], ...] = (
-    ("kl_to_uniform_bits", {}, "KL to uniform (bits)"),
+    ("kl_to_uniform_bits", {}, "KL(P || U) (bits)"),  # replaced by the headline KL direction
     ("entropy_fraction", {}, "output entropy / log2|V|"),
     ("js_distance", {"top_p": "p"}, "JS distance"),
     ("argmax_agreement", {}, "argmax agreement"),
@@ -332,7 +368,10 @@ def fig_entropy(ds: Any) -> Figure:
     # A fixed grid: constrained layout of 12 panels costs seconds per saved format.
     fig, axes = _figure(ncols=len(LEARNABILITY), nrows=2, width=3.0, height=3.0, layout=None)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.91, wspace=0.5, hspace=0.45)
-    for col, (name, where, label) in enumerate(LEARNABILITY):
+    kl, kl_title = _kl_order(ds)[0]
+    panels = [(kl, w, kl_title.replace(" bits", " (bits)")) if n == "kl_to_uniform_bits" and kl in ds
+              else (n, w, t) for n, w, t in LEARNABILITY]
+    for col, (name, where, label) in enumerate(panels):
         sel: dict[str, Any] = {d: (_table_p(ds) if v == "p" else _table_k(ds) if v == "k" else v)
                                for d, v in where.items()}
         y, yerr = ds[name].sel(**sel).values, ds[f"{name}_std"].sel(**sel).values
@@ -485,7 +524,8 @@ def write_report(study: StudyConfig) -> Path:
         f"<p class='note'>Members analysed: {html.escape(', '.join(ds.attrs.get('members_analysed', [])))}."
         + (f" <b>Left out (not evaluated): {html.escape(', '.join(missing))}.</b>" if missing else "")
         + f" Bootstrap: {ds.attrs.get('bootstrap')} resamples, confidence {ds.attrs.get('confidence')};"
-        f" local Spearman variant: {html.escape(str(ds.attrs.get('spearman_variant')))}.</p>",
+        f" local Spearman variant: {html.escape(str(ds.attrs.get('spearman_variant')))};"
+        f" {html.escape(definitions_note(ds))}.</p>",
         "<h2>Entropy versus learnability</h2><p class='note'>mean ± std over members or member "
         "pairs; data-side entropies from the training tokens.</p>", _html_table(header, rows),
     ]

@@ -494,7 +494,8 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
         {"log": state["log"], "eval": state["eval"]})
     flow = [{"step": s, "path": f"checkpoints/flow/{ckpt.step_name(s)}"} for s in flow_steps]
     write_json_atomic(layout.train_marker(member), marker_doc(
-        member, flow, step, state["tokens_seen"], tokenizer_hash, vocab_size, tps))
+        member, flow, step, state["tokens_seen"], tokenizer_hash, vocab_size, tps,
+        best_step=best_eval_step(state["eval"]["step"], state["eval"]["loss"], step)))
     log.info("%s: done, %d steps, %s tokens, %.0f tok/s", member.id, step,
              f"{state['tokens_seen']:,}", tps)
 
@@ -539,12 +540,28 @@ def write_record(path: Path, attrs: dict[str, Any], logs: dict[str, dict[str, li
 
 
 def marker_doc(member: Member, flow: list[dict[str, Any]], final_step: int, tokens_seen: int,
-               tokenizer_hash: str, vocab_size: int, tps: float) -> dict[str, Any]:
-    """The ``train.complete.json`` document (keys read by the evaluate stage)."""
+               tokenizer_hash: str, vocab_size: int, tps: float,
+               best_step: int | None = None) -> dict[str, Any]:
+    """The ``train.complete.json`` document (keys read by the evaluate stage).
+
+    ``best_step``: the step whose weights ``checkpoints/best`` holds (default: the final step,
+    as for an adopted checkpoint); evaluate labels the last Fisher-flow point with it.
+    """
     return {"member": member.id, "final": "checkpoints/final", "best": "checkpoints/best",
-            "flow": flow, "final_step": int(final_step), "tokens_seen": int(tokens_seen),
-            "tokenizer_hash": tokenizer_hash, "vocab_size": int(vocab_size),
-            "tokens_per_second": float(tps)}
+            "flow": flow, "final_step": int(final_step),
+            "best_step": int(final_step if best_step is None else best_step),
+            "tokens_seen": int(tokens_seen), "tokenizer_hash": tokenizer_hash,
+            "vocab_size": int(vocab_size), "tokens_per_second": float(tps)}
+
+
+def best_eval_step(steps: list[int], losses: list[float], final_step: int) -> int:
+    """The step whose weights ``checkpoints/best`` holds: the loop above saves on the first
+    evaluation and then on every strictly lower loss (``final_step`` if none was evaluated)."""
+    best, at = None, final_step
+    for step, loss in zip(steps, losses, strict=True):
+        if best is None or loss < best:
+            best, at = loss, int(step)
+    return at
 
 
 def iter_flow_steps(fractions: tuple[float, ...], total: int) -> Iterator[int]:

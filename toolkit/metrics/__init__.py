@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from toolkit.metrics.distributions import LN2 as LN2  # public constant, not in __all__
 from toolkit.metrics.distributions import (
+    TOP_P_RULES,
     argmax_agreement,
     distribution_stats,
     js_distance,
     lazy_argmax_agreement,
     lazy_distribution_stats,
     lazy_js_distance,
+    replace_nan_by_mean,
 )
 from toolkit.metrics.embeddings import (
     Neighbours,
@@ -50,8 +52,8 @@ from toolkit.metrics.sorting import _desc_order as _desc_order  # tests check it
 from toolkit.metrics.stats import bootstrap_ci, pair_mean_std, weight_distance
 
 __all__ = [
-    "Neighbours", "argmax_agreement", "bootstrap_ci", "clear_neighbour_cache", "cosine_similarity",
+    "TOP_P_RULES", "Neighbours", "argmax_agreement", "bootstrap_ci", "clear_neighbour_cache", "cosine_similarity",
     "distribution_stats", "js_distance", "lazy_argmax_agreement", "lazy_distribution_stats",
     "lazy_js_distance", "linear_cka", "local_spearman", "neighbours", "pair_mean_std", "procrustes",
-    "rbf_cka", "topk_neighbours", "topk_overlap", "weight_distance",
+    "rbf_cka", "replace_nan_by_mean", "topk_neighbours", "topk_overlap", "weight_distance",
 ]

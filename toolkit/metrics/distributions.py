@@ -1,7 +1,8 @@
 """Output-distribution metrics: one member's distributions, and two members' at the same positions.
 
-:func:`distribution_stats` (entropy, KL to uniform, NLL, top-1 correctness, rank curve) for
-one member; :func:`js_distance` (Jensen-Shannon distance after top-p truncation) and
+:func:`distribution_stats` (entropy, KL to uniform in both directions, NLL, top-1 correctness,
+rank curve) for one member; :func:`js_distance` (Jensen-Shannon distance after top-p
+truncation, by the toolkit's rule or the authors' exact one, see :data:`TOP_P_RULES`) and
 :func:`argmax_agreement` for a pair; and their lazy Dask versions
 (:func:`lazy_distribution_stats`, :func:`lazy_js_distance`, :func:`lazy_argmax_agreement`),
 which work chunk by chunk along positions so memory stays bounded by the chunk size.
@@ -23,11 +24,18 @@ if TYPE_CHECKING:
     import dask.array
 
 __all__ = [
-    "argmax_agreement", "distribution_stats", "js_distance", "lazy_argmax_agreement",
-    "lazy_distribution_stats", "lazy_js_distance",
+    "TOP_P_RULES", "argmax_agreement", "distribution_stats", "js_distance", "lazy_argmax_agreement",
+    "lazy_distribution_stats", "lazy_js_distance", "replace_nan_by_mean",
 ]
 
 LN2 = math.log(2.0)
+CLAMP = 1e-10
+"""Probabilities are clamped at this value before a log in KL(U || P), as the authors' code does."""
+TOP_P_RULES = ("reach", "authors")
+"""``reach``: keep the smallest prefix of the sorted distribution whose mass reaches p, in
+float64 (never NaN). ``authors``: the authors' code exactly (lbcb-sci/GFMs,
+``top_p_reweight`` and ``jensen_shannon_distance``), in float32, NaN where their arithmetic
+gives a negative JSD (see :func:`replace_nan_by_mean`)."""
 
 
 # --------------------------------------------------------------------------- output distributions
@@ -88,8 +96,9 @@ def distribution_stats(lp: np.ndarray, target: np.ndarray) -> dict[str, np.ndarr
     Returns
     -------
     dict
-        ``entropy_bits`` (P,) H(P) in bits; ``kl_to_uniform_bits`` (P,) log2|V| - H;
-        ``nll_nats`` (P,) -log p(target); ``correct`` (P,) bool, top-1 (first index on ties)
+        ``entropy_bits`` (P,) H(P) in bits; ``kl_to_uniform_bits`` (P,) KL(P || U) = log2|V| - H;
+        ``kl_uniform_to_model_bits`` (P,) KL(U || P) = -log2|V| - mean_v log2 max(P_v, 1e-10)
+        (the direction of the authors' current code, with their clamp); ``nll_nats`` (P,) -log p(target); ``correct`` (P,) bool, top-1 (first index on ties)
         equals the target; ``rank_sum`` (V,) sum over positions of the probabilities sorted in
         descending order (divide by P, then average members, for the rank curve).
     """
@@ -102,7 +111,8 @@ def distribution_stats(lp: np.ndarray, target: np.ndarray) -> dict[str, np.ndarr
         raise StoreError(f"target: token ids must lie in [0, {v}), found {target.min()}..{target.max()}; "
                          "the predictions store and its vocabulary disagree")
     out = {"entropy_bits": np.empty(n), "nll_nats": np.empty(n), "correct": np.empty(n, dtype=bool),
-           "rank_sum": np.zeros(v)}
+           "rank_sum": np.zeros(v), "kl_uniform_to_model_bits": np.empty(n)}
+    log_clamp = math.log(CLAMP)
     for s in range(0, n, _SLAB):
         rows = slice(s, s + _SLAB)
         x, p = _normalised(lp[rows])  # (R, V)
@@ -110,6 +120,9 @@ def distribution_stats(lp: np.ndarray, target: np.ndarray) -> dict[str, np.ndarr
             plogp = p * x
         plogp[p == 0] = 0.0  # 0 * log 0 = 0 (log-probs of -inf)
         out["entropy_bits"][rows] = -plogp.sum(axis=1) / LN2
+        # KL(U || P) is unbounded where P_v = 0: the clamp makes it finite, as in the authors' code.
+        out["kl_uniform_to_model_bits"][rows] = (-math.log2(v)
+                                                 - np.maximum(x, log_clamp).mean(axis=1) / LN2)
         t = target[rows].astype(np.intp)
         out["nll_nats"][rows] = -x[np.arange(len(t)), t]
         out["correct"][rows] = np.argmax(lp[rows], axis=1) == t
@@ -164,30 +177,124 @@ def _js_slab(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
     return out
 
 
-def js_distance(lp_a: np.ndarray, lp_b: np.ndarray, top_p: Sequence[float]) -> np.ndarray:
+def _check_rule(rule: str) -> str:
+    if rule not in TOP_P_RULES:
+        raise ConfigError(f"analysis.top_p_rule = {rule!r}: must be one of {', '.join(TOP_P_RULES)}; "
+                          "fix the study file")
+    return rule
+
+
+def _authors_probs(lp: np.ndarray) -> np.ndarray:
+    """float32 softmax of the stored log-probs, with torch's ``F.softmax`` arithmetic (the
+    authors' distributions; softmax is unchanged by the log-sum shift of log-softmax values)."""
+    x = lp.astype(np.float32)  # (R, V)
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=1, keepdims=True)
+    return x
+
+
+def _authors_truncate(prob: np.ndarray, p: float) -> np.ndarray:
+    """The authors' ``top_p_reweight`` on float32 probabilities (R, V), in float32.
+
+    Sort descending, cumulative sum, zero every token whose cumulative sum exceeds p except
+    the first, renormalise (total clamped at 1e-8). Their cumulative sum ran on CPU tensors,
+    where torch accumulates float32 in float64 and rounds each prefix sum to float32; that
+    rounding is what drops the last tokens of many rows at p = 1.
+    """
+    order = _desc_order(prob)
+    sp = np.take_along_axis(prob, order, axis=1)
+    cum = np.cumsum(sp, axis=1, dtype=np.float64).astype(np.float32)
+    drop = cum > np.float32(p)  # torch compares a float32 tensor with a Python float in float32
+    drop[:, 0] = False  # at least one token
+    sp[drop] = 0.0
+    sp /= np.maximum(sp.sum(axis=1, keepdims=True, dtype=np.float32), np.float32(1e-8))
+    out = np.empty_like(sp)
+    np.put_along_axis(out, order, sp, axis=1)
+    return out
+
+
+def _authors_js(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The authors' ``jensen_shannon_distance`` (R,) in float32: their ``kl_divergence`` clamps
+    both arguments at 1e-10, so tokens kept by one member only add small negative terms and
+    near-equal rows can end below zero: sqrt gives NaN there, as in their code."""
+    tiny = np.float32(CLAMP)
+    m = (x + y) / np.float32(2)
+    log_m = np.log2(np.maximum(m, tiny))
+    jsd = np.zeros(x.shape[0], dtype=np.float32)
+    for d in (x, y):
+        dc = np.maximum(d, tiny)
+        jsd += np.float32(0.5) * (dc * (np.log2(dc) - log_m)).sum(axis=1, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(jsd)
+
+
+def _js_slab_authors(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
+    """The authors' JS distance (R, n_p) of one slab, NaN where theirs is NaN."""
+    pa, pb = _authors_probs(a), _authors_probs(b)
+    out = np.empty((a.shape[0], len(ps)))
+    for j, p in enumerate(ps):
+        out[:, j] = _authors_js(_authors_truncate(pa, p), _authors_truncate(pb, p))
+    return out
+
+
+def js_distance(lp_a: np.ndarray, lp_b: np.ndarray, top_p: Sequence[float],
+                rule: str = "reach") -> np.ndarray:
     """Jensen-Shannon distance (base 2) between two members' distributions after top-p truncation.
 
-    Each distribution is truncated separately: keep the smallest set of most probable tokens
-    whose mass reaches p (ties by ascending token id), renormalise; p = 1.0 keeps everything.
-    Rows are renormalised in float64 first; the computation is float64 throughout.
+    Each distribution is truncated separately, then renormalised; p = 1.0 keeps everything
+    under the ``reach`` rule.
+
+    - ``rule = "reach"`` (the toolkit's): keep the smallest set of most probable tokens whose
+      mass reaches p (ties by ascending token id). Rows are renormalised in float64 first and
+      the computation is float64 throughout; the JSD is clipped to [0, 1] before the square
+      root, so the result is never NaN for finite log-probs (two coinciding truncated
+      distributions give exactly 0).
+    - ``rule = "authors"``: their code exactly, in float32 (see :func:`_authors_truncate` and
+      :func:`_authors_js`): keeps the LARGEST prefix whose mass is at most p (at least one
+      token), and is NaN where their arithmetic makes the JSD negative. Replace those with
+      :func:`replace_nan_by_mean` over all of the pair's positions, as they do.
 
     Parameters
     ----------
     lp_a, lp_b : (P, V) float
         Natural-log probabilities of two members at the same positions.
     top_p : sequence of float in (0, 1]
+    rule : {"reach", "authors"}
 
     Returns
     -------
     (P, len(top_p)) float64
-        sqrt(JSD) in [0, 1].
+        sqrt(JSD) in [0, 1] (NaN possible with ``rule = "authors"`` only).
     """
     a, b = _check_pair(lp_a, lp_b)
     ps = _check_top_p(top_p)
+    slab = _js_slab_authors if _check_rule(rule) == "authors" else _js_slab
     out = np.empty((a.shape[0], len(ps)))
     for s in range(0, a.shape[0], _SLAB):
-        out[s:s + _SLAB] = _js_slab(a[s:s + _SLAB], b[s:s + _SLAB], ps)
+        out[s:s + _SLAB] = slab(a[s:s + _SLAB], b[s:s + _SLAB], ps)
     return out
+
+
+def replace_nan_by_mean(js: Any) -> Any:
+    """NaN entries of a pair's (P, n_p) JS distances replaced by the mean of the pair's other
+    positions at the same p (the authors' rule); numpy or dask arrays.
+
+    The mean over positions afterwards equals the NaN-skipping mean; a column that is NaN
+    everywhere stays NaN.
+    """
+    import warnings
+
+    if type(js).__module__.startswith("dask"):
+        import dask.array as da
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column: stays NaN
+            return da.where(da.isnan(js), da.nanmean(js, axis=0), js)
+    js = np.asarray(js, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.where(np.isnan(js), np.nanmean(js, axis=0), js)
 
 
 def argmax_agreement(lp_a: np.ndarray, lp_b: np.ndarray) -> np.ndarray:
@@ -241,7 +348,8 @@ def lazy_distribution_stats(lp: dask.array.Array, target: dask.array.Array) -> d
              for blk, tgt in zip(lp.to_delayed().ravel(), target.to_delayed().ravel(), strict=True)]
     out: dict[str, da.Array] = {}
     for key, dtype in (("entropy_bits", np.float64), ("kl_to_uniform_bits", np.float64),
-                       ("nll_nats", np.float64), ("correct", np.bool_)):
+                       ("kl_uniform_to_model_bits", np.float64), ("nll_nats", np.float64),
+                       ("correct", np.bool_)):
         out[key] = da.concatenate([da.from_delayed(s[key], shape=(n,), dtype=dtype)
                                    for s, n in zip(stats, lp.chunks[0], strict=True)])
     v = lp.shape[1]
@@ -251,13 +359,14 @@ def lazy_distribution_stats(lp: dask.array.Array, target: dask.array.Array) -> d
 
 
 def lazy_js_distance(lp_a: dask.array.Array, lp_b: dask.array.Array,
-                     top_p: Sequence[float]) -> dask.array.Array:
+                     top_p: Sequence[float], rule: str = "reach") -> dask.array.Array:
     """:func:`js_distance` blockwise over dask arrays chunked along positions: (P, len(top_p))."""
     import dask.array as da
 
     a, b = _lazy_pair(lp_a, lp_b)
     ps = _check_top_p(top_p)
-    return da.map_blocks(js_distance, a, b, ps, dtype=np.float64, chunks=(a.chunks[0], (len(ps),)))
+    return da.map_blocks(js_distance, a, b, ps, _check_rule(rule), dtype=np.float64,
+                         chunks=(a.chunks[0], (len(ps),)))
 
 
 def lazy_argmax_agreement(lp_a: dask.array.Array, lp_b: dask.array.Array) -> dask.array.Array:

@@ -2,7 +2,7 @@
 
 :func:`weight_distance` (relative L2 distance between two members' state dicts),
 :func:`bootstrap_ci` (percentile bootstrap of a mean over positions) and
-:func:`pair_mean_std` (mean and population std over member pairs).
+:func:`pair_mean_std` (mean and std over members or member pairs, ddof 0 or 1).
 """
 
 from __future__ import annotations
@@ -87,12 +87,19 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 200, confidence: float = 0.95
     return float(lo), float(hi)
 
 
-def pair_mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population standard deviation (ddof = 0, as the authors report) over member pairs.
+def pair_mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation over members or member pairs.
 
-    A NaN value propagates (skip undefined metrics before calling); no values gives (nan, nan).
+    ``ddof = 0`` is the population std (the toolkit's default; the authors' ``meanstd``
+    helper); ``ddof = 1`` the sample std their figures' error bars use
+    (``analysis.spread_ddof``). A NaN value propagates (skip undefined metrics before
+    calling); no values gives (nan, nan), and so does the std of fewer than ddof + 1 values.
     """
+    if ddof not in (0, 1):
+        raise ConfigError(f"analysis.spread_ddof = {ddof!r}: must be 0 or 1")
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
         return float("nan"), float("nan")
-    return float(x.mean()), float(x.std(ddof=0))
+    if x.size <= ddof:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(x.std(ddof=ddof))
