@@ -243,7 +243,8 @@ def test_groups_and_public_signatures(batches: list[dict[str, torch.Tensor]]) ->
     sig = inspect.signature(empirical_fisher)
     assert list(sig.parameters) == ["model", "batches", "estimator"]
     assert sig.parameters["estimator"].default == "per-example"
-    assert list(inspect.signature(fisher_traces).parameters) == ["model", "batches", "estimator", "device"]
+    assert list(inspect.signature(fisher_traces).parameters) == ["model", "batches", "estimator", "device",
+                                                                 "diagonal"]
     with pytest.raises(ConfigError, match="pooler.dense.weight"):
         parameter_group("bert.pooler.dense.weight")
 

@@ -10,7 +10,9 @@ METHODS.md "Analyses":
   member's full ``(position, vocab)`` log-probabilities are ever held in memory;
 - static and contextual embeddings (top-k overlap, local Spearman, Procrustes,
   CKA) for every member pair;
-- Fisher shares per group, per block and over the training flow;
+- Fisher shares per group, per block and over the training flow; from the stored
+  Fisher diagonals, per-token Fisher against frequency and predictability and the
+  agreement of the diagonals across seeds (:mod:`toolkit.analyse_fisher`);
 - the weight-distance sanity check and the loss curves;
 - the data-side entropy profile of the run's token store.
 
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import __version__, store
+from toolkit.analyse_fisher import fisher_diagonal_arrays, fisher_diagonal_run
 from toolkit.analyse_runs import MIN_COVERAGE as MIN_COVERAGE
 from toolkit.analyse_runs import NAN as NAN
 from toolkit.analyse_runs import _mean_std, resolve_definitions, spread_ddof
@@ -199,6 +202,7 @@ def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Pat
     n_r, n_p, n_k = len(runs), len(a.top_p), len(a.topk)
     results: dict[str, dict[str, Any]] = {}
     fisher: dict[str, dict[str, Any]] = {}
+    diagonals: dict[str, dict[str, Any]] = {}
     profiles: dict[str, dict[str, Any]] = {}
     losses: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     t0 = time.perf_counter()
@@ -215,6 +219,7 @@ def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Pat
                 res.update(embedding_run(study, run, ms))
                 res["weight_distance"], res["weight_distance_std"] = weights_run(study, run, ms)
                 fisher[run] = fisher_run(study, run, ms)
+                diagonals[run] = fisher_diagonal_run(study, run, ms)
                 losses[run] = loss_run(study, ms)
             results[run] = res
             elapsed = time.perf_counter() - t0
@@ -266,6 +271,7 @@ def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Pat
             continue
         data[name] = per_run(name, tuple(extra[d] for d in dims[1:]))
     data.update(_fisher_arrays(fisher, runs, estimators, blocks, n_flow))
+    data.update(fisher_diagonal_arrays(diagonals, runs, estimators, blocks))
     for name in ("unigram_entropy_bits", "unigram_entropy_bits_per_symbol",
                  "compression_bits_per_symbol", "analytic_entropy_rate_bits_per_symbol",
                  "symbols_per_token", "entropy_rate_bits_per_symbol"):

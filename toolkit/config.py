@@ -42,6 +42,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 """Characters refused in values that end up in job scripts: a newline there starts a new
 shell line or ``#SBATCH`` directive (C0 controls, DEL, NEL and the Unicode line breaks)."""
 _OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+_FISHER_GROUP = re.compile(r"^(embeddings|head|layer\.(0|[1-9][0-9]*))$")  # toolkit.fisher's groups
 """An sbatch long option name without its ``--`` (``constraint``, ``mail-type``)."""
 
 
@@ -293,6 +294,8 @@ class AnalysisConfig:
     """Empirical Fisher estimators computed (non-empty, no repeats)."""
     fisher_records: int = _f(512, ge=1)
     """Evaluation records the Fisher information is estimated on (>= 1)."""
+    fisher_diagonal: Literal["all", "none"] | tuple[str, ...] = _f("all", nonempty=True, distinct=True)
+    """Full Fisher diagonals stored: "all", "none", or a list of groups ("embeddings", "layer.<i>", "head")."""
     contextual_records: int = _f(256, ge=1)
     """Evaluation records the contextual embeddings are taken from (>= 1)."""
     top_p: tuple[float, ...] = _f(PAPER_TOP_P, gt=0, le=1, nonempty=True, distinct=True)
@@ -799,6 +802,12 @@ def validate_study(study: StudyConfig, where: str) -> None:
     if not study.runs:
         raise err("no runs: add a [runs.NAME] table with corpus and tokenizer")
     _check_fields(study, "", where)
+    diag = study.analysis.fisher_diagonal
+    if isinstance(diag, tuple):
+        for i, group in enumerate(diag):
+            if not _FISHER_GROUP.match(group):
+                raise err(f"analysis.fisher_diagonal[{i}] = {group!r} is not a Fisher group; give "
+                          "\"all\", \"none\" or a list of \"embeddings\", \"layer.<i>\", \"head\"")
     for name, corpus in study.corpora.items():
         if not _NAME.match(name):
             raise err(f"corpora.{name}: names may only use letters, digits, '.', '_' and '-'")

@@ -11,7 +11,8 @@ writes, in ``members/<run>/seed<N>/``:
   states of the 'contextual' set;
 - ``fisher.zarr``: empirical Fisher traces per group and per parameter tensor, for
   every estimator and every weight snapshot (the Fisher flow, then the evaluated
-  checkpoint, labelled with the step its weights were saved at);
+  checkpoint, labelled with the step its weights were saved at), and the full diagonal of the tensors of the groups
+  ``analysis.fisher_diagonal`` names (``diagonal/<parameter>``, chunked per tensor);
 
 then ``evaluate.complete.json`` last. Each store is all-or-nothing and a store that
 exists, validates and was computed from the same inputs is kept, so a re-run after a
@@ -20,6 +21,7 @@ crash redoes only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +34,7 @@ import numpy as np
 
 from toolkit import store
 from toolkit.config import StudyConfig
-from toolkit.errors import CheckpointError, StoreError
+from toolkit.errors import CheckpointError, ConfigError, StoreError
 from toolkit.masks import CHECKED_ATTRS, IGNORE, ensure_masks
 from toolkit.model import last_hidden, load_model, masked_logits, model_positions, pick_device
 from toolkit.study import Layout, Member, write_json_atomic
@@ -40,6 +42,9 @@ from toolkit.study import Layout, Member, write_json_atomic
 log = logging.getLogger(__name__)
 
 _ROWS = 1024  # mask rows read from Zarr at a time (the masks store's chunk length)
+# Elements of one chunk of a stored Fisher diagonal (4 MiB of float32): a tensor reads
+# alone, and bert-base's 4096 x 768 word embeddings are 3 blocks of 1365 token rows.
+DIAGONAL_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- helpers
@@ -289,43 +294,73 @@ def _group_order(name: str) -> tuple[int, int, str]:
     return (2 if name == "head" else 3, 0, name)
 
 
+def diagonal_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunks of a stored Fisher diagonal (estimator, step, *shape): one estimator and step,
+    the whole tensor or blocks of its leading rows of at most ``DIAGONAL_CHUNK`` elements."""
+    rest = int(np.prod(shape[1:], dtype=np.int64))  # 1 for a vector
+    rows = max(1, min(shape[0], DIAGONAL_CHUNK // max(rest, 1)))
+    return (1, 1, rows, *shape[1:])
+
+
 def write_fisher(snapshots: list[tuple[int, Any]], masks: Any, path: Path, attrs: dict[str, Any], *,
-                 estimators: tuple[str, ...], batch_size: int, device: Any) -> None:
-    """Fisher traces for every estimator and snapshot.
+                 estimators: tuple[str, ...], batch_size: int, device: Any,
+                 diagonal: str | tuple[str, ...] | list[str] = "all") -> None:
+    """Fisher traces, and the full diagonals of the ``diagonal`` groups, for every estimator
+    and snapshot.
 
     ``snapshots`` is ``[(step, model or checkpoint folder), ...]``; folders are loaded
-    one at a time, so only one extra model is in memory.
+    one at a time, so only one extra model is in memory. ``diagonal`` is
+    ``analysis.fisher_diagonal``: ``"all"``, ``"none"`` or a list of group names. The
+    diagonal comes from the same pass as the traces (the traces are then its sums) and
+    each one is written as soon as it is computed, so at most one diagonal is in memory.
     """
     from toolkit.fisher import fisher_traces
 
     batches = fisher_batches(masks, batch_size, device)
     n_masked = int(sum(int((b["labels"] != IGNORE).sum()) for b in batches))
     n_seq = int(masks["fisher/input_ids"].shape[0])
-    results: dict[tuple[str, int], Any] = {}
-    for i, (step, source) in enumerate(snapshots):
-        t0 = time.perf_counter()
-        model = source if not isinstance(source, Path) else load_model(source, device)
-        for est in estimators:
-            results[(est, step)] = fisher_traces(model, batches, est, device=device)  # type: ignore[arg-type]
-        del model
-        log.info("fisher %s: step %d (%d/%d snapshots), %d sequences, %d masked tokens, %.1f s",
-                 attrs["member"], step, i + 1, len(snapshots), n_seq, n_masked, time.perf_counter() - t0)
-    first = results[(estimators[0], snapshots[0][0])]
-    groups = sorted(first.groups, key=_group_order)
-    params = list(first.parameters)
     steps = [s for s, _ in snapshots]
-    fisher = np.empty((len(estimators), len(steps), len(groups)), dtype=np.float64)
-    per_param = np.empty((len(estimators), len(steps), len(params)), dtype=np.float64)
-    for e, est in enumerate(estimators):
-        for s, step in enumerate(steps):
-            r = results[(est, step)]
-            if set(r.groups) != set(groups) or set(r.parameters) != set(params):
-                raise CheckpointError(f"{attrs['member']}: the snapshot at step {step} has other "
-                                      "parameters than the first one; the Fisher flow mixes model shapes")
-            fisher[e, s] = [r.groups[g] for g in groups]
-            per_param[e, s] = [r.parameters[p] for p in params]
+    wanted = None if diagonal in ("all", "none") else set(diagonal)
+    results: dict[tuple[str, int], Any] = {}
+    arrays: dict[str, Any] = {}  # parameter -> its diagonal/ array
     with store.writing(path, "fisher", {**attrs, "n_sequences": n_seq, "n_masked_tokens": n_masked},
                        overwrite=True) as g:
+        for i, (step, source) in enumerate(snapshots):
+            t0 = time.perf_counter()
+            model = source if not isinstance(source, Path) else load_model(source, device)
+            for e, est in enumerate(estimators):
+                r = fisher_traces(model, batches, est, device=device,  # type: ignore[arg-type]
+                                  diagonal=diagonal != "none")
+                if r.diagonal is not None:
+                    if not arrays and not results:
+                        arrays = _diagonal_arrays(g, r, wanted, len(estimators), len(steps), attrs)
+                    for name, arr in arrays.items():
+                        d = r.diagonal.get(name)
+                        if d is None or d.shape != arr.shape[2:]:
+                            raise CheckpointError(f"{attrs['member']}: the snapshot at step {step} has other "
+                                                  "parameters than the first one; the Fisher flow mixes "
+                                                  "model shapes")
+                        arr[e, i] = d
+                    r = dataclasses.replace(r, diagonal=None)  # written: free it
+                results[(est, step)] = r
+            del model
+            log.info("fisher %s: step %d (%d/%d snapshots), %d sequences, %d masked tokens, %.1f s",
+                     attrs["member"], step, i + 1, len(snapshots), n_seq, n_masked, time.perf_counter() - t0)
+        first = results[(estimators[0], snapshots[0][0])]
+        groups = sorted(first.groups, key=_group_order)
+        params = list(first.parameters)
+        fisher = np.empty((len(estimators), len(steps), len(groups)), dtype=np.float64)
+        per_param = np.empty((len(estimators), len(steps), len(params)), dtype=np.float64)
+        for e, est in enumerate(estimators):
+            for s, step in enumerate(steps):
+                r = results[(est, step)]
+                if set(r.groups) != set(groups) or set(r.parameters) != set(params):
+                    raise CheckpointError(f"{attrs['member']}: the snapshot at step {step} has other "
+                                          "parameters than the first one; the Fisher flow mixes model shapes")
+                fisher[e, s] = [r.groups[g] for g in groups]
+                per_param[e, s] = [r.parameters[p] for p in params]
+        g.attrs.update(diagonal=diagonal if isinstance(diagonal, str) else list(diagonal),
+                       diagonal_parameters=list(arrays))
         store.create_array(g, "fisher", "estimator", data=np.array(estimators, dtype=str))
         store.create_array(g, "fisher", "step", data=np.array(steps, dtype=np.int64))
         store.create_array(g, "fisher", "group", data=np.array(groups, dtype=str))
@@ -334,6 +369,22 @@ def write_fisher(snapshots: list[tuple[int, Any]], masks: Any, path: Path, attrs
                            data=np.array([first.parameter_groups[p] for p in params], dtype=str))
         store.create_array(g, "fisher", "fisher_trace", data=fisher)
         store.create_array(g, "fisher", "parameter_trace", data=per_param)
+
+
+def _diagonal_arrays(g: Any, r: Any, wanted: set[str] | None, n_est: int, n_steps: int,
+                     attrs: dict[str, Any]) -> dict[str, Any]:
+    """Create the diagonal/ arrays of the wanted groups' tensors (all when ``wanted`` is None)."""
+    if wanted is not None and (missing := sorted(wanted - set(r.groups))):
+        raise ConfigError(f"analysis.fisher_diagonal names {', '.join(missing)}, which member "
+                          f"{attrs['member']} does not have; its groups: {', '.join(r.groups)}")
+    out = {}
+    for name, d in r.diagonal.items():
+        if wanted is None or r.parameter_groups[name] in wanted:
+            out[name] = store.create_array(
+                g, "fisher", f"diagonal/{name}", shape=(n_est, n_steps, *d.shape), dtype="float32",
+                chunks=diagonal_chunks(d.shape),
+                dims=["estimator", "step", *(f"{name}[{k}]" for k in range(d.ndim))])
+    return out
 
 
 # --------------------------------------------------------------------------- the unit
@@ -413,13 +464,15 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     ckpt_step = _checkpoint_step(study, member, marker, label)
     flow = sorted((int(f["step"]), (member_dir / f["path"]).resolve()) for f in marker.get("flow") or [])
     steps = [s for s, _ in flow if s != ckpt_step] + [ckpt_step]
-    fisher_attrs = {**base, "estimators": list(a.fisher_estimators), "steps": steps,
+    diagonal = a.fisher_diagonal if isinstance(a.fisher_diagonal, str) else list(a.fisher_diagonal)
+    fisher_attrs = {**base, "estimators": list(a.fisher_estimators), "steps": steps, "diagonal": diagonal,
                     "checkpoint_step": ckpt_step}
     if _reusable(member_dir / "fisher.zarr", "fisher", fisher_attrs) is None:
         snapshots: list[tuple[int, Any]] = [(s, p) for s, p in flow if s != ckpt_step]
         snapshots.append((ckpt_step, analysis_model()))
         write_fisher(snapshots, masks, member_dir / "fisher.zarr", fisher_attrs,
-                     estimators=tuple(a.fisher_estimators), batch_size=a.batch_size, device=device)
+                     estimators=tuple(a.fisher_estimators), batch_size=a.batch_size, device=device,
+                     diagonal=diagonal)
     summary = {**summary, "perplexity": math.exp(summary["mean_nll"]), "member": member.id,
                "checkpoint": label, "checkpoint_step": ckpt_step, "device": str(device),
                "fisher_steps": steps,

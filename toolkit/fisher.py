@@ -51,6 +51,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from toolkit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -90,6 +92,10 @@ class FisherTraces:
         Sequences with at least one masked token (the per-example mean's denominator).
     n_masked_tokens
         Masked tokens in all batches (the batch estimator's denominator).
+    diagonal
+        Parameter name -> the full diagonal (float32 array of the parameter's shape) when
+        asked for (``fisher_traces(..., diagonal=True)``), else None. The traces are then
+        the float64 sums of exactly these arrays.
     """
 
     groups: dict[str, float]
@@ -97,6 +103,7 @@ class FisherTraces:
     parameter_groups: dict[str, str]
     n_examples: int
     n_masked_tokens: int
+    diagonal: dict[str, np.ndarray] | None = None
 
     def fractions(self) -> dict[str, float]:
         """Group traces normalised to sum to 1 (the paper's figure)."""
@@ -152,7 +159,8 @@ def empirical_fisher(model: Any, batches: Iterable[Mapping[str, Any]],
 
 
 def fisher_traces(model: Any, batches: Iterable[Mapping[str, Any]],
-                  estimator: Estimator = "per-example", device: Any = None) -> FisherTraces:
+                  estimator: Estimator = "per-example", device: Any = None, *,
+                  diagonal: bool = False) -> FisherTraces:
     """Traces of the empirical Fisher information, per parameter and per group.
 
     Parameters
@@ -168,22 +176,33 @@ def fisher_traces(model: Any, batches: Iterable[Mapping[str, Any]],
         squared batch-mean gradients over the number of masked tokens).
     device
         Where to compute; None: the model's device. The model is moved back afterwards.
+    diagonal
+        Also return the full diagonal (``FisherTraces.diagonal``), from the same single
+        pass: the per-element squares that the traces sum are kept instead of summed
+        (1.13-1.24x the cost of traces alone, see the module docstring).
 
     Returns
     -------
     FisherTraces
-        Raw (not normalised) traces; float64 accumulation.
+        Raw (not normalised) traces; float64 accumulation (with ``diagonal``: float32
+        accumulation per element, traces summed from the diagonal in float64).
     """
-    acc, names, n_examples, n_tokens = _run(model, batches, estimator, device, diagonal=False)
+    acc, names, n_examples, n_tokens = _run(model, batches, estimator, device, diagonal=diagonal)
     denom = n_examples if estimator == "per-example" else n_tokens
-    parameters = {name: float(acc[name]) / denom for name in names}
+    diag: dict[str, np.ndarray] | None = None
+    if diagonal:
+        # float32 on the host, then the traces from exactly what a caller stores
+        diag = {name: acc[name].div_(denom).float().cpu().numpy() for name in names}
+        parameters = {name: float(np.sum(diag[name], dtype=np.float64)) for name in names}
+    else:
+        parameters = {name: float(acc[name]) / denom for name in names}
     prefix = getattr(model, "base_model_prefix", None) or None
     parameter_groups = {name: parameter_group(name, prefix) for name in names}
     groups: dict[str, float] = {}
     for group in sorted(set(parameter_groups.values()), key=_group_key):
         groups[group] = sum(v for n, v in parameters.items() if parameter_groups[n] == group)
     return FisherTraces(groups=groups, parameters=parameters, parameter_groups=parameter_groups,
-                        n_examples=n_examples, n_masked_tokens=n_tokens)
+                        n_examples=n_examples, n_masked_tokens=n_tokens, diagonal=diag)
 
 
 def fisher_diagonal(model: Any, batches: Iterable[Mapping[str, Any]],
@@ -196,6 +215,40 @@ def fisher_diagonal(model: Any, batches: Iterable[Mapping[str, Any]],
     acc, names, n_examples, n_tokens = _run(model, batches, estimator, None, diagonal=True)
     denom = n_examples if estimator == "per-example" else n_tokens
     return {name: acc[name].div_(denom) for name in names}
+
+
+def diagonal_bytes(shape: str | Mapping[str, Any], vocab: int, *, estimators: int = 1,
+                   snapshots: int = 1) -> int:
+    """Bytes of the stored Fisher diagonal (float32) of a toolkit BERT, before compression.
+
+    Parameters
+    ----------
+    shape
+        A named shape (``"bert-base"``, ``"4M"``, ... of ``toolkit.model.SHAPES``) or a dict
+        of its BertConfig fields (``toolkit.config.effective_shape(model)``); the toolkit's
+        tied embeddings and ``type_vocab_size`` 1 unless the dict says otherwise.
+    vocab
+        Vocabulary size, special tokens included.
+    estimators, snapshots
+        Estimators times weight snapshots stored (one diagonal each).
+
+    Examples
+    --------
+    >>> diagonal_bytes("bert-base", 4096)  # 89,191,936 parameters: about 0.36 GB
+    356767744
+    """
+    from toolkit.model import SHAPES  # imports no torch
+
+    f = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    h, n_layers, inner = int(f["hidden_size"]), int(f["num_hidden_layers"]), int(f["intermediate_size"])
+    positions, types = int(f["max_position_embeddings"]), int(f.get("type_vocab_size", 1))
+    embeddings = (vocab + positions + types) * h + 2 * h  # three tables + LayerNorm
+    # Q, K, V, attention output (h x h + bias), FFN in and out, two LayerNorms
+    layer = 4 * (h * h + h) + (h * inner + inner) + (inner * h + h) + 2 * 2 * h
+    head = (h * h + h) + 2 * h + vocab  # transform, its LayerNorm, decoder bias
+    if not f.get("tie_word_embeddings", True):
+        head += vocab * h
+    return 4 * (embeddings + n_layers * layer + head) * estimators * snapshots
 
 
 # --------------------------------------------------------------------------- driver

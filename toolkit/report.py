@@ -331,6 +331,58 @@ def fig_flow(ds: Any) -> Figure | None:
     return fig
 
 
+def _no_diagonal(ax: Any) -> None:
+    ax.text(0.5, 0.5, "no Fisher diagonal stored\n(analysis.fisher_diagonal)", ha="center",
+            va="center", transform=ax.transAxes, color="#777")
+
+
+def fig_fisher_tokens(ds: Any) -> Figure:
+    """Per-token Fisher (word-embedding row sums) against frequency and predictability."""
+    est = "batch" if "batch" in ds.estimator.values else str(ds.estimator.values[0])
+    fig, axes = _figure(ncols=2, width=4.6)
+    panels = (("frequency", ds.fisher_token_frequency_bin_count, "token count in the training split",
+               "fisher_token_spearman_frequency"),
+              ("nll", ds.fisher_token_nll_bin_nll.sel(estimator=est), "mean NLL where the token is the target (nats)",
+               "fisher_token_spearman_nll"))
+    for ax, (key, xs, xlabel, rho) in zip(axes[0], panels, strict=True):
+        y = ds[f"fisher_token_{key}_bin_fisher"].sel(estimator=est)
+        std = ds[f"fisher_token_{key}_bin_fisher_std"].sel(estimator=est)
+        drawn = False
+        for run, c in _colors(ds).items():
+            x, m, sd = xs.sel(run=run).values, y.sel(run=run).values, std.sel(run=run).values
+            ok = np.isfinite(x) & np.isfinite(m)
+            if ok.any():
+                r = ds[rho].sel(run=run, estimator=est)
+                _band(ax, x[ok], m[ok], sd[ok], f"{run} (Spearman {_fmt(float(r))})", c, (0, np.inf))
+                drawn = True
+        if key == "frequency" and drawn:
+            ax.set_xscale("log")
+        if not drawn:
+            _no_diagonal(ax)
+        else:
+            ax.legend(fontsize=7)
+        ax.set(xlabel=xlabel, ylabel="token Fisher / mean token Fisher",
+               title=f"per-token Fisher vs {'frequency' if key == 'frequency' else 'predictability'}")
+    fig.suptitle(f"Fisher of each token's embedding row ('{est}', final weights; equal-count bins, "
+                 "± std over members)")
+    return fig
+
+
+def fig_fisher_seeds(ds: Any) -> Figure:
+    """Spearman correlation of Fisher diagonals between members, per block."""
+    est = "batch" if "batch" in ds.estimator.values else str(ds.estimator.values[0])
+    fig, ax = _figure(width=max(5.0, 0.6 * ds.sizes["block"] + 2))
+    sel = ds.sel(estimator=est)
+    _bars(ax[0, 0], sel, "fisher_seed_spearman", "block")
+    if not np.isfinite(sel.fisher_seed_spearman.values).any():
+        _no_diagonal(ax[0, 0])
+    else:
+        ax[0, 0].legend(fontsize=8)
+    ax[0, 0].set(xlabel="parameter block", ylabel="Spearman over parameters (± std)",
+                 title=f"Fisher diagonals across seeds ('{est}')")
+    return fig
+
+
 def fig_loss(ds: Any) -> Figure | None:
     if "loss_curve" not in ds:
         return None
@@ -401,6 +453,8 @@ FIGURES: tuple[tuple[str, str, Callable[[Any], Figure | None]], ...] = (
     ("fisher_share", "Normalised Fisher information", fig_fisher),
     ("fisher_blocks", "Fisher information per block", fig_fisher_blocks),
     ("fisher_flow", "Fisher flow over training", fig_flow),
+    ("fisher_tokens", "Per-token Fisher versus frequency and predictability", fig_fisher_tokens),
+    ("fisher_seeds", "Agreement of Fisher diagonals across seeds", fig_fisher_seeds),
     ("loss_curves", "Loss curves", fig_loss),
 )
 

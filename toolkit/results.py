@@ -109,6 +109,28 @@ def _run_dataset(root: Path, run: str, seeds: list[int], kind: str) -> Any:
     return out
 
 
+def _diagonal_dataset(root: Path, run: str, seeds: list[int]) -> Any:
+    """One run's stored Fisher diagonals (``fisher.zarr/diagonal/``) stacked along ``member``;
+    None when no member stored any (``analysis.fisher_diagonal = "none"``)."""
+    import xarray as xr
+
+    parts = []
+    for seed in seeds:
+        path = root / "members" / run / f"seed{seed}" / "fisher.zarr"
+        # Sizes only, as in _run_dataset: opening stays lazy, chunks are checked when read.
+        if not store.open_store(path, "fisher", verify="size").attrs.get("diagonal_parameters"):
+            continue
+        labels = store.open_dataset(path, "fisher", chunks={}, verify="none")
+        ds = store.open_dataset(path, "fisher", chunks={}, group="diagonal", verify="none")
+        ds = ds.assign_coords(estimator=labels["estimator"].values, step=labels["step"].values)
+        parts.append(ds.drop_attrs(deep=False).expand_dims(member=[seed]))
+    if not parts:
+        return None
+    out = xr.concat(parts, dim="member", join="outer", combine_attrs="override")
+    out["member"].attrs.update(description="initialisation seed of the ensemble member")
+    return out
+
+
 def _combinable(sets: dict[str, Any]) -> bool:
     sizes = [{d: n for d, n in ds.sizes.items() if d not in _LABELLED} for ds in sets.values()]
     return all(s == sizes[0] for s in sizes)
@@ -140,6 +162,12 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
         ``fisher_trace`` (run, member, estimator, step, group) and ``parameter_trace``
         (run, member, estimator, step, parameter); runs joined on the step and group
         labels, NaN where a run has no such step or block.
+    ``/fisher_diagonal/<run>``
+        The full Fisher diagonals a run's members stored (``analysis.fisher_diagonal``):
+        one variable per parameter tensor, named as in ``model.named_parameters()``,
+        dims (member, estimator, step, ``<parameter>[0]``, ...), float32, one Dask chunk
+        per estimator, step and tensor (or block of word-embedding rows), so selecting
+        one tensor reads only its chunks. Absent when no member stored a diagonal.
 
     The ``member`` coordinate is the initialisation seed (member id ``<run>/seed<N>``).
     Runs whose vocabulary size, position count or embedding shape differ cannot share
@@ -176,6 +204,8 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
     >>> pair = lp.sel(member=[1, 2])                                   # a member pair
     >>> (pair.isel(member=0) - pair.isel(member=1)).mean("vocab").compute()
     >>> tree["fisher"].to_dataset().fisher_trace.sel(estimator="batch").isel(step=-1)
+    >>> words = tree["fisher_diagonal/dna-6mer"]["bert.embeddings.word_embeddings.weight"]
+    >>> words.sel(estimator="batch").isel(step=-1).sum(words.dims[-1])  # per-token Fisher
     """
     import xarray as xr
 
@@ -219,6 +249,12 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
             nodes[f"/{kind}"] = xr.Dataset()
             for run, ds in sets.items():
                 nodes[f"/{kind}/{run}"] = ds.assign_coords(run=run)
+    diagonals = {run: _diagonal_dataset(root, run, seeds) for run, seeds in runs.items()}
+    if any(ds is not None for ds in diagonals.values()):
+        nodes["/fisher_diagonal"] = xr.Dataset()
+        for run, ds in diagonals.items():
+            if ds is not None:
+                nodes[f"/fisher_diagonal/{run}"] = ds.assign_coords(run=run)
     tree = xr.DataTree.from_dict(nodes)
     if stale and (root / "summary.zarr").exists():
         tree.attrs["summary_stale"] = stale

@@ -64,12 +64,31 @@ def schema(kind: str) -> dict[str, Any]:
     return doc
 
 
+def _template(kind: str, name: str) -> str | None:
+    """The schema entry ``<group>/*`` that array ``name`` (``<group>/<leaf>``) falls under."""
+    parent, _, leaf = name.rpartition("/")
+    key = f"{parent}/*"
+    return key if parent and leaf and key in schema(kind)["arrays"] else None
+
+
 def _spec(kind: str, name: str) -> dict[str, Any]:
+    # An entry "<group>/*" describes every array of that group (one per parameter tensor,
+    # say); its dims may end in "...", the array's own trailing dims (named by the writer).
     arrays = schema(kind)["arrays"]
     if name not in arrays:
+        key = _template(kind, name)
+        if key is not None:
+            return arrays[key]
         raise StoreError(f"store kind '{kind}' has no array '{name}' in its schema; "
                          f"arrays: {', '.join(arrays)}")
     return arrays[name]
+
+
+def _dims_match(dims: list[str], want: list[str]) -> bool:
+    """Array dims against schema dims, a trailing "..." standing for any further dims."""
+    if want and want[-1] == "...":
+        return dims[: len(want) - 1] == want[:-1]
+    return dims == want
 
 
 def _norm(dtype: Any) -> str:
@@ -87,17 +106,24 @@ def _dtypes(spec: dict[str, Any]) -> list[str]:
 
 def create_array(group: Any, kind: str, name: str, *, shape: tuple[int, ...] | None = None,
                  data: np.ndarray | None = None, dtype: str | None = None,
-                 chunks: tuple[int, ...] | None = None) -> Any:
+                 chunks: tuple[int, ...] | None = None, dims: list[str] | None = None) -> Any:
     """Create array ``name`` in ``group`` as the schema of ``kind`` says.
 
     The dims, dtype and default chunking come from the schema; a chunk entry of -1
     in the schema means "the whole dimension". ``data``, when given, is written.
+    ``dims`` names all dims of an array whose schema dims end in "..." (a ``<group>/*``
+    entry); ``chunks`` is then required.
     """
     spec = _spec(kind, name)
     if data is not None:
         shape = data.shape
     assert shape is not None, "give shape or data"
-    dims = spec["dims"]
+    named = list(spec["dims"])
+    if named and named[-1] == "...":
+        if dims is None or chunks is None or not _dims_match(list(dims), named):
+            raise StoreError(f"{kind}.{name}: give dims starting {named[:-1]} and chunks")
+    else:
+        dims = named
     if len(shape) != len(dims):
         raise StoreError(f"{kind}.{name}: shape {shape} does not match dims {dims}")
     dtype = dtype or (_norm(data.dtype) if data is not None and _norm(data.dtype) in _dtypes(spec) else _dtypes(spec)[0])
@@ -144,18 +170,25 @@ def validate(group: Any, kind: str, where: str | Path) -> None:
     for name, spec in doc.get("attributes", {}).items():
         if not spec.get("optional") and name not in attrs:
             raise StoreError(f"{where}: attribute '{name}' missing ({spec.get('description', '')})")
+    checks: list[tuple[str, Any, dict[str, Any]]] = []
     for name, spec in doc["arrays"].items():
+        if name.endswith("/*"):  # every array of that group, if the group is there
+            sub = group.get(name[:-2])
+            if sub is not None:
+                checks += [(f"{name[:-2]}/{leaf}", arr, spec) for leaf, arr in sub.arrays()]
+            continue
         try:
-            arr = group[name]
+            checks.append((name, group[name], spec))
         except KeyError:
             if spec.get("optional"):
                 continue
             raise StoreError(f"{where}: array '{name}' missing; the store is incomplete or from "
                              "another tool, rebuild it") from None
+    for name, arr, spec in checks:
         if _norm(arr.dtype) not in _dtypes(spec):
             raise StoreError(f"{where}: array '{name}' has dtype {arr.dtype}, schema wants {_dtypes(spec)}")
         dims = list(arr.metadata.dimension_names or [])
-        if dims != list(spec["dims"]):
+        if not _dims_match(dims, list(spec["dims"])):
             raise StoreError(f"{where}: array '{name}' has dims {dims}, schema wants {spec['dims']}")
 
 
