@@ -292,3 +292,20 @@ def test_checkpoint_tokenizer_files_are_sources_of_the_prepare_unit(
     for folder in checkpoints["roberta"]:
         assert {(folder, "tokenizer.json"), (folder, "vocab.json"), (folder, "merges.txt")} <= names
         assert (folder, "model.safetensors") not in names
+
+
+def test_replacing_a_tokenizer_file_makes_the_token_store_stale(tmp_path: Path) -> None:
+    folder = tmp_path / "bert"
+    _bert(folder, 1)
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(out=tmp_path / "out", seq_len=SEQ_LEN).replace("seeds = [1, 2]", "seeds = [1]")
+                    + _run("one", [folder]))
+    study = load_study(path)
+    key = "markov--checkpoint-one"
+    run_unit(study, "prepare", key)
+    state = {s.unit.id: (s.state, s.reason) for s in unit_states(study).values()}
+    assert state[f"prepare:{key}"] == ("done", "")
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text() + " ")
+    state = {s.unit.id: (s.state, s.reason) for s in unit_states(study).values()}
+    assert state[f"prepare:{key}"] == ("stale", "source file(s) tokenizer_config.json changed")
