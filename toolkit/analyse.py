@@ -2,7 +2,7 @@
 
 For each run this module reads the complete members only (a member is complete
 when its ``evaluate.complete.json`` marker exists) and computes the analyses of
-METHODS.md "Analyses":
+docs/methods.md:
 
 - output distributions (per member, then mean/std over members; pairwise JS
   distance after top-p truncation and argmax agreement, mean/std over pairs),

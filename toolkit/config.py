@@ -221,7 +221,7 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    """Optimisation and budget; defaults are the paper's (METHODS.md)."""
+    """Optimisation and budget; defaults are the paper's (docs/methods.md)."""
 
     steps: int | None = _f(None, ge=1)
     """Budget in optimiser steps (>= 1)."""

@@ -1,6 +1,6 @@
 """Empirical Fisher information of a BERT masked LM, summed per parameter group.
 
-Two estimators (METHODS.md, "Empirical Fisher information"), both over the masked
+Two estimators (docs/methods.md, "Empirical Fisher information"), both over the masked
 tokens of evaluation batches (``labels`` = -100 where a token is not masked):
 
 - ``"batch"`` (the paper's): g_b = gradient of the mean cross-entropy over batch b's

@@ -4,7 +4,7 @@ Built once per token store and mask settings, at
 ``tokens/<corpus>--<tokenizer>/masks-<settings digest>.zarr``, from the
 evaluation split (``toolkit.sequences``, truncate mode) and deterministically from
 ``analysis.mask_seed``, so that every member of every run on that token store sees
-exactly the same masked inputs (METHODS.md, "identical masked positions for every
+exactly the same masked inputs (docs/methods.md, "Evaluation inputs": "identical masked positions for every
 member"). Three sets (storage_schemas/masks.json):
 
 - ``distribution``: every evaluation sequence, ``distribution_mask_rate`` of its

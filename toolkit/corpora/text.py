@@ -23,7 +23,7 @@ _WS = re.compile(r"\s+")
 
 
 def clean_text(text: str) -> str:
-    """The paper's text cleaning (METHODS.md).
+    """The paper's text cleaning (docs/methods.md).
 
     Non-breaking and other Unicode spaces become plain spaces; every character that
     is not a letter, a digit, whitespace or common punctuation

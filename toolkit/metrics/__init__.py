@@ -1,4 +1,4 @@
-"""The numerical core of the analyses (METHODS.md, "Analyses").
+"""The numerical core of the analyses (docs/methods.md).
 
 Three families of measurements, all pure functions of NumPy arrays:
 

@@ -291,7 +291,7 @@ def local_spearman(emb_a: np.ndarray | Neighbours, emb_b: np.ndarray | Neighbour
                    variant: Literal["symmetric", "authors"] = "symmetric") -> np.ndarray:
     """(len(ks), V) per-token local Spearman correlation between two members' similarities.
 
-    ``symmetric`` (METHODS.md): for token i, rho between A's and B's similarity values on A's
+    ``symmetric`` (docs/methods.md): for token i, rho between A's and B's similarity values on A's
     top-k neighbours of i (average ranks for ties), the same on B's top-k, and the mean of both.
     ``authors``: the lbcb-sci/GFMs value, which only ever uses A's top-k (its second direction
     re-uses the subset already restricted to A's neighbours), ordinal ranks and a 1e-8 added to
