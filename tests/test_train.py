@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarni
               pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
-MARKER_KEYS = {"member", "final", "best", "flow", "final_step", "tokens_seen", "tokenizer_hash",
-               "vocab_size", "tokens_per_second"}
+MARKER_KEYS = {"member", "final", "best", "best_step", "flow", "final_step", "tokens_seen",
+               "tokenizer_hash", "vocab_size", "tokens_per_second"}
 
 
 def make_study(root: Path, *, vocab: int = VOCAB, checkpoints: list[str] | None = None,
@@ -261,6 +261,7 @@ def test_train_member_writes_everything(tmp_path: Path) -> None:
     # the best checkpoint has the lowest evaluation loss, recomputed from its weights
     eval_loss = ds["eval_loss"].values
     assert ds.attrs["best_eval_loss"] == pytest.approx(float(eval_loss.min()), rel=1e-6)
+    assert marker["best_step"] == int(ds["eval_step"].values[int(np.argmin(eval_loss))])
     evals = train_mod.eval_batches(load_sequences(group, EVAL, 32), 7, 8, 2, VOCAB, 0.15)
     best = train_mod.evaluate_loss(load_model(mdir / "checkpoints/best"), evals, torch.device("cpu"))
     assert best == pytest.approx(float(eval_loss.min()), rel=1e-5)
