@@ -11,6 +11,51 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+TINY_STUDY = """\
+[study]
+name = "{name}"
+seeds = [1, 2]
+output_dir = "{out}"
+
+[corpora.markov]
+source = "synthetic:markov"
+train_records = 48
+eval_records = 16
+synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 64, length = 300 }}
+
+[runs.r]
+corpus = "markov"
+tokenizer = "kmer3"
+
+[model]
+shape = "tiny"
+
+[training]
+steps = 12
+batch_size = 8
+seq_len = 64
+checkpoint_every_steps = 6
+eval_every_steps = 6
+eval_batches = 1
+log_every_steps = 2
+fisher_flow = [0.5]
+
+[analysis]
+eval_records = 16
+batch_size = 8
+fisher_records = 8
+contextual_records = 8
+bootstrap = 10
+top_p = [0.5, 1.0]
+topk = [1, 3]
+
+[dispatch]
+executor = "debug"
+"""
+"""A real study that runs end to end in about 15 s on 2 cores: a Markov corpus, 3-mers and
+two tiny members (``.format(name=..., out=...)``)."""
+
+
 @pytest.fixture
 def weird_tmp_path(tmp_path: Path) -> Path:
     """A temporary folder whose path has spaces and quotes (submitit's habit)."""

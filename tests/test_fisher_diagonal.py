@@ -19,6 +19,7 @@ import torch
 import zarr
 from scipy import stats
 
+from tests.conftest import TINY_STUDY
 from tests.test_fisher import make_batches, make_model, naive_batch, naive_per_example
 from toolkit import store
 from toolkit.config import load_study
@@ -26,47 +27,7 @@ from toolkit.errors import ConfigError
 from toolkit.fisher import diagonal_bytes, fisher_traces
 from toolkit.study import Layout, Member
 
-STUDY = """\
-[study]
-name = "diagonal"
-seeds = [1, 2]
-output_dir = "{out}"
-
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 48
-eval_records = 16
-synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 64, length = 300 }}
-
-[runs.r]
-corpus = "markov"
-tokenizer = "kmer3"
-
-[model]
-shape = "tiny"
-
-[training]
-steps = 12
-batch_size = 8
-seq_len = 64
-checkpoint_every_steps = 6
-eval_every_steps = 6
-eval_batches = 1
-log_every_steps = 2
-fisher_flow = [0.5]
-
-[analysis]
-eval_records = 16
-batch_size = 8
-fisher_records = 8
-contextual_records = 8
-bootstrap = 10
-top_p = [0.5, 1.0]
-topk = [1, 3]
-
-[dispatch]
-executor = "debug"
-"""
+STUDY = TINY_STUDY.replace("{name}", "diagonal")
 WORDS = "bert.embeddings.word_embeddings.weight"
 ATTRS = {"member": "r/seed1", "run": "r", "seed": 1, "tokenizer_hash": "-"}  # a fisher store's required attributes
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import TINY_STUDY
 from toolkit.cli import main
 from toolkit.config import AnalysisConfig, TrainingConfig, load_study
 from toolkit.dispatch import run_study
@@ -34,47 +35,7 @@ from toolkit.units import (
     unit_states,
 )
 
-STUDY = """\
-[study]
-name = "units"
-seeds = [1, 2]
-output_dir = "{out}"
-
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 48
-eval_records = 16
-synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 64, length = 300 }}
-
-[runs.r]
-corpus = "markov"
-tokenizer = "kmer3"
-
-[model]
-shape = "tiny"
-
-[training]
-steps = 12
-batch_size = 8
-seq_len = 64
-checkpoint_every_steps = 6
-eval_every_steps = 6
-eval_batches = 1
-log_every_steps = 2
-fisher_flow = [0.5]
-
-[analysis]
-eval_records = 16
-batch_size = 8
-fisher_records = 8
-contextual_records = 8
-bootstrap = 10
-top_p = [0.5, 1.0]
-topk = [1, 3]
-
-[dispatch]
-executor = "debug"
-"""
+STUDY = TINY_STUDY.replace("{name}", "units")
 
 
 def write_study(folder: Path, out: Path) -> Path:
