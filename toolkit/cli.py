@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from toolkit import __version__
 from toolkit.errors import ToolkitError
 
 
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Entropy versus learnability: train seed ensembles of masked LMs on a corpus "
                     "and measure entropy, disagreement, embedding stability and Fisher information.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Any, help: str, study: bool = True) -> argparse.ArgumentParser:

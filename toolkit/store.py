@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +48,30 @@ from toolkit.errors import StoreError, ToolkitError
 # Zarr warns that consolidated metadata is not in the v3 spec; we rely on it for fast opens.
 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
 
-SCHEMA_DIR = Path(os.environ.get("TOOLKIT_SCHEMAS", Path(__file__).resolve().parents[1] / "storage_schemas"))
+
+
+def _schema_dir() -> Path:
+    """Where the store schemas live.
+
+    ``TOOLKIT_SCHEMAS`` overrides; a regular install ships them in the package as
+    ``toolkit/storage_schemas`` (copied there by the build hook in ``setup.py``); a source
+    checkout or an editable install reads the single source, the top-level ``storage_schemas/``.
+
+    Returns
+    -------
+    Path
+        The folder of ``<kind>.json`` documents.
+    """
+    override = os.environ.get("TOOLKIT_SCHEMAS")
+    if override:
+        return Path(override)
+    shipped = Path(str(resources.files("toolkit") / "storage_schemas"))
+    if shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parents[1] / "storage_schemas"
+
+
+SCHEMA_DIR = _schema_dir()
 
 
 @functools.cache
