@@ -155,11 +155,14 @@ def test_definition_file_sections_and_labels() -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     labels = dict(line.split(None, 1) for line in parts["labels"].strip().splitlines())
     assert labels["Version"] == labels["org.opencontainers.image.version"] == version
-    for line in parts["files"].strip().splitlines():
-        src, dst = line.split()
+    files = [tuple(line.split()) for line in parts["files"].strip().splitlines()]
+    for src, dst in files:
         assert (REPO / src).exists(), f"%files source {src} missing"
         assert dst.startswith("/opt/toolkit/")
-    assert "--constraint /opt/toolkit/constraints.txt -e /opt/toolkit" in parts["post"]
+    # A regular install (the wheel ships storage_schemas/), never an editable one.
+    assert "--constraint /opt/toolkit/constraints.txt /opt/toolkit" in parts["post"]
+    assert " -e " not in parts["post"] and "--editable" not in parts["post"]
+    assert {"setup.py", "storage_schemas"} <= {src for src, _ in files}
     for name in ("post", "environment", "test", "runscript"):
         subprocess.run(["bash", "-n"], input=parts[name], text=True, check=True)
 
