@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from toolkit.checkpoint import sha256 as sha256_file
 from toolkit.config import STAGES, StudyConfig
 from toolkit.errors import ConfigError, StoreError, ToolkitError
 from toolkit.study import (
@@ -251,11 +252,6 @@ def unit_settings(study: StudyConfig, unit: Unit) -> dict[str, Any]:
 # --------------------------------------------------------------------------- digests
 
 
-def _file_sha(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _tree_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
     """sha256 over the relative names and contents of every file below ``path``."""
     h = hashlib.sha256()
@@ -265,7 +261,7 @@ def _tree_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
         # A store's inventory only restates the other files' sizes and checksums.
         if rel in skip or rel == "inventory.json" or rel.endswith(".lock"):
             continue
-        h.update(rel.encode() + b"\0" + _file_sha(p).encode() + b"\n")
+        h.update(rel.encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -292,7 +288,7 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
         profile = attrs.pop("entropy_profile", None)
         # The entropy profile lives in the root metadata; training does not read it, so it
         # is a digest of its own and changing an entropy setting does not retrain members.
-        return {"tokenizer": _file_sha(folder / "tokenizer.json"),
+        return {"tokenizer": sha256_file(folder / "tokenizer.json"),
                 "tokens": _json_digest([_tree_digest(tokens, skip=("zarr.json",)), attrs]),
                 "profile": _json_digest(profile)}
     if unit.stage == "train":
@@ -390,7 +386,7 @@ def _sources(study: StudyConfig, unit: Unit, recorded: dict[str, Any] | None) ->
         elif prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns:
             sha = prev["sha256"]
         else:
-            sha = _file_sha(path)
+            sha = sha256_file(path)
         out[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
     return out
 
@@ -648,6 +644,16 @@ def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -
         mark_complete(study, unit, inputs)
 
 
+def discard_checkpoints(study: StudyConfig, key: str) -> None:
+    """A forced train unit starts over: remove the member's checkpoints (resume state included)."""
+    import shutil
+
+    folder = Layout(study).checkpoints_dir(Member.parse(key))
+    if folder.exists():
+        log.info("train %s: --force: discarding %s, training from scratch", key, folder)
+        shutil.rmtree(folder)
+
+
 def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], UnitState],
                inputs: dict[str, Any], fresh: bool) -> None:
     if unit.stage == "prepare":
@@ -660,12 +666,7 @@ def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Uni
 
         member = Member.parse(unit.key, study)
         if fresh:
-            import shutil
-
-            ckpts = Layout(study).checkpoints_dir(member)
-            if ckpts.exists():
-                log.info("train %s: --force: discarding %s, training from scratch", member.id, ckpts)
-                shutil.rmtree(ckpts)
+            discard_checkpoints(study, member.id)
         run = study.runs[member.run]
         prep = inputs["upstream"].get(f"prepare:{token_key(run.corpus, run_tokenizer(study, member.run))}") or {}
         train_member(study, member, data_digest=_json_digest(prep))

@@ -78,7 +78,7 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
     executor = executor or study.dispatch.executor
     if executor not in ("local", "debug", "slurm"):
         raise SubmissionError(f"unknown executor '{executor}'; use local, debug or slurm")
-    from toolkit.units import parse_force, study_units
+    from toolkit.units import discard_checkpoints, parse_force, study_units
 
     forced = parse_force(study, force)
     pending = pending_units(study, forced)
@@ -100,7 +100,7 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
             # A forced unit must not read as done while it waits for its job.
             unit.marker.unlink(missing_ok=True)
             if unit.stage == "train":
-                _discard_checkpoints(study, unit.key)
+                discard_checkpoints(study, unit.key)
     manifest = Manifest.load(Layout(study).manifest)
     log.info("study %s: %d unit(s) to run with the %s executor; output %s",
              study.name, todo, executor, study.root)
@@ -117,18 +117,6 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
                  study.root / STUDY_JSON)
         if wait:
             wait_study(study)
-
-
-def _discard_checkpoints(study: StudyConfig, key: str) -> None:
-    """--force train: the member trains from scratch, not from its last checkpoint."""
-    import shutil
-
-    from toolkit.study import Member
-
-    folder = Layout(study).checkpoints_dir(Member.parse(key))
-    if folder.exists():
-        log.info("train %s: --force: discarding %s", key, folder)
-        shutil.rmtree(folder)
 
 
 def wait_study(study: StudyConfig, *, poll_s: float = 5.0, timeout_s: float | None = None) -> None:
