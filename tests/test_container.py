@@ -7,7 +7,7 @@ syntax, the %environment it sets, and its %test smoke check run on the host with
 project's venv); command lines are compared with golden files in ``tests/golden/``;
 quoting survives paths with spaces and quotes; and the wrapped command runs end to end
 through a STAND-IN runtime: a small executable named ``apptainer`` put first on PATH,
-which checks its arguments (``exec [--nv] --cleanenv --bind ... --env ... SIF python
+which checks its arguments (``exec [--nv] --containall --cleanenv --bind ... --env ... SIF python
 ...``, bind sources exist, every path of the command is inside a bind) and then runs
 the command with a clean environment on the host. The same stand-in runs a real
 study through real SLURM in ``tests/test_dispatch.py``.
@@ -44,7 +44,8 @@ STANDIN = '''\
 """Stand-in for `apptainer` in tests (the real one cannot be installed here).
 
 Checks the arguments the dispatcher passes, then runs the command the way
-`apptainer exec --cleanenv` would: a clean environment plus the image's %environment.
+`apptainer exec --containall --cleanenv` would: a clean environment plus the image's
+%environment (it does not hide the host's files: tests/test_container_isolated.py does).
 """
 import json, os, sys
 
@@ -60,8 +61,9 @@ if args[:1] != ["exec"]:
 args = args[1:]
 nv = args[:1] == ["--nv"]
 args = args[1:] if nv else args
-if args[:1] != ["--cleanenv"]:
-    die("expected --cleanenv")
+if args[:2] != ["--containall", "--cleanenv"]:
+    die("expected --containall --cleanenv")
+args = args[1:]
 if args[1:2] != ["--bind"]:
     die("expected --bind")
 binds, args = args[2].split(","), args[3:]
@@ -255,7 +257,7 @@ def test_weird_paths_quote_and_run_through_standin(weird_tmp_path: Path, tmp_pat
     assert seen_args == [str(study.root / "study.json")]
     assert hf_home == str(weird_tmp_path / "scratch" / "hf") and not leaked  # --cleanenv
     call = json.loads(log.read_text())
-    assert call["nv"] is True and call["argv"][:3] == ["exec", "--nv", "--cleanenv"]
+    assert call["nv"] is True and call["argv"][:4] == ["exec", "--nv", "--containall", "--cleanenv"]
 
 
 def test_standin_rejects_a_path_outside_the_binds(tmp_path: Path) -> None:

@@ -105,9 +105,9 @@ def test_container_workers_run_in_the_image_with_the_units_binds(weird_tmp_path:
     study.root.mkdir(parents=True)
     argv = shlex.split(next(ln for ln in job_script(study).splitlines() if "dask_worker" in ln))
     n = argv.index("-m")
-    assert argv[:n] == ["apptainer", "exec", "--cleanenv", "--bind", ",".join(bind_paths(study)),
+    assert argv[:n] == ["apptainer", "exec", "--containall", "--cleanenv", "--bind", ",".join(bind_paths(study)),
                         "--env", f"TOOLKIT_SCRATCH={weird_tmp_path / 'scratch'}", str(image), "python"]
-    assert str(data) in argv[4].split(",") and str(study.root) in argv[4].split(",")
+    assert str(data) in argv[5].split(",") and str(study.root) in argv[5].split(",")
     gpu = with_dispatch(study, resources={"analyse": {"gpus_per_node": 1}})
     assert shlex.split(dask_cluster.worker_python(gpu))[:3] == ["apptainer", "exec", "--nv"]
 

@@ -3,7 +3,23 @@
 Every job runs ``python -m toolkit unit <root>/study.json STAGE KEY``. With
 ``dispatch.container.runtime = "apptainer"`` (or ``"singularity"``) that command runs as::
 
-    apptainer exec --nv --cleanenv --bind B1,B2,... --env TOOLKIT_SCRATCH=S IMAGE python -m toolkit unit <root>/study.json STAGE KEY
+    apptainer exec [--nv] --containall --cleanenv --bind B1,B2,... --env TOOLKIT_SCRATCH=S IMAGE \\
+        python -m toolkit unit <root>/study.json STAGE KEY
+
+``--nv`` only for stages that ask for GPUs. ``--containall`` (``--contain`` + ``--cleanenv``
++ ``--ipc`` + ``--pid``) makes a job see only the image and its binds: no host ``$HOME``
+(an empty one instead: no ``~/.local`` packages, ``~/.cache`` or ``~/.config`` of the
+user), no host working directory, a private ``/tmp`` and a minimal ``/dev``, its own
+PID and IPC namespaces; ``--cleanenv`` is implied but kept explicit, so no host variable
+(``PYTHONPATH``, ``TOOLKIT_SCHEMAS``, module-system paths) reaches the unit. Nothing in
+a unit depends on what that hides: ``study.json`` holds absolute paths (resolved at
+submission), the caches (``HF_HOME``, ``TORCH_HOME``, ``MPLCONFIGDIR``) go below
+``TOOLKIT_SCRATCH`` (the image's ``%environment``), models and tokenizers load from the
+study folder only, and units share files only through the study folder, never through
+``/tmp`` (without ``dispatch.container.scratch`` the caches live in the job's private
+``/tmp`` and are lost with it). The submitit process that starts the command stays on
+the host (it must call ``scontrol requeue``); the runtime forwards its SIGTERM to the
+unit.
 
 The bind list is derived from the study (study folder, each corpus source folder,
 external checkpoint folders, scratch, extra binds) and checked before anything is
@@ -191,7 +207,7 @@ def unit_argv(study: StudyConfig, stage: str, key: str, *, python: str | None = 
     scratch = str(study.resolve_path(c.scratch)) if c.scratch else "/tmp"
     gpus = study.dispatch.resources_for(stage).gpus_per_node > 0
     return [
-        c.runtime, "exec", *(["--nv"] if gpus else []), "--cleanenv",
+        c.runtime, "exec", *(["--nv"] if gpus else []), "--containall", "--cleanenv",
         "--bind", ",".join(bind_paths(study)),
         "--env", f"TOOLKIT_SCRATCH={scratch}",
         str(study.resolve_path(c.image)),

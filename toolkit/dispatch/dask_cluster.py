@@ -81,10 +81,12 @@ def require_packages() -> None:
 def worker_python(study: StudyConfig) -> str:
     """The shell words that start the worker's Python: this interpreter, or the container's.
 
-    With a container this is ``RUNTIME exec [--nv] --cleanenv --bind ... --env
-    TOOLKIT_SCRATCH=... IMAGE python``: the prefix
+    With a container this is ``RUNTIME exec [--nv] --containall --cleanenv --bind ...
+    --env TOOLKIT_SCRATCH=... IMAGE python``: the prefix
     :func:`toolkit.dispatch.container.unit_argv` puts in front of the analyse unit, so
-    workers see the study, the data and the scratch folder where the units do.
+    workers see the study, the data and the scratch folder where the units do, and
+    nothing else of the host (``--containall`` keeps the network: workers must reach
+    the scheduler).
     """
     argv = unit_argv(study, STAGE, "dask-worker")  # [...prefix, python, -m, toolkit, unit, ...]
     return shell_line(argv[: argv.index("-m")])
