@@ -91,3 +91,32 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = old
+
+
+WHEEL_SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "toolkit", "storage_schemas")
+"""What the wheel build reads: pyproject.toml names README.md; setup.py copies storage_schemas/."""
+
+
+def build_toolkit_wheel(tmp: Path, env: dict[str, str] | None = None) -> Path:
+    """Build the toolkit wheel from a copy of the sources in ``tmp``; return its path.
+
+    A copy, so that no stale ``build/`` of the checkout leaks in; ``--no-build-isolation``,
+    so that the venv's setuptools builds it and nothing is downloaded.
+    """
+    import subprocess
+    import sys
+
+    src, dist = tmp / "src", tmp / "dist"
+    src.mkdir(parents=True)
+    for name in WHEEL_SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(dist), str(src)], cwd=tmp, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = dist.glob("toolkit-*.whl")
+    return wheel

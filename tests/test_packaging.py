@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,10 +18,7 @@ from pathlib import Path
 import pytest
 
 import toolkit
-from tests.conftest import REPO, TINY_STUDY
-
-# What the build reads: pyproject.toml names README.md; setup.py copies storage_schemas/.
-SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "toolkit", "storage_schemas"]
+from tests.conftest import REPO, TINY_STUDY, build_toolkit_wheel
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -42,20 +38,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     """(venv, wheel, env): the toolkit wheel installed into a fresh venv outside the repo."""
     tmp = tmp_path_factory.mktemp("pkg")
     env = _clean_env(tmp)
-    src = tmp / "src"
-    src.mkdir()
-    for name in SOURCES:
-        path = REPO / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(path, src / name)
-    dist = tmp / "dist"
-    # --no-build-isolation: the venv's setuptools builds it, nothing is downloaded.
-    out = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                "-w", str(dist), str(src)], tmp, env)
-    assert out.returncode == 0, out.stderr
-    (wheel,) = dist.glob("toolkit-*.whl")
+    wheel = build_toolkit_wheel(tmp, env)
 
     venv = tmp / "venv"
     out = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, env)
