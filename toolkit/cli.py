@@ -144,6 +144,18 @@ def cmd_corpus_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from toolkit.plan import DEVICES, format_plan, load_calibration, plan_study
+
+    devices = load_calibration(Path(args.calibration)) if args.calibration else DEVICES
+    plan = plan_study(_study(args), devices=devices, sample_seconds=args.sample_seconds)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from toolkit.study import Member
     from toolkit.units import run_unit
@@ -261,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=None, help="read at most this many records")
     p.add_argument("--orders", type=int, default=4, help="conditional entropy up to this context length J")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = add("plan", cmd_plan, "estimate a study's units, CPU/GPU-hours, memory and disk before running it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="measured device throughputs (JSON, e.g. written by benchmarks/gpu_check.sh)")
+    p.add_argument("--sample-seconds", type=float, default=3.0,
+                   help="read each corpus for at most this long to measure record lengths (default 3)")
     p = add("train", cmd_train, "train one ensemble member (resumes from its last checkpoint)")
     p.add_argument("--member", required=True, help="member id RUN/seedN, e.g. dna-6mer/seed1")
     p.add_argument("--force", action="store_true",
