@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -235,7 +236,9 @@ def test_a_missing_bind_fails_the_job_clearly(slurm_cluster, image: Path, runtim
     study = study_from_dict(doc, where="test")
     real = dcontainer.bind_paths
     monkeypatch.setattr(dcontainer, "bind_paths", lambda s: [b for b in real(s) if b != str(data)])
-    with pytest.raises(SubmissionError, match=r"stage prepare: 1 unit\(s\) failed"):
+    with pytest.raises(SubmissionError, match=r"first prepare markov--kmer3: FAILED: toolkit: error: "
+                       + re.escape(f"{data / 'genome.fa'}: file not found; check the corpus source path")):
         run_study(study, executor="slurm", wait=True)
     row = next(r for r in unit_states(study) if r.stage == "prepare")
-    assert row.state == "failed" and str(data / "genome.fa") in row.detail, row.detail
+    assert row.state == "failed" and f"{data / 'genome.fa'}: file not found" in row.detail, row.detail
+    assert [json.loads(line)["argv"][-2] for line in runtime.read_text().splitlines()] == ["prepare"]
