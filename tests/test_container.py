@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import submitit.slurm.slurm as submitit_slurm
 
+from tests import apptainer_bwrap
 from tests.conftest import REPO
 from toolkit.config import study_from_dict
 from toolkit.dispatch.container import bind_paths, check_container, shell_line, unit_argv
@@ -181,8 +182,10 @@ def test_definition_environment_points_caches_at_scratch(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(apptainer_bwrap.available() is None,
+                    reason="bwrap works here: the %test runs in the image in test_container_isolated.py")
 def test_definition_smoke_test_runs_with_the_venv() -> None:
-    """The image's %test, run on the host with the project's venv as the image's python."""
+    """The image's %test (a tiny study), on the host with the project's venv as the image's python."""
     script = sections(DEF.read_text())["test"]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd="/")
