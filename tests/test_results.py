@@ -39,7 +39,7 @@ def test_tree_is_lazy_with_the_documented_groups_dims_and_attrs(study: StudyConf
         assert pred.log_probs.dims == ("member", "position", "vocab") and _lazy(pred.log_probs)
         assert pred.target.dims == ("position",) and _lazy(pred.target)
         assert pred.sizes["vocab"] == spec["vocab"]
-        assert pred.log_probs.attrs["units"] == "nats"
+        assert pred.log_probs.attrs["units"] == "nat"  # CF (UDUNITS) spelling
         emb = tree[f"embeddings/{run}"].to_dataset()
         assert emb.word_embeddings.dims == ("member", "token", "dim") and _lazy(emb.word_embeddings)
         assert emb.contextual.dims == ("member", "contextual_sequence", "dim")

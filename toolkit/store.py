@@ -72,6 +72,8 @@ def _schema_dir() -> Path:
 
 
 SCHEMA_DIR = _schema_dir()
+CF_ATTRS = ("long_name", "units")
+"""Array attributes (CF conventions) every schema entry defines and every array carries."""
 
 
 @functools.cache
@@ -85,7 +87,31 @@ def schema(kind: str) -> dict[str, Any]:
         raise StoreError(f"no schema for store kind '{kind}' in {SCHEMA_DIR}; known: {', '.join(known)}") from e
     if doc.get("store") != kind or not isinstance(doc.get("version"), int):
         raise StoreError(f"{path}: schema must have \"store\": \"{kind}\" and an integer \"version\"")
+    check_schema(doc, path)
     return doc
+
+
+def check_schema(doc: dict[str, Any], where: str | Path) -> None:
+    """Require the CF attributes of every array of a schema document.
+
+    Every array entry needs a non-empty ``long_name`` (a short human title, CF) and
+    ``units`` (a UDUNITS string: ``"1"`` for dimensionless values, counts, ids and
+    labels; ``"bit"``, ``"nat"``, ``"bit/token"``, ...). Both are written on the array
+    when it is created and set again by :func:`open_dataset`, so a variable without
+    them cannot be added to a schema.
+
+    Raises
+    ------
+    StoreError
+        An array entry lacks either attribute; the message names the file and the array.
+    """
+    for name, spec in doc.get("arrays", {}).items():
+        for attr in CF_ATTRS:
+            value = spec.get(attr) if isinstance(spec, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise StoreError(f"{where}: array '{name}' has no {attr!r}; every array of a schema "
+                                 f"needs a non-empty \"long_name\" and \"units\" (CF conventions; "
+                                 "\"1\" for dimensionless values, counts and ids)")
 
 
 def _template(kind: str, name: str) -> str | None:
@@ -166,13 +192,15 @@ def create_array(group: Any, kind: str, name: str, *, shape: tuple[int, ...] | N
                               dimension_names=dims, compressors=_compressors(),
                               fill_value="" if is_str else spec.get("fill_value", 0),
                               overwrite=True)
-    if spec.get("units"):
-        arr.attrs["units"] = spec["units"]
-    if spec.get("description"):
-        arr.attrs["description"] = spec["description"]
+    arr.attrs.update(_cf_attrs(spec))
     if data is not None:
         arr[...] = data.astype(str) if is_str else data.astype(dtype, copy=False)
     return arr
+
+
+def _cf_attrs(spec: dict[str, Any]) -> dict[str, str]:
+    """The attributes an array of this schema entry carries: long_name, units, description."""
+    return {k: spec[k] for k in (*CF_ATTRS, "description") if spec.get(k)}
 
 
 def validate(group: Any, kind: str, where: str | Path) -> None:
@@ -607,5 +635,51 @@ def open_dataset(path: str | Path, kind: str, chunks: Any = None, group: str | N
     import xarray as xr
 
     open_store(path, kind, verify=verify)
-    return xr.open_zarr(str(path), chunks={} if chunks is None else chunks, zarr_format=3,
-                        consolidated=True, group=group)
+    ds = xr.open_zarr(str(path), chunks={} if chunks is None else chunks, zarr_format=3,
+                      consolidated=True, group=group)
+    return plain_strings(_with_schema_attrs(ds, kind, group))
+
+
+def _with_schema_attrs(ds: Any, kind: str, group: str | None) -> Any:
+    """Every variable of the schema with its attributes as this toolkit's schema defines them.
+
+    Stores written before long_name existed (or with other unit spellings) present the
+    same attributes as new ones: the schema, not the store, is the source of truth.
+    """
+    arrays = schema(kind)["arrays"]
+    prefix = f"{group.strip('/')}/" if group else ""
+    for name in ds.variables:
+        key = prefix + str(name)
+        spec = arrays.get(key) or (arrays.get(f"{prefix}*") if prefix else None)
+        if spec is not None:
+            ds[name].attrs.update(_cf_attrs(spec))
+    return ds
+
+
+def fixed_strings(values: Any) -> np.ndarray:
+    """Any array of strings (StringDType, object) as a fixed-width ``<U`` numpy array."""
+    arr = np.asarray(values)
+    return np.asarray([str(v) for v in arr.ravel()], dtype=str).reshape(arr.shape)
+
+
+def plain_strings(ds: Any) -> Any:
+    """Zarr v3 string arrays as fixed-width numpy strings (``<U``), not numpy's StringDType.
+
+    xarray refuses to plot StringDType coordinates (``s.fisher_share.plot.line(x="group")``)
+    and matplotlib needs ``<U``, not ``object``. Coordinates are labels, read at once; string
+    data variables stay lazy (Dask) and become ``<U`` as wide as their longest value when read.
+    """
+    import dask.array as da
+
+    fixed = fixed_strings
+    for name in list(ds.variables):
+        var = ds.variables[name]
+        if var.dtype.kind != "T":
+            continue
+        if name in ds.coords:
+            ds = ds.assign_coords({name: (var.dims, fixed(var.values), var.attrs)})
+        elif isinstance(var.data, da.Array):
+            ds[name] = (var.dims, da.map_blocks(fixed, var.data, dtype=object), var.attrs)
+        else:
+            ds[name] = (var.dims, fixed(var.values), var.attrs)
+    return ds
