@@ -6,7 +6,8 @@ for a run with ``tokenizer = "checkpoint"``: the corpus is encoded with its
 checkpoints' own tokenizer, :mod:`toolkit.hf_tokenizer`, whose identity document is
 saved as ``tokenizer.json`` and whose special ids are recorded in the store)::
 
-    tokens.zarr      tokens, record offsets, split, symbols per record (storage_schemas/tokens.json)
+    tokens.zarr      tokens, record offsets, split, symbols per record, the token text of every
+                     id, each record's source name and coordinates (storage_schemas/tokens.json)
     tokenizer.json   the tokenizer (its sha256 is the store's tokenizer_hash)
     complete.json    the completion marker, written last
 
@@ -266,6 +267,7 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
         keep_mask = src.kind == "dna" and cfg.dna.keep_softmask
         counts, record_symbols, sample = _write_tokens(group, tok, src, keep_mask, what,
                                                        len(split) if split is not None else None)
+        store.create_array(group, "tokens", "token_text", data=token_texts(tok, vocab_size))
         n_rec = len(counts)
         if split is None:
             from toolkit.corpora import split_assignment
@@ -363,9 +365,30 @@ def _make_tokenizer(spec: str, src: Any, cfg: Any, what: str) -> tuple[Any, np.n
     return build_tokenizer(spec, src.kind, texts), split
 
 
+def token_texts(tok: Any, vocab_size: int) -> np.ndarray:
+    """The vocabulary entry of every id below ``vocab_size`` ('' for ids the tokenizer lacks)."""
+    if hasattr(tok, "id_to_token"):  # the toolkit's tokenizers
+        names = tok.id_to_token()
+    else:  # a checkpoint's HuggingFace tokenizer
+        names = [""] * vocab_size
+        for text, i in tok.hf.get_vocab().items():
+            if 0 <= int(i) < vocab_size:
+                names[int(i)] = str(text)
+    names = list(names[:vocab_size]) + [""] * max(0, vocab_size - len(names))
+    return np.asarray(names, dtype=str)
+
+
+def spans_follow_from_ids(spec: str) -> bool:
+    """Whether a tokenizer's token spans follow from its ids alone (``char``, ``kmer<k>``,
+    ``kmer<k>-overlap``: :func:`toolkit.results.token_source`); for the others (``bpe<V>``,
+    a checkpoint's tokenizer) prepare stores every token's span (``token_start``, ``token_end``)."""
+    return spec == "char" or spec.startswith("kmer")
+
+
 def _write_tokens(group: Any, tok: Any, src: Any, keep_mask: bool, what: str,
                   total: int | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Stream the corpus into the ``tokens`` (and ``softmasked``) arrays.
+    """Stream the corpus into the ``tokens`` (and ``softmasked``, ``token_start``/``token_end``)
+    arrays and each record's source name and coordinates (``record_*``).
 
     Returns tokens per record, symbols per record and the first records' text
     (about RAW_SAMPLE_SYMBOLS symbols, with their indices) for the compression estimate.
@@ -374,25 +397,44 @@ def _write_tokens(group: Any, tok: Any, src: Any, keep_mask: bool, what: str,
 
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
     chunk = int(store.schema("tokens")["arrays"]["tokens"]["chunks"][0])
-    tokens = _Appender(store.create_array(group, "tokens", "tokens", shape=(0,), dtype=dtype,
-                                          chunks=(chunk,)), dtype)
-    masks = (_Appender(store.create_array(group, "tokens", "softmasked", shape=(0,),
-                                          chunks=(chunk,)), "uint8") if keep_mask else None)
+    rec_chunk = int(store.schema("tokens")["arrays"]["record_name"]["chunks"][0])
+
+    def token_array(name: str, dt: str) -> _Appender:
+        return _Appender(store.create_array(group, "tokens", name, shape=(0,), dtype=dt,
+                                            chunks=(chunk,)), dt)
+
+    tokens = token_array("tokens", dtype)
+    masks = token_array("softmasked", "uint8") if keep_mask else None
+    # Spans not implied by the ids (bpe, a checkpoint's tokenizer): stored, so that every
+    # token maps back to its characters (and through record_start to the source record).
+    # A slow (Python) HuggingFace tokenizer gives no spans: its tokens then have none stored.
+    has_spans = getattr(getattr(tok, "hf", None), "is_fast", True)
+    spans = (None if spans_follow_from_ids(str(getattr(tok, "spec", ""))) or not has_spans
+             else (token_array("token_start", "int32"), token_array("token_end", "int32")))
+    names = _Appender(store.create_array(group, "tokens", "record_name", shape=(0,),
+                                         chunks=(rec_chunk,)), "str")
     counts: list[np.ndarray] = []
     symbols: list[np.ndarray] = []
+    starts: list[np.ndarray] = []
     sample: list[tuple[int, str]] = []
     sample_size = n_rec = n_tok = 0
     progress = _Progress(what, total)
     for batch in _batches(src.records()):
         seqs = [r.seq for r in batch]
-        if masks is None:
+        if masks is None and spans is None:
             ids, cnt = tok.encode_flat(seqs)
         else:
-            ids, cnt, flags = _encode_with_softmask(tok, batch)
-            masks.add(flags)
+            ids, cnt, flags, (t0, t1) = _encode_with_spans(tok, batch)
+            if masks is not None:
+                masks.add(flags)
+            if spans is not None:
+                spans[0].add(t0)
+                spans[1].add(t1)
         tokens.add(ids)
         counts.append(cnt)
         symbols.append(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)))
+        starts.append(np.fromiter((r.start for r in batch), dtype=np.int64, count=len(batch)))
+        names.add(np.asarray([r.source_name for r in batch], dtype=str))
         for s in seqs:
             if sample_size < RAW_SAMPLE_SYMBOLS:
                 sample.append((n_rec, s))
@@ -402,17 +444,24 @@ def _write_tokens(group: Any, tok: Any, src: Any, keep_mask: bool, what: str,
         progress.update(n_rec, n_tok)
     progress.update(n_rec, n_tok, force=True)
     written = tokens.close()
-    if masks is not None:
-        masks.close()
+    for extra in (masks, *(spans or ())):
+        if extra is not None:
+            assert extra.close() == n_tok, (extra.array.name, n_tok)
+    assert names.close() == n_rec, n_rec
     assert written == n_tok, (written, n_tok)
     empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(counts) if counts else empty,
-            np.concatenate(symbols) if symbols else empty, sample)
+    record_symbols = np.concatenate(symbols) if symbols else empty
+    record_start = np.concatenate(starts) if starts else empty
+    store.create_array(group, "tokens", "record_start", data=record_start)
+    store.create_array(group, "tokens", "record_end", data=record_start + record_symbols)
+    return np.concatenate(counts) if counts else empty, record_symbols, sample
 
 
-def _encode_with_softmask(tok: Any, batch: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ids, tokens per record and, per token, 1 if any of its bases was soft-masked."""
-    ids_all, counts, flags = [], [], []
+def _encode_with_spans(tok: Any, batch: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                           tuple[np.ndarray, np.ndarray]]:
+    """Ids, tokens per record, per token 1 if any of its bases was soft-masked, and each
+    token's span ``seq[start:end]`` in its record."""
+    ids_all, counts, flags, span0, span1 = [], [], [], [], []
     for rec in batch:
         ids, starts, ends = tok.encode_spans(rec.seq)
         mask = rec.softmask if rec.softmask is not None else np.zeros(len(rec.seq), dtype=bool)
@@ -421,9 +470,14 @@ def _encode_with_softmask(tok: Any, batch: list[Any]) -> tuple[np.ndarray, np.nd
         flags.append((cum[ends] > cum[starts]).astype(np.uint8))
         ids_all.append(ids)
         counts.append(len(ids))
-    return (np.concatenate(ids_all) if ids_all else np.zeros(0, np.int32),
-            np.asarray(counts, dtype=np.int64),
-            np.concatenate(flags) if flags else np.zeros(0, np.uint8))
+        span0.append(np.asarray(starts, dtype=np.int32))
+        span1.append(np.asarray(ends, dtype=np.int32))
+
+    def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    return (cat(ids_all, np.int32), np.asarray(counts, dtype=np.int64), cat(flags, np.uint8),
+            (cat(span0, np.int32), cat(span1, np.int32)))
 
 
 # --------------------------------------------------------------------------- corpus-stats

@@ -30,6 +30,16 @@ class Record:
     """DNA: upper case, only A C G T N. Text: the (cleaned) document."""
     softmask: np.ndarray | None = None
     """DNA with ``dna.keep_softmask``: bool per base, True where the FASTA had lowercase."""
+    source: str = ""
+    """The source record it was cut from: FASTA header id, document id or title ('' = ``id``)."""
+    start: int = 0
+    """0-based coordinate of ``seq[0]`` in the source record (bases for DNA, characters of
+    the cleaned document for text); ``seq`` spans ``[start, start + len(seq))`` there."""
+
+    @property
+    def source_name(self) -> str:
+        """:attr:`source`, or :attr:`id` for records that are a whole source record."""
+        return self.source or self.id
 
 
 class Corpus:

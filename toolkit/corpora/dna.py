@@ -57,7 +57,8 @@ class _Cutter:
     def _piece(self, a: int, b: int) -> Record:
         start = self.buf_start + a
         mask = np.frombuffer(bytes(self.mbuf[a:b]), dtype=np.bool_).copy() if self.keep else None
-        return Record(f"{self.rid}:{start}-{start + b - a}", self.buf[a:b].decode("ascii"), mask)
+        return Record(f"{self.rid}:{start}-{start + b - a}", self.buf[a:b].decode("ascii"), mask,
+                      source=self.rid, start=start)
 
     def _append(self, data: bytes, mask: bytes) -> Iterator[Record]:
         self.buf += data

@@ -74,7 +74,8 @@ class ShuffledCorpus(Corpus):
             chars = np.frombuffer(rec.seq.encode("utf-32-le"), dtype="<u4")
             perm = rng.permutation(len(chars))
             mask = rec.softmask[perm] if rec.softmask is not None else None
-            yield Record(rec.id, chars[perm].tobytes().decode("utf-32-le"), mask)
+            yield Record(rec.id, chars[perm].tobytes().decode("utf-32-le"), mask,
+                         source=rec.source, start=rec.start)
 
     def provenance(self) -> list[dict]:
         return self.base.provenance()
