@@ -11,13 +11,14 @@ row-hash fast path of ``kmer<k>`` for k <= 8 (``_ROW_MAGIC``, :func:`_row_lut`,
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from toolkit.sequences import UNK
-from toolkit.tokenizer import Tokenizer, _record_index
+from toolkit.tokenizer import Tokenizer, _model_vocab, _record_index
 
 _ENCODE_BLOCK = 1 << 22  # symbols per vectorised block: bounds the temporaries (~100 MB)
 
@@ -170,6 +171,20 @@ class KmerTokenizer(Tokenizer):
             return parts[0]
         return tuple(np.concatenate(p) if p[0] is not None else None  # type: ignore[return-value]
                      for p in zip(*parts, strict=True))
+
+    def _hf_pipeline(self) -> Any:
+        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not self.overlap:  # the store's pre-tokenizer already gives the exact k-mers
+            hf = super()._hf_pipeline()
+            hf.decoder = decoders.Fuse()  # decode() gives the bases back, not k-mers spaced out
+            return hf
+        hf = HFTokenizer(models.WordLevel(_model_vocab(json.loads(self._json)), unk_token="[UNK]"))
+        hf.normalizer = normalizers.Sequence([normalizers.Replace(Regex(pattern) if regex else pattern, content)
+                                              for pattern, content, regex in _overlap_rules(self.k)])
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return hf
 
     def _encode_block(self, seqs: Sequence[str], spans: bool) -> tuple[Any, Any, Any, np.ndarray]:
         if not self.overlap:
@@ -339,3 +354,56 @@ class KmerTokenizer(Tokenizer):
         ids[is_win] = wid.astype(np.int32)
         tend = tpos + np.where(is_win, k, 1)
         return ids, tpos, tend
+
+
+# --------------------------------------------------------------------------- HuggingFace overlap
+
+_MARKS = dict(zip("ACGT", "WXYZ", strict=True))
+
+
+def _overlap_rules(k: int) -> list[tuple[str, str, bool]]:
+    """Replace rules (pattern, literal content, pattern is a regex) of a ``tokenizers``
+    normaliser that writes out the stride-1 windows of ``kmer<k>-overlap``, separated by
+    spaces, so that a WordLevel model on whitespace-split words gives exactly the ids of
+    :meth:`KmerTokenizer.encode` (checked against it on random records in
+    ``tests/test_hf_export.py``).
+
+    HuggingFace pre-tokenizers and models only cut text into disjoint pieces, so the
+    windows are made by the normaliser, which may insert text. Each symbol becomes a
+    "group": the symbol, upper case, followed by lower-case copies of the symbols after it.
+
+    1. Every symbol other than ``A C G T N`` becomes ``?`` (the toolkit reads them all as
+       one unknown symbol), so that lower case, ``W X Y Z``, space and ``§`` below cannot
+       come from the input.
+    2. ``§`` is appended when the record has at least k symbols (windows, not single
+       bases), an ``N`` that starts a window becomes ``?`` (its window is ``[UNK]``), and a
+       base that starts a window holding N or ``?`` is marked ``W X Y Z`` (still a base for
+       the windows before it).
+    3. Round r = 1..k-1 appends to every group that has r-1 copies the copy of the r-th
+       symbol after it, when that symbol is a base (4 zero-width insertions per round; a
+       group stops growing at the first N or ``?``). A window that starts at a base and
+       holds only bases is then a group with k-1 copies.
+    4. With ``§``: the last k-1 groups (no window starts there) and ``§`` are deleted and
+       marked groups become ``?``. Without (a record shorter than k): the copies are
+       deleted, leaving single bases.
+    5. A space before every group, and the copies upper-cased: the words are the k-mers,
+       ``A``..``N`` and ``?`` (not in the vocabulary: ``[UNK]``).
+    """
+    base, sym, any_ = "[ACGTWXYZ]", "[ACGTN?]", "[ACGTN?WXYZ]"
+    rules = [("[^ACGTN]", "?", True),
+             (rf"(?<={sym}{{{k}}})\z", "§", True),
+             (rf"N(?={sym}{{{k - 1}}})", "?", True)]
+    # One rule per base, reading the marks as bases: the order of the four does not matter.
+    rules += [(rf"(?!{base}{{{k}}}){b}(?={any_}{{{k - 1}}})", m, True) for b, m in _MARKS.items()]
+    for r in range(1, k):
+        # After a group of exactly r - 1 copies, skip the next r - 1 groups (r - 1 or r
+        # copies each by now; upper case ends a group), then the r-th symbol must be b.
+        rules += [(rf"(?<={base}[acgt]{{{r - 1}}})(?=(?:{base}[acgt]*){{{r - 1}}}[{b}{m}])", b.lower(), True)
+                  for b, m in _MARKS.items()]
+    rules.append((rf"(?:{sym}[acgt]*){{{k - 1}}}§\z", "", True))
+    rules.append(("[WXYZ][acgt]*", "?", True))
+    if k > 2:  # short records: groups of 1..k-2 copies (complete windows have k - 1)
+        rules.append((rf"(?<=[ACGT])[acgt]{{1,{k - 2}}}(?![acgt])", "", True))
+    rules.append((r"(?=[ACGTN?])", " ", True))
+    rules += [(b.lower(), b, False) for b in "ACGT"]
+    return rules

@@ -21,10 +21,11 @@ Vocabularies and rules
     Same vocabulary. Every window of k symbols (stride 1) is one token, so a record of
     length L gives ``L - k + 1`` tokens; a window that contains anything other than
     ``ACGT`` (e.g. an ``N``) is ``[UNK]``. A record shorter than k falls back to single
-    bases. The saved ``tokenizer.json`` carries the vocabulary, but HuggingFace
-    pre-tokenizers cannot produce overlapping windows: loaded with
+    bases. The token store's ``tokenizer.json`` carries the vocabulary, but its
+    pre-tokenizer cannot produce overlapping windows: loaded with
     ``tokenizers.Tokenizer.from_file`` it encodes non-overlapping k-mers. Use
-    :func:`load_tokenizer` for the exact ids.
+    :func:`load_tokenizer`, or the exported tokenizer (:meth:`Tokenizer.to_hf`), whose
+    normaliser writes the windows out, for the exact ids.
 ``char``
     Specials, then the sorted set of characters seen in training (DNA: ``A C G T N``
     always included). Unseen characters map to ``[UNK]``.
@@ -39,6 +40,21 @@ The :attr:`Tokenizer.hash` is the sha256 of the saved ``tokenizer.json`` bytes a
 recorded in every downstream store. ``tokenizer.json`` is a regular HuggingFace
 tokenizer file (WordLevel or BPE model) and gives the same ids (except the overlap
 caveat above); :func:`load_tokenizer` recognises the spec from its structure.
+
+Exported models
+---------------
+Every model folder a member exports (``best``, ``final``, ``flow/step-*``) also holds the
+tokenizer as ``transformers`` loads it (:meth:`Tokenizer.save_pretrained`):
+``AutoTokenizer.from_pretrained(folder)`` gives, for every spec, exactly the ids of
+:meth:`Tokenizer.encode`, framed as training framed one record (``[CLS] ids [SEP]``; a
+pair is ``[CLS] a [SEP] b [SEP]``, as packed records are, all token types 0), and cut to
+``model_max_length`` (the model's positions) with ``truncation=True``, as ``truncate``
+mode cut records to ``seq_len``. One deliberate difference: the literal text of a
+special token (``[MASK]``...) in the input is that special token, as in every
+HuggingFace tokenizer (``pipeline("fill-mask")`` depends on it), where the toolkit's
+``char`` and ``kmer`` encoders read its characters (``[UNK]`` for DNA); ``bpe<V>``
+already treats them as specials in both. See ``docs/methods.md`` and
+``tests/test_hf_export.py``.
 
 Modules: this one holds the :class:`Tokenizer` base class, ``char`` and ``bpe<V>``, and
 building and loading; :mod:`toolkit.kmer` holds :class:`~toolkit.kmer.KmerTokenizer`
@@ -60,7 +76,7 @@ import numpy as np
 
 from toolkit.config import N_SPECIALS, TOKENIZER_PATTERN
 from toolkit.errors import ConfigError, StoreError
-from toolkit.sequences import SPECIAL_TOKENS, UNK
+from toolkit.sequences import CLS, SEP, SPECIAL_TOKENS, UNK
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +159,72 @@ class Tokenizer:
                 self._names[i] = tok
         return list(self._names)
 
+    # -- HuggingFace export -----------------------------------------------------------
+    def to_hf(self) -> Any:
+        """The ``tokenizers.Tokenizer`` of an exported model folder.
+
+        It encodes a record to exactly the ids of :meth:`encode` (every spec, the overlap
+        windows included), framed with ``[CLS]``/``[SEP]`` as training framed it; the five
+        specials are declared special tokens at ids 0..4. The token store's
+        ``tokenizer.json`` (whose sha256 is :attr:`hash`) is left as it is.
+
+        Returns
+        -------
+        tokenizers.Tokenizer
+            A new object each call.
+        """
+        from tokenizers import AddedToken, processors
+
+        hf = self._hf_pipeline()
+        # Declared special (and so matched in the input text): the fill-mask pipeline
+        # finds the mask by its id in the encoded text.
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _specials()])
+        hf.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",  # type ids 0: type_vocab_size 1
+            special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+        return hf
+
+    def _hf_pipeline(self) -> Any:
+        """A ``tokenizers.Tokenizer`` giving :meth:`encode`'s ids (no specials, none declared)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_str(self._json.decode("utf-8"))
+
+    def save_pretrained(self, folder: str | Path, model_max_length: int) -> list[Path]:
+        """Write the files ``AutoTokenizer.from_pretrained(folder)`` reads.
+
+        Parameters
+        ----------
+        folder
+            An existing folder (an exported model's).
+        model_max_length
+            The model's positions (specials included): ``truncation=True`` cuts to it.
+
+        Returns
+        -------
+        list of Path
+            ``tokenizer.json`` (:meth:`to_hf`), ``tokenizer_config.json`` (class
+            ``PreTrainedTokenizerFast``, the specials, ``model_max_length``, and this
+            tokenizer's spec and :attr:`hash`, which tie it to the token store) and
+            ``special_tokens_map.json``.
+        """
+        folder = Path(folder)
+        roles = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                 "sep_token": "[SEP]", "mask_token": "[MASK]"}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(model_max_length),
+                  **roles, "clean_up_tokenization_spaces": False,
+                  "toolkit_tokenizer": self.spec, "toolkit_tokenizer_hash": self.hash}
+        files = [folder / "tokenizer.json", folder / "tokenizer_config.json",
+                 folder / "special_tokens_map.json"]
+        try:
+            self.to_hf().save(str(files[0]), pretty=False)
+            files[1].write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+            files[2].write_text(json.dumps(roles, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise StoreError(f"{folder}: cannot write the tokenizer ({e.strerror}); "
+                             "choose a writable output folder") from e
+        return files
+
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` (a HuggingFace tokenizer file; its sha256 is :attr:`hash`)."""
         path = Path(path)
@@ -190,6 +272,13 @@ class CharTokenizer(Tokenizer):
             ids = np.full(len(cps), UNK, dtype=np.int32)
         _, local = _record_index(counts)
         return ids, local, local + 1, counts
+
+    def _hf_pipeline(self) -> Any:
+        from tokenizers import decoders
+
+        hf = super()._hf_pipeline()
+        hf.decoder = decoders.Fuse()  # decode() gives the text back, not characters spaced out
+        return hf
 
 
 class BpeTokenizer(Tokenizer):
