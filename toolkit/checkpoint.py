@@ -14,8 +14,9 @@ whose checksums verify is used; a corrupt or partial one is skipped with a warni
 Nothing is unpickled: ``torch.load(weights_only=True)``, safetensors and JSON only.
 
 Exported HuggingFace folders (``final``, ``best``, Fisher-flow snapshots) are written
-the same way with :func:`save_hf`, with ``checksums.json`` (size and sha256 of every
-file) written last; :func:`verify_export` checks it before the folder is loaded
+the same way with :func:`save_hf`: weights, ``config.json`` and the run's tokenizer
+(``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), then
+``checksums.json`` (size and sha256 of every file) last; :func:`verify_export` checks it before the folder is loaded
 (``toolkit.model.load_model``). Folders without it (external checkpoints given in
 ``runs.X.checkpoints``) are loaded unchecked.
 """
@@ -103,8 +104,25 @@ def _install(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
-def save_hf(model: Any, dest: Path) -> None:
-    """``model.save_pretrained`` into ``dest`` atomically (replacing an older folder)."""
+def save_hf(model: Any, dest: Path, tokenizer: Any = None) -> None:
+    """``model.save_pretrained`` into ``dest`` atomically (replacing an older folder).
+
+    Parameters
+    ----------
+    model
+        A ``transformers`` model.
+    dest
+        The folder to (re)place.
+    tokenizer
+        Written next to the weights, in the same temporary folder, so that
+        ``AutoTokenizer.from_pretrained(dest)`` and ``pipeline("fill-mask", model=dest)``
+        work on the folder alone: a toolkit :class:`~toolkit.tokenizer.Tokenizer` (its
+        ``save_pretrained``, ``model_max_length`` = the model's positions) or a
+        ``transformers`` tokenizer (an adopted checkpoint's own). None: weights only.
+
+    The files' sizes and sha256 (tokenizer files included) go to ``checksums.json``,
+    written last.
+    """
     from transformers.utils import logging as hf_logging
 
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -113,6 +131,8 @@ def save_hf(model: Any, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         hf_logging.disable_progress_bar()  # a "Writing model shards" bar per save drowns the log
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, model, tmp)
         # The checksums let a reader tell a truncated or damaged export from a good one.
         files = sorted(f for f in tmp.iterdir() if f.is_file())
         meta = {"format": FORMAT, "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)}
@@ -134,6 +154,16 @@ def save_hf(model: Any, dest: Path) -> None:
             hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tokenizer(tokenizer: Any, model: Any, folder: Path) -> None:
+    from toolkit.model import model_positions
+    from toolkit.tokenizer import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save_pretrained(folder, model_max_length=model_positions(model))
+    else:
+        tokenizer.save_pretrained(str(folder))
 
 
 # --------------------------------------------------------------------------- RNG states

@@ -32,11 +32,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from toolkit.errors import ConfigError, CorpusError
+
+if TYPE_CHECKING:
+    from toolkit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ log = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
 _NOT_TOKENIZER = ("checksums.json", "generation_config.json")
 ROLES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Any of these makes AutoTokenizer find a tokenizer in a folder (fast, WordPiece, BPE,
+# SentencePiece layouts).
+_TOKENIZER_MARKS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def tokenizer_files(folder: Path, field: str) -> list[Path]:
@@ -59,6 +66,25 @@ def tokenizer_files(folder: Path, field: str) -> list[Path]:
         raise CorpusError(f"{field}: {folder} is not a folder; give a save_pretrained folder")
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
                   and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _NOT_TOKENIZER)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a checkpoint folder holds a tokenizer's files (``save_pretrained`` of one)."""
+    return any((folder / name).is_file() for name in _TOKENIZER_MARKS)
+
+
+def exported_identity(tokenizer: Tokenizer, model_max_length: int = 512) -> str:
+    """The :attr:`CheckpointTokenizer.hash` that a folder exported with ``tokenizer``
+    (:meth:`~toolkit.tokenizer.Tokenizer.save_pretrained`) has when loaded back.
+
+    Comparing it with a checkpoint's own hash tells whether the checkpoint reads exactly
+    the ids of a toolkit tokenizer (identity, not vocabulary size).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="toolkit-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp, model_max_length=model_max_length)
+        return load_checkpoint_tokenizer(Path(tmp)).hash
 
 
 def load_checkpoint_tokenizer(folder: Path) -> CheckpointTokenizer:

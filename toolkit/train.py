@@ -39,7 +39,8 @@ import numpy as np
 from toolkit import checkpoint as ckpt
 from toolkit import store
 from toolkit.config import CHECKPOINT_TOKENIZER, StudyConfig, TrainingConfig
-from toolkit.errors import CheckpointError, StoreError
+from toolkit.errors import CheckpointError, ConfigError, StoreError
+from toolkit.hf_tokenizer import exported_identity, has_tokenizer, load_checkpoint_tokenizer
 from toolkit.model import (
     build_model,
     load_model,
@@ -50,6 +51,7 @@ from toolkit.model import (
 )
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member, write_json_atomic
+from toolkit.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -326,20 +328,73 @@ def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokeniz
         raise CheckpointError(f"{source}: checkpoint vocabulary size {model.config.vocab_size} differs "
                               f"from the token store's {vocab_size} (run '{member.run}'); give a "
                               "checkpoint trained with this run's tokenizer")
+    tokenizer: Any
+    if run.tokenizer == CHECKPOINT_TOKENIZER:
+        # The token store was built with this very tokenizer (prepare checked every folder's identity).
+        tokenizer = load_checkpoint_tokenizer(source).hf
+    else:
+        tokenizer = _run_tokenizer(study, member.run, tokenizer_hash)
+        _check_checkpoint_tokenizer(source, tokenizer, member.run)
     seq_len = study.analysis.seq_len or study.training.seq_len
     if model_positions(model) < seq_len:
         raise CheckpointError(f"{source}: checkpoint has {model_positions(model)} "
                               f"positions, the study evaluates sequences of {seq_len}; lower "
                               "analysis.seq_len or training.seq_len")
     folder = layout.checkpoints_dir(member)
-    ckpt.save_hf(model, folder / "final")
-    ckpt.save_hf(model, folder / "best")
+    ckpt.save_hf(model, folder / "final", tokenizer)
+    ckpt.save_hf(model, folder / "best", tokenizer)
     write_record(layout.member_dir(member) / "train.zarr", _record_attrs(
         study, member, model, tokenizer_hash, final_step=0, tokens_seen=0, tps=0.0,
         device="external", best=None, source=str(source)), empty_log())
     log.info("%s: adopted external checkpoint %s", member.id, source)
     write_json_atomic(layout.train_marker(member), marker_doc(member, [], 0, 0, tokenizer_hash,
                                                               vocab_size, 0.0))
+
+
+def _run_tokenizer(study: StudyConfig, run: str, tokenizer_hash: str) -> Tokenizer | None:
+    """The run's toolkit tokenizer, written into every exported model folder.
+
+    None (with a warning: the exports then hold no tokenizer) when the token store's
+    ``tokenizer.json`` is unreadable or is not the one the store was built with.
+    """
+    path = Layout(study).run_tokens_dir(run) / "tokenizer.json"
+    fix = f"rebuild it with `toolkit run {study.source_file or study.name} --force prepare`"
+    try:
+        tokenizer = load_tokenizer(path)
+    except StoreError as e:
+        log.warning("%s; exported models of run '%s' get no tokenizer (%s)", e, run, fix)
+        return None
+    if tokenizer.hash != tokenizer_hash:
+        log.warning("%s: not the tokenizer the token store was built with (sha256 %s, the store "
+                    "records %s); exported models of run '%s' get no tokenizer (%s)",
+                    path, tokenizer.hash[:12], tokenizer_hash[:12], run, fix)
+        return None
+    return tokenizer
+
+
+def _check_checkpoint_tokenizer(source: Path, tokenizer: Tokenizer | None, run: str) -> None:
+    """Refuse an adopted checkpoint whose saved tokenizer is not the run's toolkit tokenizer.
+
+    The identities (:mod:`toolkit.hf_tokenizer`: vocabulary, rules, specials) are compared,
+    not vocabulary sizes. A checkpoint saved without a tokenizer can only be checked by
+    its vocabulary size (done by the caller), which a warning says.
+    """
+    if not has_tokenizer(source):
+        log.warning("%s: no tokenizer saved with the checkpoint; only its vocabulary size could be "
+                    "checked against run '%s''s tokenizer", source, run)
+        return
+    if tokenizer is None:
+        return  # the run's own tokenizer file is unusable (warned): nothing to compare with
+    try:
+        theirs = load_checkpoint_tokenizer(source).hash
+    except ConfigError as e:
+        raise CheckpointError(f"{e} (run '{run}' needs the checkpoint's tokenizer to be its "
+                              f"{tokenizer.spec})") from e
+    if theirs != exported_identity(tokenizer):
+        raise CheckpointError(f"{source}: the checkpoint's saved tokenizer is not run '{run}''s "
+                              f"{tokenizer.spec} (other vocabulary, ids or rules); give a checkpoint "
+                              f"trained with this run's tokenizer, or set runs.{run}.tokenizer = "
+                              '"checkpoint" to read the corpus with the checkpoint\'s own')
 
 
 def _fresh_state(total: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -382,6 +437,7 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
         log.warning("training.precision = 'bf16' applies on CUDA only; training in fp32 on %s", device)
         precision = "fp32"
 
+    tokenizer = _run_tokenizer(study, member.run, tokenizer_hash)  # exported with every model folder
     model = build_model(study.runs[member.run].model, vocab_size, member.seed,
                         max_positions=t.seq_len).to(device)  # type: ignore[arg-type]
     model.train()
@@ -466,11 +522,11 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
                     state["best_eval_loss"] = eval_loss
-                    ckpt.save_hf(model, folder / "best")
+                    ckpt.save_hf(model, folder / "best", tokenizer)
                 log.info("%s step %d/%d eval loss %.4f (best %.4f)", member.id, step, total,
                          eval_loss, state["best_eval_loss"])
             if step in flow_steps:
-                ckpt.save_hf(model, folder / "flow" / ckpt.step_name(step))
+                ckpt.save_hf(model, folder / "flow" / ckpt.step_name(step), tokenizer)
             due = (time.monotonic() - last_save) >= 60 * t.checkpoint_every_minutes
             if step == total or step % t.checkpoint_every_steps == 0 or due or preempt.signum:
                 epoch, index = divmod(step * per_step, len(train))
@@ -485,8 +541,8 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
 
     if not evals_fixed:
         log.warning("%s: no evaluation records; 'best' is the final model", member.id)
-        ckpt.save_hf(model, folder / "best")
-    ckpt.save_hf(model, folder / "final")
+        ckpt.save_hf(model, folder / "best", tokenizer)
+    ckpt.save_hf(model, folder / "final", tokenizer)
     tps = state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0
     write_record(layout.member_dir(member) / "train.zarr", _record_attrs(
         study, member, model, tokenizer_hash, final_step=step, tokens_seen=state["tokens_seen"],
