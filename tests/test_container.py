@@ -288,6 +288,34 @@ def test_binds_follow_the_study(tmp_path: Path) -> None:
     assert f"{tmp_path / 'data'}:{tmp_path / 'link'}" in bind_paths(linked)
 
 
+def test_binds_follow_corpus_links_into_a_store(tmp_path: Path) -> None:
+    """A corpus file that is a link (a chain of links) gets every folder the chain passes."""
+    study = container_study(tmp_path)
+    store = tmp_path / "store"
+    (store / "v3").mkdir(parents=True)
+    (store / "v3" / "genome.fa").write_text(">chr1\nACGT\n")
+    (store / "current").symlink_to("v3")  # a folder link on the way
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "genome.fa").symlink_to(store / "current" / "genome.fa")
+    (tmp_path / "links" / "again.fa").symlink_to("genome.fa")  # a link to a link
+    for source in ("links/genome.fa", "links/again.fa", "links", "links/*.fa"):
+        linked = study_from_dict({**_doc(study), "corpora": {"dna": {"source": str(tmp_path / source)}}},
+                                 where="t")
+        binds = bind_paths(linked)
+        assert str(tmp_path / "links") in binds, source
+        assert f"{store / 'v3'}:{store / 'current'}" in binds, (source, binds)
+    # A linked subfolder of a corpus folder is not followed: an error that names the fix.
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "sub").symlink_to(store / "v3")
+    folder = study_from_dict({**_doc(study), "corpora": {"dna": {"source": str(tmp_path / "corpus")}}}, where="t")
+    with pytest.raises(SubmissionError, match=r"corpora.dna.source: '.*/corpus/sub/genome.fa' is outside every "
+                       r"bound folder .* add that folder to dispatch.container.binds"):
+        bind_paths(folder)
+    doc = _doc(folder)
+    doc["dispatch"]["container"]["binds"] = [str(store / "v3")]
+    assert str(store / "v3") in bind_paths(study_from_dict(doc, where="t"))
+
+
 def _doc(study) -> dict:
     from toolkit.config import study_to_dict
 

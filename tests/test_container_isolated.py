@@ -169,6 +169,32 @@ def test_a_path_that_is_not_bound_is_not_there(image: Path, runtime: Path, tmp_p
     assert out.returncode == 255 and "mount source" in out.stderr and "doesn't exist" in out.stderr
 
 
+def test_a_corpus_linked_into_a_store_is_read_in_the_container(image: Path, runtime: Path,
+                                                               tmp_path: Path) -> None:
+    """The real prepare unit, isolated, reads a corpus file that is a chain of links."""
+    from toolkit.dispatch import save_study
+    from toolkit.units import get_unit
+
+    rng = np.random.default_rng(0)
+    store = tmp_path / "store"
+    (store / "v3").mkdir(parents=True)
+    (store / "v3" / "genome.fa").write_text("".join(
+        f">r{i}\n{''.join(rng.choice(list('ACGT'), 300))}\n" for i in range(80)))
+    (store / "current").symlink_to("v3")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "genome.fa").symlink_to(store / "current" / "genome.fa")
+    doc = tiny_doc(tmp_path, image)
+    doc["corpora"] = {"markov": {"source": str(tmp_path / "data" / "genome.fa"), "train_records": 48,
+                                 "eval_records": 16, "dna": {"piece_min": 100, "piece_max": 300}}}
+    study = study_from_dict(doc, where="test")
+    save_study(study)
+    out = subprocess.run(unit_argv(study, "prepare", "markov--kmer3"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert get_unit(study, "prepare", "markov--kmer3").marker.exists()
+    binds = json.loads(runtime.read_text())["binds"]
+    assert f"{store / 'v3'}:{store / 'current'}" in binds
+
+
 @pytest.mark.slow
 def test_definition_test_section_passes_in_the_image(image: Path, runtime: Path) -> None:
     """``apptainer test``: the def's %test (a tiny study, local executor) inside the image."""

@@ -26,7 +26,10 @@ external checkpoint folders, scratch, extra binds) and checked before anything i
 queued: a path that does not exist, or that ``--bind`` cannot express (its syntax
 uses ``,`` and ``:`` as separators), is a :class:`SubmissionError`. A path reached
 through a symlink is bound from its real location to the path the study uses, so
-that the container sees it where the job looks for it.
+that the container sees it where the job looks for it; a corpus file that is itself a
+link (a folder of links into a shared store) also gets the folders its links pass
+through, and a file that the binds still miss (a linked subfolder) is an error naming
+the folder to add to ``dispatch.container.binds``.
 
 Commands are argument lists (never shell strings); :func:`shell_line` quotes one with
 :mod:`shlex` for logs and golden files, safe for paths with spaces and quotes. Quoting
@@ -40,6 +43,7 @@ this is the last line of defence, for values set by code or ``--out``).
 from __future__ import annotations
 
 import glob
+import os
 import re
 import shlex
 import shutil
@@ -115,10 +119,14 @@ def _bind_entry(path: Path, what: str) -> str:
     return str(real) if real == path else f"{real}:{path}"
 
 
-def _source_folder(study: StudyConfig, name: str, source: str) -> Path:
+def _source_path(study: StudyConfig, source: str) -> Path:
+    """A path source as the job will use it: absolute, symlinks kept."""
     path = Path(source).expanduser()
-    if not path.is_absolute():
-        path = study.base_dir / path
+    return path if path.is_absolute() else study.base_dir / path
+
+
+def _source_folder(study: StudyConfig, name: str, source: str) -> Path:
+    path = _source_path(study, source)
     if glob.has_magic(str(path)):
         # Bind the deepest folder above the first wildcard; the matches must exist now.
         if not glob.glob(str(path)):
@@ -133,20 +141,59 @@ def _source_folder(study: StudyConfig, name: str, source: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def _source_files(path: Path) -> list[Path]:
+    """The files a path source reads, as the study names them (a glob's matches, a folder's files)."""
+    if glob.has_magic(str(path)):
+        return [Path(p) for p in glob.glob(str(path), recursive=True)]
+    if path.is_dir():
+        return [Path(d) / f for d, _, files in os.walk(path, followlinks=True) for f in files]
+    return [path]
+
+
+def _link_folders(file: Path, limit: int = 40) -> list[Path]:
+    """The folders a symlinked file's chain of links passes through, as each link names them.
+
+    ``data/genome.fa -> /store/v3/genome.fa`` needs ``/store/v3`` in the container as well
+    as ``data``; a link to a link needs every hop's folder.
+    """
+    folders, hop = [], file
+    for _ in range(limit):
+        if not hop.is_symlink():
+            break
+        target = Path(os.readlink(hop))
+        hop = target if target.is_absolute() else hop.parent / target
+        folders.append(Path(os.path.abspath(hop.parent)))
+    return folders
+
+
+def _inside_any(path: Path, folders: list[Path]) -> bool:
+    return any(path == f or f in path.parents for f in folders)
+
+
 def bind_paths(study: StudyConfig) -> list[str]:
     """Every ``--bind`` entry the study needs, checked; in a stable order without duplicates.
 
     Raises
     ------
     SubmissionError
-        A path is missing, relative, or cannot be written in ``--bind`` syntax.
+        A path is missing, relative, or cannot be written in ``--bind`` syntax, or a
+        corpus file would not be visible in the container (a linked subfolder).
     """
     c = study.dispatch.container
     entries: list[str] = [_bind_entry(study.root, "study folder (study.output_dir)")]
+    files: list[tuple[str, Path]] = []  # corpus files whose real place is outside their folder
     for name, corpus in study.corpora.items():
         if is_path_source(corpus.source):
+            what = f"corpora.{name}.source"
             folder = _source_folder(study, name, corpus.source)
-            entries.append(_bind_entry(folder, f"corpora.{name}.source"))
+            entries.append(_bind_entry(folder, what))
+            real = Path(os.path.realpath(folder))
+            for file in _source_files(_source_path(study, corpus.source)):
+                if _inside_any(Path(os.path.realpath(file)), [real]):
+                    continue
+                entries += [_bind_entry(hop, f"{what} (through the link {file})")
+                            for hop in _link_folders(file) if not _inside_any(hop, [folder])]
+                files.append((what, file))
     for run_name, run in study.runs.items():
         for i, ckpt in enumerate(run.checkpoints):
             entries.append(_bind_entry(study.resolve_path(ckpt), f"runs.{run_name}.checkpoints[{i}]"))
@@ -159,6 +206,13 @@ def bind_paths(study: StudyConfig) -> list[str]:
         src, sep, rest = extra.partition(":")
         host = _bind_entry(study.resolve_path(src), f"dispatch.container.binds[{i}]")
         entries.append(host if not sep else f"{host.split(':')[0]}:{rest}")
+    sources = [Path(os.path.realpath(e.split(":")[0])) for e in entries]
+    for what, file in files:
+        if not _inside_any(Path(os.path.realpath(file)), sources):
+            raise SubmissionError(
+                f"{what}: '{file}' is outside every bound folder (its real place is "
+                f"'{os.path.realpath(file)}', reached through a linked folder), so the container "
+                "would not see it; add that folder to dispatch.container.binds")
     return list(dict.fromkeys(entries))
 
 
