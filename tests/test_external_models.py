@@ -309,3 +309,58 @@ def test_replacing_a_tokenizer_file_makes_the_token_store_stale(tmp_path: Path) 
     config.write_text(config.read_text() + " ")
     state = {s.unit.id: (s.state, s.reason) for s in unit_states(study).values()}
     assert state[f"prepare:{key}"] == ("stale", "source file(s) tokenizer_config.json changed")
+
+
+def test_adopted_members_export_the_checkpoints_own_tokenizer(finished: Any) -> None:
+    """An adopted member's exported folders carry the tokenizer its token store was built
+    with: AutoTokenizer loads it from the folder alone, with the same identity."""
+    from toolkit.checkpoint import verify_export
+    from toolkit.hf_tokenizer import load_checkpoint_tokenizer
+    from toolkit.store import open_store
+
+    layout = Layout(finished)
+    for arch in BUILDERS:
+        group = open_store(layout.run_tokens_dir(arch) / "tokens.zarr", "tokens")
+        for name in ("final", "best"):
+            folder = layout.checkpoints_dir(Member(arch, 1)) / name
+            assert verify_export(folder)
+            assert "tokenizer_config.json" in json.loads((folder / "checksums.json").read_text())["files"]
+            assert load_checkpoint_tokenizer(folder).hash == group.attrs["tokenizer_hash"]
+
+
+def test_a_checkpoint_is_checked_by_tokenizer_identity_not_vocabulary_size(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run with a toolkit tokenizer (kmer3) adopting BERT checkpoints: one saved with kmer3
+    is adopted (and exports it); one saved with kmer3-overlap, the same 74 tokens at the same
+    ids but other ids on every record, is refused although its vocabulary size fits; one
+    saved without a tokenizer can only be checked by size, which a warning says."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from toolkit.errors import CheckpointError
+    from toolkit.tokenizer import build_tokenizer
+    from toolkit.train import train_member
+
+    folders = {}
+    for spec in ("kmer3", "kmer3-overlap", None):
+        folder = folders[spec] = tmp_path / f"bert-{spec}"
+        torch.manual_seed(1)
+        BertForMaskedLM(BertConfig(vocab_size=74, pad_token_id=0, **TINY)).save_pretrained(folder)
+        if spec is not None:
+            build_tokenizer(spec, "dna").save_pretrained(folder, model_max_length=512)
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(out=tmp_path / "out", seq_len=SEQ_LEN).replace("seeds = [1, 2]", "seeds = [1, 2, 3]")
+                    + '\n[runs.x]\ncorpus = "markov"\ntokenizer = "kmer3"\n'
+                    + f"checkpoints = {json.dumps([str(f) for f in folders.values()])}\n")
+    study = load_study(path)
+    run_unit(study, "prepare", "markov--kmer3")
+    train_member(study, Member("x", 1))
+    final = Layout(study).checkpoints_dir(Member("x", 1)) / "final"
+    assert AutoTokenizer.from_pretrained(str(final))("ACGTAC", add_special_tokens=False)["input_ids"] == [16, 59]
+    with pytest.raises(CheckpointError) as e:
+        train_member(study, Member("x", 2))
+    message = str(e.value)
+    assert "\n" not in message and "bert-kmer3-overlap" in message
+    assert "not run 'x''s kmer3" in message and 'runs.x.tokenizer = "checkpoint"' in message
+    assert not Layout(study).train_marker(Member("x", 2)).exists()
+    train_member(study, Member("x", 3))
+    assert "no tokenizer saved with the checkpoint; only its vocabulary size" in caplog.text
