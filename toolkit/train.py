@@ -287,7 +287,8 @@ def _fingerprint(study: StudyConfig, member: Member, model_cfg: dict, tokenizer_
 def train_member(study: StudyConfig, member: Member, data_digest: str | None = None) -> None:
     """Train one member (or adopt its external checkpoint), resuming from its last checkpoint.
 
-    Writes ``checkpoints/{step-*,best,final,flow/step-*}``, ``train.zarr`` and, last,
+    Writes ``checkpoints/{step-*,best,final,flow/step-*}`` (the exported folders with the
+    run's tokenizer, see :func:`toolkit.checkpoint.save_hf`), ``train.zarr`` and, last,
     the ``train.complete.json`` marker under the member folder. Whether the member
     needs training at all is decided by the caller (:func:`toolkit.units.run_unit`),
     which passes ``data_digest``, the digest of the token store's contents: a resume
