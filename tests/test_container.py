@@ -3,14 +3,17 @@
 Apptainer cannot be installed on this machine (it is neither in Debian 12 nor on
 PyPI), so the image itself is not built here. What is tested instead: the definition
 file parses and its pieces are checked (sections, labels, %files sources, %post
-syntax, the %environment it sets, and its %test smoke check run on the host with the
-project's venv); command lines are compared with golden files in ``tests/golden/``;
+syntax, the %environment it sets, and, where bubblewrap cannot run, its %test smoke check
+on the host with the project's venv); command lines are compared with golden files in
+``tests/golden/``;
 quoting survives paths with spaces and quotes; and the wrapped command runs end to end
 through a STAND-IN runtime: a small executable named ``apptainer`` put first on PATH,
 which checks its arguments (``exec [--nv] --containall --cleanenv --bind ... --env ... SIF python
 ...``, bind sources exist, every path of the command is inside a bind) and then runs
 the command with a clean environment on the host. The same stand-in runs a real
-study through real SLURM in ``tests/test_dispatch.py``.
+study through real SLURM in ``tests/test_dispatch.py``. The stand-in does not hide the
+host's files; ``tests/test_container_isolated.py`` runs the same commands isolated
+(bubblewrap, an image with the installed wheel).
 """
 
 from __future__ import annotations

@@ -151,6 +151,21 @@ def test_unit_sees_only_the_image_and_its_binds(image: Path, runtime: Path, weir
     assert call["nv"] and call["argv"][:4] == ["exec", "--nv", "--containall", "--cleanenv"]
 
 
+def test_sigterm_reaches_the_unit_in_its_pid_namespace(image: Path, runtime: Path, tmp_path: Path) -> None:
+    """submitit stops a unit by signalling the runtime; the unit must get it to checkpoint (exit 75)."""
+    study = study_from_dict(tiny_doc(tmp_path, image), where="test")
+    study.root.mkdir(parents=True)
+    argv = unit_argv(study, "train", "r/seed1")
+    unit = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+            "print(os.getpid(), flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen(argv[:argv.index("python") + 1] + ["-c", unit], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "2"  # running, as PID 2
+    proc.terminate()
+    assert proc.wait(timeout=30) == 75
+
+
 def test_a_path_that_is_not_bound_is_not_there(image: Path, runtime: Path, tmp_path: Path) -> None:
     """(a) the runtime enforces the bind list: a file outside it fails to open, clearly."""
     data = tmp_path / "unbound data"
