@@ -2,6 +2,7 @@
 #   make demo     install, run the demo study on this machine, write the report
 #   make test     install, run the tests (starts a single-node SLURM cluster for the slurm tests)
 #   make submit   queue STUDY (default jobs/paper.toml) on a SLURM cluster, through sbatch
+#   make gpu-check  GPU readiness numbers (< 8 min on one GPU; benchmarks/gpu_check.sh)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,8 +12,9 @@ DEMO_STUDY ?= jobs/demo.toml
 SET ?=
 SIF ?= containers/toolkit.sif
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench submit container status clean
+.PHONY: install demo test test-fast lint bench gpu-check submit container status clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +43,10 @@ lint: install
 
 bench: install
 	$(PY) -m benchmarks $(BENCH)
+
+# On a GPU node, e.g. srun --gres=gpu:1 --time=00:15:00 make gpu-check GPU_CHECK_ARGS="--out gpu_check.json"
+gpu-check: install
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 submit: install
 	$(VENV)/bin/toolkit submit $(STUDY) $(SET)
