@@ -122,6 +122,18 @@ def test_stores_open_lazily_and_match_an_independent_encoding(prepared: Path) ->
         for r, rec in enumerate(records):
             assert tokens[offsets[r]:offsets[r + 1]].tolist() == tok.encode(rec.seq).tolist()
         assert np.asarray(group["record_symbols"][...]).tolist() == [len(r.seq) for r in records]
+        # where each record comes from: FASTA pieces name their chromosome and where they were cut
+        names = np.asarray(group["record_name"][...]).tolist()
+        assert names == [r.id.rpartition(":")[0] if run.corpus == "dna" else r.id for r in records]
+        starts = np.asarray(group["record_start"][...])
+        assert starts.tolist() == [r.start for r in records]
+        assert (np.asarray(group["record_end"][...]) - starts).tolist() == [len(r.seq) for r in records]
+        if run.corpus == "dna":  # piece ids are <record>:<start>-<end>
+            assert [f"{n}:{s}-{s + len(r.seq)}" for n, s, r in zip(names, starts, records, strict=True)] \
+                == [r.id for r in records]
+        else:
+            assert not starts.any()
+        assert np.asarray(group["token_text"][...]).tolist() == tok.id_to_token()
         split = np.asarray(group["split"][...])
         assert np.array_equal(split, split_assignment(len(records), study.corpora[run.corpus]))
         assert attrs["split"]["train_records"] == int((split == TRAIN).sum())

@@ -275,3 +275,26 @@ def test_tokens_map_back_to_genome_coordinates(tmp_path: Path) -> None:
     assert span.name.tolist() == ["chrA", "chrA"] and span.start.tolist() == [0, 3]
     with pytest.raises(IndexError, match="record 0 has"):
         token_source(k3, 0, 10**6)
+
+
+def test_masked_positions_map_to_record_tokens_and_source(finished: Path) -> None:
+    """The recipe of the token_source docstring: position -> (record, token) -> source."""
+    from toolkit.results import token_source
+
+    folder = Layout(load_study(finished / "study.json")).run_tokens_dir("r")
+    masks = zarr.open_group(str(next(folder.glob("masks-*.zarr"))), mode="r")["distribution"]
+    seq = np.asarray(masks["position_sequence"][...])
+    offset = np.asarray(masks["position_offset"][...])
+    record = np.asarray(masks["record"][...])[seq]
+    tokens = zarr.open_group(str(folder / "tokens.zarr"), mode="r")
+    ids = np.asarray(tokens["tokens"][...])
+    at = np.asarray(tokens["offsets"][...])[record] + offset - 1
+    labels = np.asarray(masks["labels"][...])[seq, offset]
+    np.testing.assert_array_equal(ids[at], labels)
+    target = zarr.open_group(str(finished / "members" / "r" / "seed1" / "predictions.zarr"), mode="r")
+    np.testing.assert_array_equal(np.asarray(target["target"][...]), labels)
+    span = token_source(folder, record, offset - 1)
+    # Markov records are whole sources ("markov:<i>", from 0) of 3-mers laid end to end
+    assert all(n.startswith("markov:") for n in span.name)
+    np.testing.assert_array_equal(span.start, 3 * (offset - 1))
+    np.testing.assert_array_equal(span.end - span.start, 3)
