@@ -115,3 +115,29 @@ def test_a_moved_study_folder_still_opens(tmp_path: Path) -> None:
     got = tree["predictions/text-bpe"].to_dataset().log_probs.sel(member=2).values
     np.testing.assert_array_equal(got, want)
     assert list(tree["summary"].to_dataset().run.values) == list(RUNS)
+
+
+def test_combined_runs_of_different_vocabularies_get_a_token_text_per_run(tmp_path: Path) -> None:
+    from toolkit import store
+    from toolkit.results import open_results
+    from toolkit.study import Layout
+
+    runs = {"dna-a": {**RUNS["dna-kmer2"], "corpus": "genome-a"},
+            "dna-b": {**RUNS["dna-kmer2"], "corpus": "genome-b"}}
+    study = make_study(tmp_path, seeds=(1, 2), runs=runs)
+    texts = {"dna-a": [f"a{i}" for i in range(26)], "dna-b": [f"bb{i}" for i in range(26)]}
+    for run, text in texts.items():  # the token stores of make_study, with the token text added
+        path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
+        group = store.open_store(path, "tokens")
+        arrays = {n: np.asarray(group[n][...]) for n in ("tokens", "offsets", "split", "record_symbols")}
+        with store.writing(path, "tokens", dict(group.attrs), overwrite=True) as g:
+            for name, data in arrays.items():
+                store.create_array(g, "tokens", name, data=data)
+            store.create_array(g, "tokens", "token_text", data=np.array(text))
+    tree = open_results(study.root)
+    pred, emb = tree["predictions"].to_dataset(), tree["embeddings"].to_dataset()
+    assert pred.log_probs.dims == ("run", "member", "position", "vocab")  # one array, a run dim
+    assert pred.token_text.dims == ("run", "vocab") and emb.token_text.dims == ("run", "token")
+    for run, text in texts.items():
+        assert pred.token_text.sel(run=run).values.tolist() == text
+    assert pred.token_text.attrs["long_name"] == "token text" and pred.run.dtype.kind == "U"

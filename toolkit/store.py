@@ -631,6 +631,10 @@ def open_dataset(path: str | Path, kind: str, chunks: Any = None, group: str | N
     arrays); ``group`` opens a sub-group such as ``distribution`` of a masks store;
     ``verify`` as in :func:`open_store` (``"size"`` keeps opening cheap; a corrupt
     chunk then fails when read, through the arrays' CRC32C codec).
+
+    Every variable carries ``long_name``, ``units`` and ``description`` as the schema
+    of this toolkit defines them (also for a store written before one of them existed),
+    and string arrays are fixed-width ``<U`` rather than StringDType (:func:`plain_strings`).
     """
     import xarray as xr
 
@@ -652,7 +656,7 @@ def _with_schema_attrs(ds: Any, kind: str, group: str | None) -> Any:
         key = prefix + str(name)
         spec = arrays.get(key) or (arrays.get(f"{prefix}*") if prefix else None)
         if spec is not None:
-            ds[name].attrs.update(_cf_attrs(spec))
+            ds.variables[name].attrs.update(_cf_attrs(spec))
     return ds
 
 
@@ -667,7 +671,8 @@ def plain_strings(ds: Any) -> Any:
 
     xarray refuses to plot StringDType coordinates (``s.fisher_share.plot.line(x="group")``)
     and matplotlib needs ``<U``, not ``object``. Coordinates are labels, read at once; string
-    data variables stay lazy (Dask) and become ``<U`` as wide as their longest value when read.
+    data variables stay lazy (Dask, declared ``object`` as the width is not known before) and
+    are ``<U`` as wide as their longest value once computed.
     """
     import dask.array as da
 
