@@ -427,50 +427,65 @@ def token_source(tokens: str | Path, record: Any, token: Any) -> SourceSpan:
         raise StoreError(f"{path}: the token store has no record names (written by an older "
                          f"toolkit); {store.rerun_hint(path, 'tokens')}")
     rec, tok = np.broadcast_arrays(np.asarray(record, dtype=np.int64), np.asarray(token, dtype=np.int64))
-    offsets = np.asarray(group["offsets"][...])
-    n_rec = len(offsets) - 1
-    if rec.size and (rec.min() < 0 or rec.max() >= n_rec):
+    n_rec = int(group["offsets"].shape[0]) - 1
+    if not rec.size:
+        empty = np.zeros(rec.shape, np.int64)
+        return SourceSpan(np.zeros(rec.shape, str), empty, empty)
+    if rec.min() < 0 or rec.max() >= n_rec:
         bad = int(rec[(rec < 0) | (rec >= n_rec)].flat[0])
         raise IndexError(f"{path}: record {bad} does not exist; the store has {n_rec} records")
-    count = offsets[rec + 1] - offsets[rec]
-    outside = (tok < 0) | (tok >= count)
+    # Only the records asked about are read (a genome's store has millions).
+    uniq, inv = np.unique(rec.ravel(), return_inverse=True)
+    inv = inv.reshape(rec.shape)
+
+    def of_records(name: str, which: np.ndarray = uniq) -> np.ndarray:
+        return np.asarray(group[name].get_coordinate_selection(which))
+
+    first = of_records("offsets")
+    count = of_records("offsets", uniq + 1) - first
+    outside = (tok < 0) | (tok >= count[inv])
     if outside.any():
         i = np.flatnonzero(outside.ravel())[0]
-        raise IndexError(f"{path}: record {int(rec.flat[i])} has {int(count.flat[i])} tokens, "
+        raise IndexError(f"{path}: record {int(rec.flat[i])} has {int(count[inv].flat[i])} tokens, "
                          f"no token {int(tok.flat[i])}")
-    start, end = _token_spans(path, group, rec, tok, offsets)
-    names = store.fixed_strings(group["record_name"][...])[rec] if rec.size else np.zeros(rec.shape, str)
-    first = np.asarray(group["record_start"][...])[rec] if rec.size else np.zeros(rec.shape, np.int64)
-    return SourceSpan(names, first + start, first + end)
+    start, end = _token_spans(path, group, uniq, inv, tok, first, of_records)
+    names = store.fixed_strings(of_records("record_name"))[inv]
+    origin = of_records("record_start").astype(np.int64)[inv]
+    return SourceSpan(names, origin + start, origin + end)
 
 
-def _token_spans(path: Path, group: Any, rec: np.ndarray, tok: np.ndarray,
-                 offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each token's span ``[start, end)`` in its record's symbols (see :func:`token_source`)."""
+def _token_spans(path: Path, group: Any, uniq: np.ndarray, inv: np.ndarray, tok: np.ndarray,
+                 first: np.ndarray, of_records: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's span ``[start, end)`` in its record's symbols (see :func:`token_source`):
+    token ``tok`` of record ``uniq[inv]``, whose first token is ``first[inv]``."""
     if "token_start" in group:
-        at = (offsets[rec] + tok).ravel()
-        return (np.asarray(group["token_start"].get_coordinate_selection(at), np.int64).reshape(rec.shape),
-                np.asarray(group["token_end"].get_coordinate_selection(at), np.int64).reshape(rec.shape))
+        at = (first[inv] + tok).ravel()
+        return (np.asarray(group["token_start"].get_coordinate_selection(at), np.int64).reshape(tok.shape),
+                np.asarray(group["token_end"].get_coordinate_selection(at), np.int64).reshape(tok.shape))
     spec = str(group.attrs.get("tokenizer", ""))
     kmer = re.fullmatch(r"kmer(\d+)(-overlap)?", spec)
     if spec == "char":
         return tok, tok + 1
     if kmer and kmer.group(2):
         k = int(kmer.group(1))
-        short = np.asarray(group["record_symbols"][...])[rec] < k  # single bases only
+        short = of_records("record_symbols")[inv] < k  # records shorter than k: single bases
         return tok, tok + np.where(short, 1, k)
     if not kmer:
         raise StoreError(f"{path}: tokenizer {spec!r} stored no token spans (a slow HuggingFace "
                          "tokenizer gives none), so tokens cannot be traced to the source")
     # kmer<k>: tokens laid end to end, each as long as its text; a special ([UNK]) is one symbol.
+    from toolkit.sequences import _ChunkReader
+
     text = store.fixed_strings(group["token_text"][...])
     width = np.char.str_len(text).astype(np.int64)
     specials = np.asarray(list((group.attrs.get("special_tokens") or {}).values()), dtype=np.int64)
     width[specials[(specials >= 0) & (specials < len(width))]] = 1
-    start, end = np.empty(rec.shape, np.int64), np.empty(rec.shape, np.int64)
-    for r in np.unique(rec):
-        ids = np.asarray(group["tokens"][int(offsets[r]):int(offsets[r + 1])], dtype=np.int64)
+    last = of_records("offsets", uniq + 1)
+    reader = _ChunkReader(group["tokens"])  # records in order: each chunk decompressed once
+    start, end = np.empty(tok.shape, np.int64), np.empty(tok.shape, np.int64)
+    for i in range(len(uniq)):
+        ids = reader.read(int(first[i]), int(last[i])).astype(np.int64)
         edges = np.concatenate([[0], np.cumsum(width[ids])])
-        here = rec == r
+        here = inv == i
         start[here], end[here] = edges[tok[here]], edges[tok[here] + 1]
     return start, end
