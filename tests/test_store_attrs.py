@@ -279,7 +279,7 @@ def test_tokens_map_back_to_genome_coordinates(tmp_path: Path) -> None:
 
 def test_masked_positions_map_to_record_tokens_and_source(finished: Path) -> None:
     """The recipe of the token_source docstring: position -> (record, token) -> source."""
-    from toolkit.results import token_source
+    from toolkit.results import position_source, token_source
 
     folder = Layout(load_study(finished / "study.json")).run_tokens_dir("r")
     masks = zarr.open_group(str(next(folder.glob("masks-*.zarr"))), mode="r")["distribution"]
@@ -298,3 +298,9 @@ def test_masked_positions_map_to_record_tokens_and_source(finished: Path) -> Non
     assert all(n.startswith("markov:") for n in span.name)
     np.testing.assert_array_equal(span.start, 3 * (offset - 1))
     np.testing.assert_array_equal(span.end - span.start, 3)
+    # the same in one call, from the predictions' position index
+    by_position = position_source(finished, "r", np.arange(len(seq)))
+    for got, want in zip(by_position, span, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(IndexError, match="masked positions"):
+        position_source(finished, "r", len(seq))

@@ -261,7 +261,8 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
 
     The token text comes from the run's token store (``tokens.zarr`` ``token_text``);
     stores written before it existed give no such coordinate. To map tokens and masked
-    positions back to source records and coordinates, see :func:`token_source`.
+    positions back to source records and coordinates, see :func:`position_source` and
+    :func:`token_source`.
 
     The ``member`` coordinate is the initialisation seed (member id ``<run>/seed<N>``).
     Runs whose vocabulary size, position count or embedding shape differ cannot share
@@ -391,7 +392,8 @@ def token_source(tokens: str | Path, record: Any, token: Any) -> SourceSpan:
 
     A masked evaluation position ``p`` (the ``position`` dim of predictions) is token
     ``position_offset[p] - 1`` (after ``[CLS]``) of record
-    ``record[position_sequence[p]]``, with the arrays of ``masks.zarr/distribution``.
+    ``record[position_sequence[p]]``, with the arrays of ``masks.zarr/distribution``;
+    :func:`position_source` does this for a run of a study.
 
     Parameters
     ----------
@@ -489,3 +491,67 @@ def _token_spans(path: Path, group: Any, uniq: np.ndarray, inv: np.ndarray, tok:
         here = inv == i
         start[here], end[here] = edges[tok[here]], edges[tok[here] + 1]
     return start, end
+
+
+def position_source(study_dir: str | Path, run: str, position: Any) -> SourceSpan:
+    """Source record and coordinates of masked evaluation positions of a run.
+
+    ``position`` indexes the ``position`` dim of the run's predictions
+    (``tree["predictions/<run>"].log_probs``); each is the token
+    ``position_offset - 1`` (after ``[CLS]``) of record ``record[position_sequence]`` in
+    the run's ``masks.zarr/distribution``, traced by :func:`token_source`.
+
+    Parameters
+    ----------
+    study_dir
+        The study folder (with the ``study.json`` the dispatcher writes).
+    run
+        A run of the study.
+    position
+        Position indices (an integer or an array).
+
+    Returns
+    -------
+    SourceSpan
+        ``name``, ``start``, ``end`` of the positions' tokens in their source records.
+
+    Raises
+    ------
+    StoreError
+        No ``study.json`` or masks store (run the study first), or a token store that
+        predates record names.
+    IndexError
+        A position out of range.
+
+    Examples
+    --------
+    >>> span = position_source("studies/demo", "dna-6mer", np.arange(5))
+    >>> list(zip(span.name, span.start, span.end))       # bases each masked token covers
+    """
+    import dataclasses
+
+    from toolkit.config import load_study
+    from toolkit.masks import masks_path
+    from toolkit.study import Layout
+
+    root = Path(study_dir).expanduser().resolve()
+    if not (root / "study.json").is_file():
+        raise StoreError(f"{root}: no study.json here; give the study's output folder after "
+                         "`toolkit run STUDY`")
+    study = load_study(root / "study.json")
+    if study.root != root:  # a moved or copied folder: read the stores where they are now
+        study = dataclasses.replace(study, output_dir=str(root))
+    if run not in study.runs:
+        raise StoreError(f"{root}: no run '{run}'; runs: {', '.join(study.runs)}")
+    masks = store.open_store(masks_path(study, run), "masks", verify="size")["distribution"]
+    pos = np.asarray(position, dtype=np.int64)
+    n = int(masks["position_sequence"].shape[0])
+    if pos.size and (pos.min() < 0 or pos.max() >= n):
+        raise IndexError(f"run {run}: {n} masked positions, no position "
+                         f"{int(pos[(pos < 0) | (pos >= n)].flat[0])}")
+    flat = pos.ravel()
+    seq = np.asarray(masks["position_sequence"].get_coordinate_selection(flat)) if flat.size else flat
+    offset = np.asarray(masks["position_offset"].get_coordinate_selection(flat)) if flat.size else flat
+    record = np.asarray(masks["record"].get_coordinate_selection(seq)) if flat.size else flat
+    return token_source(Layout(study).run_tokens_dir(run), record.reshape(pos.shape),
+                        (offset.astype(np.int64) - 1).reshape(pos.shape))
