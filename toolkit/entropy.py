@@ -97,7 +97,8 @@ def _collect(token_records: Iterable[np.ndarray], max_tokens: int | None) -> tup
 
 
 def conditional_entropies(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int,
-                          orders: int) -> list[dict[str, float]]:
+                          orders: int, stop_below: float | None = None,
+                          extra: int = 0) -> list[dict[str, float]]:
     """For j = 1..orders: H(X_t | previous j tokens) over positions with j predecessors in the record.
 
     Parameters
@@ -106,10 +107,14 @@ def conditional_entropies(tokens: np.ndarray, lengths: np.ndarray, vocab_size: i
         (N,) token ids of all records concatenated, each below ``vocab_size``.
     lengths
         (R,) tokens per record (sum N); contexts never cross records.
+    stop_below, extra
+        Stop ``extra`` orders after the first order whose coverage (positions per context)
+        is below ``stop_below`` (that order included); None computes every order.
 
     Returns
     -------
-    One dict per j: ``plugin``, ``miller_madow`` (bits per token), ``contexts`` (distinct
+    One dict per j: ``plugin``, ``miller_madow`` (bits per token), ``se`` (standard error
+    of the plug-in estimate, positions taken as independent), ``contexts`` (distinct
     contexts seen), ``positions`` (predicted positions), ``coverage`` (positions per context).
 
     Memory: about 40 bytes per token at the peak (int64 keys, sorted n-grams, counts).
@@ -130,8 +135,8 @@ def conditional_entropies(tokens: np.ndarray, lengths: np.ndarray, vocab_size: i
             ok[1:] &= ok[:-1].copy()  # copy: the shifted operands overlap
         m = int(np.count_nonzero(ok))
         if m == 0:
-            out.append({"plugin": float("nan"), "miller_madow": float("nan"), "contexts": 0,
-                        "positions": 0, "coverage": 0.0})
+            out.append({"plugin": float("nan"), "miller_madow": float("nan"), "se": float("inf"),
+                        "contexts": 0, "positions": 0, "coverage": 0.0})
             continue
         sel = ok[1:]
         # (M,) the (j+1)-gram ending at each target: its j-gram context, then the target.
@@ -157,13 +162,25 @@ def conditional_entropies(tokens: np.ndarray, lengths: np.ndarray, vocab_size: i
         change[0] = True
         np.not_equal(ctx_of[1:], ctx_of[:-1], out=change[1:])
         del ctx_of
-        ctx_counts = np.add.reduceat(counts, np.flatnonzero(change))
+        run_starts = np.flatnonzero(change)
         del change
+        ctx_counts = np.add.reduceat(counts, run_starts)
         plugin = plugin_entropy_bits(counts) - plugin_entropy_bits(ctx_counts)
         mm = plugin + (len(counts) - len(ctx_counts)) / (2.0 * m * _LN2)
-        out.append({"plugin": max(plugin, 0.0), "miller_madow": max(mm, 0.0),
-                    "contexts": len(ctx_counts), "positions": m, "coverage": m / len(ctx_counts)})
+        # Standard error: the spread of each position's loss -log2(n(c, x) / n(c)).
+        loss = np.log2(np.repeat(ctx_counts, np.diff(run_starts, append=len(counts)))) - np.log2(counts)
+        second = float(np.dot(counts, loss * loss)) / m
+        se = math.sqrt(max(second - plugin * plugin, 0.0) / m)
+        del loss, run_starts
+        coverage = m / len(ctx_counts)
+        out.append({"plugin": max(plugin, 0.0), "miller_madow": max(mm, 0.0), "se": se,
+                    "contexts": len(ctx_counts), "positions": m, "coverage": coverage})
         del counts, ctx_counts
+        if stop_below is not None and coverage < stop_below:
+            if extra <= 0:
+                break
+            extra -= 1
+            stop_below = math.inf  # count the extra orders down from here
         if j == orders:
             break
         if span * vocab_size * vocab_size < _KEY_LIMIT:
