@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import re
@@ -83,6 +84,7 @@ class UsageError(Exception):
     """A command line the real apptainer would refuse."""
 
 
+@functools.cache
 def available() -> str | None:
     """``None`` when bwrap can make a sandbox here, else why not."""
     if not Path(BWRAP).exists():
@@ -283,8 +285,8 @@ def _bind_args(spec: str) -> tuple[list[str], str]:
     return ["--ro-bind" if opt == "ro" else "--bind", src, dst], dst
 
 
-def sandbox_argv(opts: dict[str, Any], manifest: dict[str, Any], host_env: dict[str, str]) -> tuple[list[str], str]:
-    """The bwrap mount and namespace arguments, and the directory the command starts in."""
+def sandbox_argv(opts: dict[str, Any], manifest: dict[str, Any], host_env: dict[str, str]) -> list[str]:
+    """The bwrap namespace and mount arguments, ending with the directory the command starts in."""
     root = Path(manifest["root"])
     home = host_env.get("HOME") or "/root"
     argv = [BWRAP, "--die-with-parent"]
@@ -316,8 +318,7 @@ def sandbox_argv(opts: dict[str, Any], manifest: dict[str, Any], host_env: dict[
                 argv += ["--bind", path, path]
     for spec in opts["binds"]:
         argv += _bind_args(spec)[0]
-    argv += ["--remount-ro", "/", "--chdir", cwd]
-    return argv, cwd
+    return [*argv, "--remount-ro", "/", "--chdir", cwd]
 
 
 def container_env(opts: dict[str, Any], host_env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -365,7 +366,7 @@ def run(opts: dict[str, Any], host_env: dict[str, str]) -> int:
         manifest = json.loads(image.read_text())
     except ValueError as e:
         raise UsageError(f"{image} is not a test image manifest (tests/apptainer_bwrap.py): {e}") from e
-    sandbox, _ = sandbox_argv(opts, manifest, host_env)
+    sandbox = sandbox_argv(opts, manifest, host_env)
     env, user = container_env(opts, host_env)
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in user.items())
     cmd = opts["cmd"] if opts["command"] == "exec" else ["/bin/sh", "/.singularity.d/test"]

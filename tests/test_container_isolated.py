@@ -16,8 +16,9 @@ job says so; host variables do not leak; the checkout, the host ``/tmp`` and ``$
 are not visible; the definition file's ``%test`` passes in the image. What is not (only
 a real Apptainer can): see containers/README.md.
 
-Measured on the 2-core test machine: the image builds in about 10 s (wheel included),
-the probes take a few seconds, ``%test`` about 70 s, the SLURM study about 90 s.
+Measured on the 2-core test machine: the image builds in about 5 s (wheel included),
+the probes take a few seconds each, ``%test`` about 90 s and the SLURM study about 75 s
+(both ``slow``; the SLURM tests also ``slurm``). Skipped where bwrap cannot make a sandbox.
 """
 
 from __future__ import annotations
