@@ -23,6 +23,7 @@ from toolkit.errors import CheckpointError, StoreError
 from toolkit.model import build_model, load_model
 from toolkit.sequences import EVAL, MASK, TRAIN, load_sequences
 from toolkit.study import Layout, Member
+from toolkit.tokenizer import build_tokenizer
 from toolkit.train import DataStream, lr_factor, mask_tokens, total_steps, train_member
 from toolkit.units import get_unit, mark_complete, run_unit, unit_inputs, unit_states
 
@@ -71,8 +72,11 @@ def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     split = np.array([0] * n_train + [1] * n_eval, dtype=np.uint8)
     folder = Layout(study).run_tokens_dir("r")
+    # A real tokenizer of exactly `vocab` ids (a character vocabulary): exported models carry it.
+    tok = build_tokenizer("char", "text", ["".join(chr(0x4E00 + i) for i in range(vocab - 5))])
+    assert tok.vocab_size == vocab
     attrs = {"corpus": "c", "source": "synthetic:markov", "kind": "dna", "tokenizer": "kmer2",
-             "tokenizer_hash": "ab" * 32, "vocab_size": vocab,
+             "tokenizer_hash": tok.hash, "vocab_size": vocab,
              "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
              "provenance": [], "split": {"method": "sequential", "seed": 0,
                                          "train_records": n_train, "eval_records": n_eval},
@@ -84,7 +88,7 @@ def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval
         store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64) * 2)
     # A tokenizer file and the prepare unit's real marker, so the unit model sees the
     # prepare unit done and `toolkit train` runs on this store.
-    (folder / "tokenizer.json").write_text(json.dumps({"test": "kmer2", "vocab": vocab, "seed": seed}))
+    tok.save(folder / "tokenizer.json")
     unit = get_unit(study, "prepare", "c--kmer2")
     unit.marker.unlink(missing_ok=True)
     mark_complete(study, unit, unit_inputs(study, unit, unit_states(study)), {"tokens": int(tokens.size)})
@@ -239,7 +243,8 @@ def test_train_member_writes_everything(tmp_path: Path) -> None:
     assert marker["unit"] == "train:r/seed1" and set(marker["outputs"]) == {"weights", "log"}
     assert marker["inputs"]["settings"]["training.steps"] == 12
     assert marker["member"] == "r/seed1" and marker["final_step"] == 12
-    assert marker["vocab_size"] == VOCAB and marker["tokenizer_hash"] == "ab" * 32
+    assert marker["vocab_size"] == VOCAB and marker["tokenizer_hash"] == store.open_store(
+        Layout(study).run_tokens_dir("r") / "tokens.zarr", "tokens").attrs["tokenizer_hash"]
     assert marker["tokens_per_second"] > 0
     assert [f["step"] for f in marker["flow"]] == [3, 6, 9]
     for f in marker["flow"]:

@@ -352,28 +352,28 @@ def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokeniz
                                                               vocab_size, 0.0))
 
 
-def _run_tokenizer(study: StudyConfig, run: str, tokenizer_hash: str) -> Tokenizer | None:
+def _run_tokenizer(study: StudyConfig, run: str, tokenizer_hash: str) -> Tokenizer:
     """The run's toolkit tokenizer, written into every exported model folder.
 
-    None (with a warning: the exports then hold no tokenizer) when the token store's
-    ``tokenizer.json`` is unreadable or is not the one the store was built with.
+    Raises
+    ------
+    StoreError
+        The token store's ``tokenizer.json`` is unreadable or is not the one the store
+        was built with: an export without it, or with another one, would mislead.
     """
     path = Layout(study).run_tokens_dir(run) / "tokenizer.json"
     fix = f"rebuild it with `toolkit run {study.source_file or study.name} --force prepare`"
     try:
         tokenizer = load_tokenizer(path)
     except StoreError as e:
-        log.warning("%s; exported models of run '%s' get no tokenizer (%s)", e, run, fix)
-        return None
+        raise StoreError(f"{e}; run '{run}' cannot export its models without it: {fix}") from e
     if tokenizer.hash != tokenizer_hash:
-        log.warning("%s: not the tokenizer the token store was built with (sha256 %s, the store "
-                    "records %s); exported models of run '%s' get no tokenizer (%s)",
-                    path, tokenizer.hash[:12], tokenizer_hash[:12], run, fix)
-        return None
+        raise StoreError(f"{path}: not the tokenizer the token store was built with (sha256 "
+                         f"{tokenizer.hash[:12]}, the store records {tokenizer_hash[:12]}): {fix}")
     return tokenizer
 
 
-def _check_checkpoint_tokenizer(source: Path, tokenizer: Tokenizer | None, run: str) -> None:
+def _check_checkpoint_tokenizer(source: Path, tokenizer: Tokenizer, run: str) -> None:
     """Refuse an adopted checkpoint whose saved tokenizer is not the run's toolkit tokenizer.
 
     The identities (:mod:`toolkit.hf_tokenizer`: vocabulary, rules, specials) are compared,
@@ -384,8 +384,6 @@ def _check_checkpoint_tokenizer(source: Path, tokenizer: Tokenizer | None, run: 
         log.warning("%s: no tokenizer saved with the checkpoint; only its vocabulary size could be "
                     "checked against run '%s''s tokenizer", source, run)
         return
-    if tokenizer is None:
-        return  # the run's own tokenizer file is unusable (warned): nothing to compare with
     try:
         theirs = load_checkpoint_tokenizer(source).hash
     except ConfigError as e:
