@@ -916,11 +916,47 @@ def main(argv: list[str] | None = None) -> int:
             doc[name] = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:2000]}
         report.save()
     doc["skipped_for_budget"] = _budget_skips(doc)
+    doc["calibration"] = _calibration(doc, device)
     doc["wall_seconds"] = deadline.elapsed()
     report.save()
     _summary(doc)
     print(f"[done] {deadline.elapsed():.0f} s of a {opts.budget:.0f} s budget; JSON: {opts.out}", flush=True)
     return 0
+
+
+def _calibration(doc: dict[str, Any], device: Any) -> dict[str, Any]:
+    """What ``toolkit plan --calibration`` reads: the toolkit loop's effective FLOP/s per precision.
+
+    Counted with the plan's own FLOP model (:func:`toolkit.plan.flops_per_token`: the MLM
+    head on masked positions only), from the largest shape measured, so that the plan
+    divides the same FLOPs by a measured rate.
+    """
+    from toolkit.model import SHAPES as MODEL_SHAPES
+    from toolkit.plan import flops_per_token
+
+    train = doc.get("train", {})
+    kind = "cuda" if getattr(device, "type", str(device)) == "cuda" else "cpu"
+    flops: dict[str, float] = {}
+    source: dict[str, str] = {}
+    for precision in PRECISIONS:
+        for shape in SHAPES:  # largest first
+            cell = train.get("results", {}).get(shape, {}).get(precision, {}).get("toolkit", {})
+            if cell.get("status") == "ok" and cell.get("tokens_per_s"):
+                per_token = flops_per_token(MODEL_SHAPES[shape], train["vocab_size"], train["seq_len"],
+                                            0.15, train=True)
+                rate = per_token * cell["tokens_per_s"]
+                flops[precision] = rate / (doc["env"].get("torch_threads") or 1) if kind == "cpu" else rate
+                source[precision] = f"{shape}, batch {train['batch_size']} x {train['seq_len']}"
+                break
+    if not flops:
+        return {}
+    entry: dict[str, Any] = {"name": doc["env"].get("device_name") or doc["env"].get("device"),
+                             "flops": flops, "measured_on": source}
+    if kind == "cuda":
+        import torch
+
+        entry["memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
+    return {kind: entry}
 
 
 def _budget_skips(doc: dict[str, Any]) -> list[str]:

@@ -86,6 +86,22 @@ def test_smoke_json_has_every_item(smoke: tuple[dict, str]) -> None:
 
 
 @pytest.mark.slow
+def test_smoke_json_calibrates_toolkit_plan(smoke: tuple[dict, str], tmp_path: Path) -> None:
+    """The JSON's calibration block is what `toolkit plan --calibration` reads: the measured
+    tokens/s times the plan's FLOPs per token, per core on the CPU."""
+    from toolkit.plan import load_calibration
+
+    doc, _ = smoke
+    cpu = doc["calibration"]["cpu"]
+    assert cpu["flops"]["fp32"] > 0 and "tiny" in cpu["measured_on"]["fp32"]
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(doc))
+    devices = load_calibration(path)
+    assert devices["cpu"].flops["fp32"] == cpu["flops"]["fp32"]
+    assert devices["cpu"].source.startswith("measured")
+
+
+@pytest.mark.slow
 def test_smoke_prints_labelled_lines(smoke: tuple[dict, str]) -> None:
     _, stdout = smoke
     for label in ("[env] torch", "[env] assumed dense peak", "[env] model FLOPs per trained token",
