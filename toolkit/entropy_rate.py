@@ -222,7 +222,7 @@ def entropy_rate(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, symbo
         tokens, lengths = split_runs(tokens, lengths, split_ids)
     used = int(np.count_nonzero(np.bincount(tokens, minlength=vocab_size))) if len(tokens) else 0
     need = RELIABLE_SAMPLES_PER_OUTCOME * max(used, 1)
-    cond = conditional_entropies(tokens, lengths, vocab_size, max_order, stop_below=need, extra=1)
+    cond = conditional_entropies(tokens, lengths, vocab_size, max_order, stop_below=need)
     unigram = _unigram(tokens, vocab_size)
     orders = [unigram, *cond]  # orders[j]: j tokens of context
     for o in orders:
@@ -232,12 +232,12 @@ def entropy_rate(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, symbo
                     - orders[j + 1]["miller_madow"] <= 2 * math.hypot(orders[j]["se"], orders[j + 1]["se"])),
                    None)
     # The independent-positions error underestimates slowly mixing sources: batch means of
-    # the plug-in estimate over contiguous blocks, at the order the interval rests on.
-    at = plateau if plateau is not None else max((j for j, o in enumerate(orders) if o["positions"] > 0),
-                                                  default=0)
-    batch_se = _batch_se(tokens, lengths, vocab_size, at)
-    for o in orders:
-        o["se"] = max(o["se"], batch_se)
+    # the plug-in estimate over contiguous blocks, at the plateau the interval rests on.
+    if plateau is not None:
+        batch_se = _batch_se(tokens, lengths, vocab_size, plateau)
+        for j in reliable:
+            if j >= plateau:
+                orders[j]["se"] = max(orders[j]["se"], batch_se)
     if plateau is not None:
         low_tok = min(orders[j]["plugin"] - 2 * orders[j]["se"] for j in reliable if j >= plateau)
     else:
