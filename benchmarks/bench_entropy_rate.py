@@ -75,7 +75,8 @@ def run_source(alphabet: str, order: int, rate: float, spec: str, symbols: int =
     n_symbols = sum(len(s) for s in seqs)
     t0 = time.perf_counter()
     est = entropy_rate(ids, lengths, tok.vocab_size, spt or n_symbols / len(ids),
-                       raw_sample="".join(seqs)[:1_000_000].encode(), split_ids=split)
+                       raw_sample="".join(seqs)[:1_000_000].encode(), split_ids=split,
+                       symbol_records=seqs)
     assert source.analytic_entropy_rate is not None
     return Outcome(alphabet, order, float(source.analytic_entropy_rate), spec,
                    est["entropy_rate_bits_per_symbol"], est["entropy_rate_low"], est["entropy_rate_high"],

@@ -36,7 +36,6 @@ import numpy as np
 
 from toolkit import __version__, store
 from toolkit.analyse_fisher import fisher_diagonal_arrays, fisher_diagonal_run
-from toolkit.analyse_runs import MIN_COVERAGE as MIN_COVERAGE
 from toolkit.analyse_runs import NAN as NAN
 from toolkit.analyse_runs import _mean_std, resolve_definitions, spread_ddof
 from toolkit.analyse_runs import distribution_run as distribution_run
@@ -274,8 +273,10 @@ def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Pat
     data.update(fisher_diagonal_arrays(diagonals, runs, estimators, blocks))
     for name in ("unigram_entropy_bits", "unigram_entropy_bits_per_symbol",
                  "compression_bits_per_symbol", "analytic_entropy_rate_bits_per_symbol",
-                 "symbols_per_token", "entropy_rate_bits_per_symbol"):
+                 "symbols_per_token", "entropy_rate_bits_per_symbol", "entropy_rate_low", "entropy_rate_high",
+                 "entropy_rate_heldout_bits_per_symbol", "entropy_rate_ppmd_bits_per_symbol"):
         data[name] = np.array([profiles[r][name] for r in runs], np.float64)
+    data["entropy_rate_method"] = np.array([profiles[r]["entropy_rate_method"] for r in runs], dtype=str)
     data["entropy_rate_order"] = np.array([profiles[r]["entropy_rate_order"] for r in runs], np.int64)
     for name in ("conditional_entropy_bits", "conditional_entropy_bits_per_symbol", "context_coverage"):
         arr = np.full((n_r, n_order), NAN)

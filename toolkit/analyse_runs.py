@@ -35,7 +35,6 @@ from toolkit.study import Layout, Member
 
 log = logging.getLogger("toolkit.analyse")  # one logger for the stage, as before the split
 
-MIN_COVERAGE = 10.0  # tokens per distinct context for a conditional-entropy estimate to count
 NAN = math.nan
 
 
@@ -436,15 +435,18 @@ def profile_run(study: StudyConfig, run: str) -> dict[str, Any]:
     spt = num("symbols_per_token")
     cond = np.asarray([NAN if v is None else v for v in p.get("conditional_bits", [])], np.float64)
     coverage = np.asarray([NAN if v is None else v for v in p.get("context_coverage", [])], np.float64)
-    # The plug-in estimate collapses once contexts are rarely revisited; trust the longest
-    # context that is still seen MIN_COVERAGE times on average.
-    ok = [j for j, c in enumerate(coverage[: len(cond)], 1) if c >= MIN_COVERAGE and np.isfinite(cond[j - 1])]
-    order = ok[-1] if ok else 1
-    rate = float(cond[order - 1] / spt) if len(cond) >= order else NAN
+    plateau = p.get("entropy_rate_plateau_order")
     return {
         "context_coverage": coverage,
-        "entropy_rate_bits_per_symbol": rate,
-        "entropy_rate_order": order,
+        # The rate with its interval (toolkit/entropy_rate.py); NaN for a store prepared
+        # before the profile had one (the prepare unit is then stale and re-run).
+        "entropy_rate_bits_per_symbol": num("entropy_rate_bits_per_symbol"),
+        "entropy_rate_low": num("entropy_rate_low"),
+        "entropy_rate_high": num("entropy_rate_high"),
+        "entropy_rate_method": str(p.get("entropy_rate_method") or "not estimated"),
+        "entropy_rate_heldout_bits_per_symbol": num("entropy_rate_heldout_bits_per_symbol"),
+        "entropy_rate_ppmd_bits_per_symbol": num("entropy_rate_ppmd_bits_per_symbol"),
+        "entropy_rate_order": -1 if plateau is None else int(plateau),
         "kind": str(attrs.get("kind", "")),
         "vocab_size": int(attrs.get("vocab_size", -1)),
         "unigram_entropy_bits": num("unigram_bits"),

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 _LN2 = math.log(2.0)
 _KEY_LIMIT = 1 << 62  # keep n-gram keys (times the vocabulary) inside int64
 RELIABLE_SAMPLES_PER_OUTCOME = 10
+RATE_MAX_TOKENS = 4_000_000
+PROFILE_FORMAT = 2
+"""Bumped when a profile gains or changes keys: token stores with an older one are re-prepared."""
 
 
 def plugin_entropy_bits(counts: np.ndarray) -> float:
@@ -192,11 +195,46 @@ def conditional_entropies(tokens: np.ndarray, lengths: np.ndarray, vocab_size: i
     return out
 
 
+def _rate(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, spt: float, raw: bytes | None,
+          raw_symbols: int | None, split_ids: np.ndarray | None, max_tokens: int,
+          symbol_records: list[str] | None) -> dict[str, Any]:
+    """The entropy-rate keys of a profile (None where nothing could be estimated)."""
+    from toolkit.entropy_rate import entropy_rate
+
+    keys = ("entropy_rate_bits_per_symbol", "entropy_rate_low", "entropy_rate_high", "entropy_rate_method",
+            "entropy_rate_plateau_order", "entropy_rate_heldout_bits_per_symbol", "entropy_rate_heldout_order",
+            "entropy_rate_ppmd_bits_per_symbol", "entropy_rate_tokens")
+    if len(tokens) < 2 or not math.isfinite(spt) or spt <= 0:
+        return dict.fromkeys(keys)
+    if len(tokens) > max_tokens:  # whole records first, the last one cut
+        ends = np.cumsum(lengths)
+        keep = int(np.searchsorted(ends, max_tokens, side="right"))
+        lengths = np.r_[lengths[:keep], max_tokens - (ends[keep - 1] if keep else 0)]
+        lengths = lengths[lengths > 0]
+        tokens = tokens[:max_tokens]
+    r = entropy_rate(tokens, lengths, vocab_size, spt, raw_sample=raw, raw_sample_symbols=raw_symbols,
+                     split_ids=split_ids, symbol_records=symbol_records)
+    finite = (lambda x: None if x is None or not math.isfinite(x) else float(x))  # noqa: E731
+    return {"entropy_rate_bits_per_symbol": finite(r["entropy_rate_bits_per_symbol"]),
+            "entropy_rate_low": finite(r["entropy_rate_low"]),
+            "entropy_rate_high": finite(r["entropy_rate_high"]),
+            "entropy_rate_method": r["entropy_rate_method"],
+            "entropy_rate_plateau_order": r["plateau_order"],
+            "entropy_rate_heldout_bits_per_symbol": finite(r["heldout_bits_per_symbol"]),
+            "entropy_rate_heldout_order": int(r["heldout_order"]),
+            "entropy_rate_ppmd_bits_per_symbol": finite(r["ppmd_bits_per_symbol"]),
+            "entropy_rate_tokens": int(len(tokens))}
+
+
 def entropy_profile(token_records: Iterable[np.ndarray], *, n_symbols: int, vocab_size: int,
                     orders: int = 4, raw_sample: bytes | None = None,
                     analytic_entropy_rate: float | None = None,
                     max_tokens: int | None = 20_000_000,
-                    raw_sample_symbols: int | None = None) -> dict[str, Any]:
+                    raw_sample_symbols: int | None = None,
+                    rate_split_ids: np.ndarray | None = None,
+                    rate_symbols_per_token: float | None = None,
+                    rate_max_tokens: int = RATE_MAX_TOKENS,
+                    rate_symbol_records: list[str] | None = None) -> dict[str, Any]:
     """The data-side entropy profile of a stream of token records.
 
     Parameters
@@ -218,6 +256,16 @@ def entropy_profile(token_records: Iterable[np.ndarray], *, n_symbols: int, voca
         still counted for ``tokens_total`` and ``symbols_per_token``.
     raw_sample_symbols
         Symbols in ``raw_sample`` when it is not one byte per symbol (UTF-8 text).
+    rate_split_ids, rate_symbols_per_token
+        How the tokenizer's stream maps to symbols for the entropy rate
+        (:func:`toolkit.entropy_rate.rate_view`); None: no split, the measured mean.
+    rate_symbol_records
+        Raw records (up to about 1 M symbols): the rate is also estimated one token per
+        character, and both views' evidence combined.
+    rate_max_tokens
+        The entropy-rate interval is estimated on at most this many tokens (whole
+        records first): it fits order after order, and 4 M tokens resolve an order-8
+        DNA context in seconds.
 
     Returns
     -------
@@ -227,7 +275,12 @@ def entropy_profile(token_records: Iterable[np.ndarray], *, n_symbols: int, voca
         ``unigram_bits_per_symbol``, ``conditional_bits`` (Miller-Madow, j = 1..J),
         ``conditional_bits_plugin``, ``conditional_bits_per_symbol``, ``contexts_seen``,
         ``context_coverage``, ``conditional_reliable``, ``compression_bits_per_symbol``,
-        ``analytic_entropy_rate_bits_per_symbol``, ``vocab_size``, ``orders``, ``max_tokens``.
+        ``analytic_entropy_rate_bits_per_symbol``, ``vocab_size``, ``orders``, ``max_tokens``;
+        the entropy rate with its interval (:func:`toolkit.entropy_rate.entropy_rate`):
+        ``entropy_rate_bits_per_symbol``, ``entropy_rate_low``, ``entropy_rate_high``,
+        ``entropy_rate_method``, ``entropy_rate_plateau_order``,
+        ``entropy_rate_heldout_bits_per_symbol``, ``entropy_rate_heldout_order``,
+        ``entropy_rate_ppmd_bits_per_symbol``, ``entropy_rate_tokens``.
     """
     if orders < 0:
         raise ValueError("orders must be >= 0")
@@ -272,6 +325,8 @@ def entropy_profile(token_records: Iterable[np.ndarray], *, n_symbols: int, voca
         "compression_sample_symbols": int(raw_sample_symbols or len(raw_sample)) if raw_sample else 0,
         "analytic_entropy_rate_bits_per_symbol": clean(analytic_entropy_rate)
         if analytic_entropy_rate is not None else None,
+        **_rate(tokens, lengths, vocab_size, rate_symbols_per_token or spt, raw_sample, raw_sample_symbols,
+                rate_split_ids, rate_max_tokens, rate_symbol_records),
     }
     log.info("entropy profile: %d tokens, %d orders in %.1f s", len(tokens), orders,
              time.perf_counter() - t0)

@@ -6,29 +6,34 @@ Three kinds of evidence, each with what it can and cannot say:
   plug-in, :func:`toolkit.entropy.conditional_entropies`) decrease with ``j`` towards the
   rate and equal it from the source's memory on. Where the data suffice (every context
   seen about 10 times per possible next token, "reliable" orders) the estimate has a small
-  bias; beyond, it is biased low. The **lower side** is the smallest reliable estimate
-  minus two standard errors, taken from the first order where the estimates stop falling
-  (a *plateau*: the drop to the next reliable order is within two standard errors). With
-  no plateau among the reliable orders the source's memory is longer than the data can
-  resolve: the lower side is then the smallest plug-in estimate of every order computed,
-  including undersampled ones, which is biased low and so wide.
+  bias. A *plateau* is the first reliable order from which the estimate stops falling (the
+  drop to the next reliable order is within two standard errors): there the source's
+  memory is resolved, and the smallest plug-in estimate (biased low) of the reliable
+  orders from the plateau on, minus two standard errors, is the **lower side**. Without a
+  plateau nothing bounds the rate from below (a source with longer memory than the data
+  resolve can have any lower rate; natural text and genomes are such sources): the lower
+  side is then 0 and the method says so.
 - **Held-out cross-entropy** of smoothed order-k models (interpolated Witten-Bell, fitted
   on the first 80% of the tokens, k chosen on the first half of the rest, scored on the
   second half). A model's cross-entropy on fresh data from a stationary source is at
-  least the entropy rate, so this (plus two standard errors) is the **upper side**.
-- **A universal compressor** (PPMd, ``pyppmd``, when installed) on a raw sample: a code
-  length, so also an upper side, independent of the tokenizer. lzma stays in the profile
-  as the crude bound it always was; it is not used here.
+  least the entropy rate, so this (plus two standard errors) is an **upper side**.
+- **A universal compressor** (PPMd, ``pyppmd``) on a raw sample: a code length, so also an
+  upper side, independent of the tokenizer. (lzma stays in the profile as the crude bound
+  it always was; it is looser than PPMd everywhere measured and is not used here.)
 
-The **point estimate** is the Miller-Madow estimate at the plateau order, clipped into
-the interval. Without a plateau it is the midpoint when the interval is narrow (at most
-:data:`NARROW`), else the held-out cross-entropy (the best the toolkit can predict, an
-upper side) and the interval says how far below the rate may lie. Every
-number is in bits per token and, divided by the symbols per token, bits per symbol.
+The evidence comes from two *views* of the corpus when the tokens are not characters: the
+token stream (k-mer runs split at their single-base and N tokens, :func:`split_runs`) and
+a symbol stream of the raw records, one token per character. Both bound the same rate per
+symbol, so the interval is the intersection: the larger lower side, the smallest upper one.
 
-Standard errors treat positions as independent (they are weakly dependent in a Markov
-stream), so "two standard errors" is a rule of thumb, checked on a grid of sources with
-known rates (tests/test_entropy_rate.py, ``python -m benchmarks entropy_rate``).
+The **point estimate** is the Miller-Madow estimate at the plateau of the view giving the
+lower side, clipped into the interval; without a plateau it is the smallest held-out
+cross-entropy, an upper side, and the interval from 0 says how little is known.
+
+Standard errors treat positions as independent, except at the plateau where batch means
+over contiguous blocks are used when larger (slowly mixing sources); "two standard
+errors" is checked on a grid of sources with known rates (tests/test_entropy_rate.py,
+``python -m benchmarks entropy_rate``).
 """
 
 from __future__ import annotations
@@ -44,8 +49,6 @@ _LN2 = math.log(2.0)
 HELD_OUT_FRACTION = 0.2
 MAX_ORDER = 16
 PPMD_ORDERS = (2, 4, 6, 8, 12, 16)
-NARROW = 0.05
-"""bits/symbol: without a plateau, an interval this narrow reports its midpoint."""
 BATCHES = 10
 """Contiguous blocks for batch-means standard errors."""
 
@@ -188,9 +191,52 @@ def rate_view(spec: str, token_texts: list[str]) -> tuple[np.ndarray | None, flo
     return split, (1.0 if m.group("overlap") else float(k))
 
 
+def symbol_view(records: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, lengths, alphabet size): records as one id per character (dense over those seen)."""
+    lengths = np.array([len(r) for r in records], dtype=np.int64)
+    codes = np.frombuffer("".join(records).encode("utf-32-le"), dtype=np.uint32)
+    alphabet, ids = np.unique(codes, return_inverse=True)
+    return ids.astype(np.int64), lengths, max(int(len(alphabet)), 1)
+
+
+def view_evidence(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, spt: float,
+                  max_order: int = MAX_ORDER) -> dict[str, Any]:
+    """One view's side of the interval, in bits per symbol: the plateau of its conditional
+    entropies (if any) and its held-out Witten-Bell cross-entropy."""
+    used = int(np.count_nonzero(np.bincount(tokens, minlength=vocab_size))) if len(tokens) else 0
+    need = RELIABLE_SAMPLES_PER_OUTCOME * max(used, 1)
+    cond = conditional_entropies(tokens, lengths, vocab_size, max_order, stop_below=need)
+    orders = [_unigram(tokens, vocab_size), *cond]  # orders[j]: j tokens of context
+    for o in orders:
+        o["reliable"] = bool(o["coverage"] >= need and o["positions"] > 0)
+    reliable = [j for j, o in enumerate(orders) if o["reliable"]]
+    plateau = next((j for j in reliable if j + 1 in reliable and orders[j]["miller_madow"]
+                    - orders[j + 1]["miller_madow"] <= 2 * math.hypot(orders[j]["se"], orders[j + 1]["se"])),
+                   None)
+    low = point = None
+    if plateau is not None:
+        # The independent-positions error underestimates slowly mixing sources: batch means
+        # of the plug-in estimate over contiguous blocks, at the plateau the lower side rests on.
+        batch_se = _batch_se(tokens, lengths, vocab_size, plateau)
+        for j in reliable:
+            if j >= plateau:
+                orders[j]["se"] = max(orders[j]["se"], batch_se)
+        low = max(0.0, min(orders[j]["plugin"] - 2 * orders[j]["se"] for j in reliable if j >= plateau)) / spt
+        point = orders[plateau]["miller_madow"] / spt
+    deepest = max((j for j, o in enumerate(orders) if o["positions"] > 0), default=0)
+    wb = witten_bell_cross_entropy(tokens, lengths, vocab_size, max(deepest, 1))
+    return {"plateau_order": plateau, "low": low, "point": point,
+            "heldout": wb["bits"] / spt, "heldout_high": (wb["bits"] + 2 * wb["se"]) / spt,
+            "heldout_order": wb["order"], "deepest_order": deepest,
+            "orders": [{"order": j, "miller_madow": o["miller_madow"] / spt, "plugin": o["plugin"] / spt,
+                        "se": o["se"] / spt, "coverage": o["coverage"], "reliable": o["reliable"]}
+                       for j, o in enumerate(orders)]}
+
+
 def entropy_rate(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, symbols_per_token: float, *,
                  raw_sample: bytes | None = None, raw_sample_symbols: int | None = None,
-                 max_order: int = MAX_ORDER, split_ids: np.ndarray | None = None) -> dict[str, Any]:
+                 max_order: int = MAX_ORDER, split_ids: np.ndarray | None = None,
+                 symbol_records: list[str] | None = None) -> dict[str, Any]:
     """The entropy rate with its interval, in bits per symbol (module docstring).
 
     Parameters
@@ -208,72 +254,59 @@ def entropy_rate(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, symbo
         Deepest context (tokens) tried; orders stop earlier once undersampled.
     split_ids
         Tokens that end runs rather than continue them (:func:`split_runs`).
+    symbol_records
+        Raw records: a second view, one token per character, whose evidence is combined
+        with the token view's (both bound the same rate per symbol).
 
     Returns
     -------
     dict
         ``entropy_rate_bits_per_symbol``, ``entropy_rate_low``, ``entropy_rate_high``,
-        ``entropy_rate_method`` and the evidence: ``rate_orders`` (MM, SE, coverage,
-        reliable per order), ``plateau_order``, ``heldout`` (Witten-Bell), ``ppmd``.
+        ``entropy_rate_method`` and the evidence: ``views`` (per view: plateau order,
+        orders with MM/plug-in/SE per symbol, held-out Witten-Bell), ``ppmd``.
     """
     spt = symbols_per_token if symbols_per_token and math.isfinite(symbols_per_token) else 1.0
     tokens = np.asarray(tokens)
     if split_ids is not None and len(split_ids):
         tokens, lengths = split_runs(tokens, lengths, split_ids)
-    used = int(np.count_nonzero(np.bincount(tokens, minlength=vocab_size))) if len(tokens) else 0
-    need = RELIABLE_SAMPLES_PER_OUTCOME * max(used, 1)
-    cond = conditional_entropies(tokens, lengths, vocab_size, max_order, stop_below=need)
-    unigram = _unigram(tokens, vocab_size)
-    orders = [unigram, *cond]  # orders[j]: j tokens of context
-    for o in orders:
-        o["reliable"] = bool(o["coverage"] >= need and o["positions"] > 0)
-    reliable = [j for j, o in enumerate(orders) if o["reliable"]]
-    plateau = next((j for j in reliable if j + 1 in reliable and orders[j]["miller_madow"]
-                    - orders[j + 1]["miller_madow"] <= 2 * math.hypot(orders[j]["se"], orders[j + 1]["se"])),
-                   None)
-    # The independent-positions error underestimates slowly mixing sources: batch means of
-    # the plug-in estimate over contiguous blocks, at the plateau the interval rests on.
-    if plateau is not None:
-        batch_se = _batch_se(tokens, lengths, vocab_size, plateau)
-        for j in reliable:
-            if j >= plateau:
-                orders[j]["se"] = max(orders[j]["se"], batch_se)
-    if plateau is not None:
-        low_tok = min(orders[j]["plugin"] - 2 * orders[j]["se"] for j in reliable if j >= plateau)
-    else:
-        low_tok = min(o["plugin"] - 2 * o["se"] for o in orders if o["positions"] > 0) if len(tokens) else 0.0
-    low_tok = max(low_tok, 0.0)
-    deepest = max(j for j, o in enumerate(orders) if o["positions"] > 0) if len(tokens) else 0
-    wb = witten_bell_cross_entropy(tokens, lengths, vocab_size, max(deepest, 1))
-    high_wb = (wb["bits"] + 2 * wb["se"]) / spt
+    views = {"tokens": view_evidence(tokens, lengths, vocab_size, spt, max_order)}
+    if symbol_records and (spt != 1.0 or split_ids is not None):
+        ids, sym_lengths, alphabet = symbol_view(symbol_records)
+        views["symbols"] = view_evidence(ids, sym_lengths, alphabet, 1.0, max_order)
     ppmd = ppmd_bits_per_symbol(raw_sample, raw_sample_symbols) if raw_sample else None
-    high, high_by = high_wb, f"held-out Witten-Bell order {wb['order']}"
-    if ppmd is not None and ppmd[0] < high:
-        high, high_by = ppmd[0], f"PPMd order {ppmd[1]}"
-    low = min(low_tok / spt, high)
-    if plateau is not None:
-        point = min(max(orders[plateau]["miller_madow"] / spt, low), high)
-        method = (f"Miller-Madow H(X | {plateau} tokens) at the plateau of the conditional entropies; "
-                  f"low: reliable orders >= {plateau} minus 2 SE; high: {high_by} + 2 SE")
-    elif high - low <= NARROW:
-        point = (low + high) / 2
-        method = (f"midpoint of a narrow interval (no plateau among the reliable orders); low: smallest "
-                  f"plug-in estimate of orders 0-{deepest} minus 2 SE; high: {high_by} + 2 SE")
+    highs = {f"held-out Witten-Bell order {v['heldout_order']} on {name} + 2 SE": v["heldout_high"]
+             for name, v in views.items()}
+    if ppmd is not None:
+        highs[f"PPMd order {ppmd[1]} code length"] = ppmd[0]
+    high_by = min(highs, key=lambda k: highs[k])
+    high = highs[high_by]
+    lows = {name: v["low"] for name, v in views.items() if v["low"] is not None}
+    if lows:
+        low_by = max(lows, key=lambda k: lows[k])
+        v = views[low_by]
+        low = min(lows[low_by], high)
+        point = min(max(v["point"], low), high)
+        method = (f"Miller-Madow H(X | {v['plateau_order']} previous) on {low_by} at the plateau of "
+                  f"the conditional entropies; low: its reliable orders from there minus 2 SE; "
+                  f"high: {high_by}")
     else:
-        point = min(max(wb["bits"] / spt, low), high)
-        method = (f"held-out Witten-Bell order {wb['order']}, an upper side (no plateau among the reliable "
-                  f"orders: the data do not resolve the source's memory, the interval is wide); low: "
-                  f"smallest plug-in estimate of orders 0-{deepest} minus 2 SE (biased low); high: "
-                  f"{high_by} + 2 SE")
+        best = min(views.values(), key=lambda v: v["heldout"])
+        low = 0.0
+        point = min(best["heldout"], high)
+        method = (f"held-out Witten-Bell order {best['heldout_order']}, an upper side: no plateau among "
+                  f"the reliable orders of any view (orders up to "
+                  f"{', '.join(str(v['deepest_order']) for v in views.values())}), so the data do not "
+                  f"resolve the source's memory and give no lower side; high: {high_by}")
+    main = views.get(low_by if lows else "tokens", views["tokens"])
     return {
         "entropy_rate_bits_per_symbol": point,
         "entropy_rate_low": low,
         "entropy_rate_high": high,
         "entropy_rate_method": method,
-        "plateau_order": plateau,
-        "rate_orders": [{"order": j, "miller_madow": o["miller_madow"], "plugin": o["plugin"], "se": o["se"],
-                         "coverage": o["coverage"], "reliable": o["reliable"]} for j, o in enumerate(orders)],
-        "heldout": {k: wb[k] for k in ("order", "bits", "se", "positions", "score")},
+        "plateau_order": main["plateau_order"] if lows else None,
+        "heldout_bits_per_symbol": min(v["heldout"] for v in views.values()),
+        "heldout_order": min(views.values(), key=lambda v: v["heldout"])["heldout_order"],
+        "views": views,
         "ppmd_bits_per_symbol": ppmd[0] if ppmd else None,
         "ppmd_order": ppmd[1] if ppmd else None,
     }

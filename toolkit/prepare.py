@@ -267,7 +267,8 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
         keep_mask = src.kind == "dna" and cfg.dna.keep_softmask
         counts, record_symbols, sample = _write_tokens(group, tok, src, keep_mask, what,
                                                        len(split) if split is not None else None)
-        store.create_array(group, "tokens", "token_text", data=token_texts(tok, vocab_size))
+        texts = token_texts(tok, vocab_size)
+        store.create_array(group, "tokens", "token_text", data=texts)
         n_rec = len(counts)
         if split is None:
             from toolkit.corpora import split_assignment
@@ -292,13 +293,17 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
         raw = ("" if src.kind == "dna" else "\n").join(s for i, s in sample if split[i] == TRAIN)
         which = _profile_records(offsets, split, study.analysis.entropy_max_tokens)
         from toolkit.entropy import entropy_profile
+        from toolkit.entropy_rate import rate_view
 
+        rate_split, rate_spt = rate_view(spec, [str(t) for t in texts])
         profile = entropy_profile(
             _read_records(group["tokens"], offsets, which),
             n_symbols=int(record_symbols[which].sum()), vocab_size=vocab_size,
             orders=study.analysis.entropy_orders,
             raw_sample=raw.encode("utf-8"), raw_sample_symbols=len(raw),
-            analytic_entropy_rate=src.analytic_entropy_rate, max_tokens=study.analysis.entropy_max_tokens)
+            analytic_entropy_rate=src.analytic_entropy_rate, max_tokens=study.analysis.entropy_max_tokens,
+            rate_split_ids=rate_split, rate_symbols_per_token=rate_spt,
+            rate_symbol_records=[s for i, s in sample if split[i] == TRAIN])
         group.attrs["entropy_profile"] = {"corpus": name, "source": cfg.source, "kind": src.kind,
                                           "tokenizer": spec, "split": "train", **profile}
 
@@ -537,10 +542,20 @@ def corpus_stats(source: str, *, tokenizer: str = "char", kind: str = "auto",
         raw.append(s)
         raw_size += len(s)
     raw_text = ("" if src.kind == "dna" else "\n").join(raw)
+    from toolkit.entropy_rate import rate_view
+
+    rate_split, rate_spt = rate_view(tok.spec, [str(t) for t in token_texts(tok, tok.vocab_size)])
     profile = entropy_profile(records, n_symbols=size, vocab_size=tok.vocab_size, orders=orders,
                               raw_sample=raw_text.encode("utf-8"), raw_sample_symbols=len(raw_text),
-                              analytic_entropy_rate=src.analytic_entropy_rate)
+                              analytic_entropy_rate=src.analytic_entropy_rate,
+                              rate_split_ids=rate_split, rate_symbols_per_token=rate_spt,
+                              rate_symbol_records=raw)
     return {"source": source, "kind": src.kind, "tokenizer": tok.spec, **profile}
+
+
+def _width(profile: dict[str, Any]) -> float | None:
+    low, high = profile.get("entropy_rate_low"), profile.get("entropy_rate_high")
+    return None if low is None or high is None else high - low
 
 
 def format_profile(profile: dict[str, Any]) -> str:
@@ -561,6 +576,13 @@ def format_profile(profile: dict[str, Any]) -> str:
         f"lzma -9     {f(profile['compression_bits_per_symbol'])} bits/symbol "
         f"(sample of {profile.get('compression_sample_symbols', 0)} symbols)",
         f"analytic    {f(profile['analytic_entropy_rate_bits_per_symbol'])} bits/symbol",
+        f"rate        {f(profile.get('entropy_rate_bits_per_symbol'))} bits/symbol, interval "
+        f"[{f(profile.get('entropy_rate_low'))}, {f(profile.get('entropy_rate_high'))}] "
+        f"(width {f(_width(profile))}; on {profile.get('entropy_rate_tokens') or 0} tokens)",
+        f"            {profile.get('entropy_rate_method') or 'not estimated'}",
+        f"PPMd        {f(profile.get('entropy_rate_ppmd_bits_per_symbol'))} bits/symbol; held-out "
+        f"order-{profile.get('entropy_rate_heldout_order', '-')} model "
+        f"{f(profile.get('entropy_rate_heldout_bits_per_symbol'))} bits/symbol",
         "",
         "  j  H(X|j prev) bits/token  plug-in  bits/symbol  contexts   tokens/context",
     ]

@@ -91,7 +91,20 @@ def _table_k(ds: Any) -> int:
 
 def _entropy_column(ds: Any) -> tuple[np.ndarray, str]:
     """The data-side entropy-rate estimate per run (bits/symbol) and its axis label."""
-    return ds.entropy_rate_bits_per_symbol.values, "entropy rate estimate H(X | j tokens)"
+    return ds.entropy_rate_bits_per_symbol.values, "entropy rate [interval]"
+
+
+def _rate_interval(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of the entropy-rate interval per run; NaN for summaries without one."""
+    n = ds.sizes["run"]
+    nan = np.full(n, np.nan)
+    low = ds.entropy_rate_low.values if "entropy_rate_low" in ds else nan
+    high = ds.entropy_rate_high.values if "entropy_rate_high" in ds else nan
+    return low, high
+
+
+def _rate_cell(point: float, low: float, high: float) -> str:
+    return f"{_fmt(point)} [{_fmt(low)}, {_fmt(high)}]"
 
 
 KL_COLUMNS = {"model_to_uniform": ("kl_to_uniform_bits", "KL(P || U) bits"),
@@ -130,6 +143,7 @@ def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the entropy-versus-learnability table (one row per run)."""
     p, k = _table_p(ds), _table_k(ds)
     cond, cond_name = _entropy_column(ds)
+    low, high = _rate_interval(ds)
     kls = [kl for kl in _kl_order(ds) if kl[0] in ds]
     header = ["run", "kind", "tokenizer", "members", "|V|", f"{cond_name} bits/symbol",
               "compression bits/symbol", "analytic rate bits/symbol", *[t for _, t in kls],
@@ -143,7 +157,7 @@ def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
         rows.append([
             str(run), str(ds.kind.values[i]), str(ds.tokenizer.values[i]),
             str(int(ds.n_members.values[i])), str(int(ds.vocab_size.values[i])),
-            f"{_fmt(cond[i])} (j={int(ds.entropy_rate_order.values[i])})",
+            _rate_cell(cond[i], low[i], high[i]),
             _fmt(float(ds.compression_bits_per_symbol.values[i])),
             _fmt(float(ds.analytic_entropy_rate_bits_per_symbol.values[i])),
             *[_pm(ds, name, **r) for name, _ in kls], _pm(ds, "entropy_fraction", **r),
@@ -414,7 +428,10 @@ LEARNABILITY: tuple[tuple[str, dict[str, str], str], ...] = (
 
 def fig_entropy(ds: Any) -> Figure:
     cond, _ = _entropy_column(ds)
-    xs = ((cond, "entropy rate estimate\n(bits/symbol)"),
+    low, high = _rate_interval(ds)
+    # horizontal bars: the entropy-rate interval (a wide one says the data do not resolve it)
+    xerrs = (np.vstack([np.clip(cond - low, 0, None), np.clip(high - cond, 0, None)]), None)
+    xs = ((cond, "entropy rate, point and interval\n(bits/symbol)"),
           (ds.compression_bits_per_symbol.values, "compression (bits/symbol)"))
     colors = _colors(ds)
     # A fixed grid: constrained layout of 12 panels costs seconds per saved format.
@@ -430,8 +447,10 @@ def fig_entropy(ds: Any) -> Figure:
         suffix = "".join(f" ({d}={v})" for d, v in sel.items() if d != "group")
         for row, (x, xlabel) in enumerate(xs):
             ax = axes[row, col]
+            xerr = xerrs[row]
             for i, run in enumerate(colors):
-                ax.errorbar(x[i], y[i], yerr=yerr[i] if np.isfinite(yerr[i]) else None, fmt="o",
+                bar = xerr[:, i:i + 1] if xerr is not None and np.isfinite(xerr[:, i]).all() else None
+                ax.errorbar(x[i], y[i], yerr=yerr[i] if np.isfinite(yerr[i]) else None, xerr=bar, fmt="o",
                             color=colors[run], capsize=2)
                 if np.isfinite(x[i]) and np.isfinite(y[i]):
                     # labels of points in the right half go to their left, so they stay inside
@@ -515,9 +534,17 @@ def _profile_table(ds: Any) -> str:
              "compression_bits_per_symbol", "analytic_entropy_rate_bits_per_symbol"]
     rows = [[f"{n} [{ds[n].attrs.get('units', '')}]", *[_fmt(float(ds[n].sel(run=r))) for r in runs]]
             for n in names]
-    rows.append(["entropy rate estimate [bits/symbol] (context length j)",
-                 *[f"{_fmt(float(ds.entropy_rate_bits_per_symbol.sel(run=r)))} "
-                   f"(j={int(ds.entropy_rate_order.sel(run=r))})" for r in runs]])
+    low, high = _rate_interval(ds)
+    rate = ds.entropy_rate_bits_per_symbol.values
+    rows.append(["entropy rate [bits/symbol] [interval]",
+                 *[_rate_cell(rate[i], low[i], high[i]) for i in range(len(runs))]])
+    for name in ("entropy_rate_heldout_bits_per_symbol", "entropy_rate_ppmd_bits_per_symbol"):
+        if name in ds:
+            rows.append([f"{ds[name].attrs.get('long_name', name)} [{ds[name].attrs.get('units', '')}]",
+                         *[_fmt(float(ds[name].sel(run=r))) for r in runs]])
+    if "entropy_rate_method" in ds:
+        rows.append(["how the entropy rate was estimated",
+                     *[str(ds.entropy_rate_method.sel(run=r).values) for r in runs]])
     for o in ds.order.values:
         rows.append([f"conditional entropy, {int(o)} previous tokens [bits/token] "
                      "(tokens per context)",

@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from toolkit.checkpoint import sha256 as sha256_file
 from toolkit.config import STAGES, StudyConfig
+from toolkit.entropy import PROFILE_FORMAT
 from toolkit.errors import ConfigError, StoreError, ToolkitError
 from toolkit.study import (
     Layout,
@@ -232,6 +233,8 @@ def unit_settings(study: StudyConfig, unit: Unit) -> dict[str, Any]:
         if ckpt_run in study.runs:  # the tokenizer comes from these folders
             s[f"runs.{ckpt_run}.checkpoints"] = list(study.runs[ckpt_run].checkpoints)
         s.update(_analysis(study, "prepare"))
+        # The profile's keys (the entropy-rate interval of format 2): older stores re-prepare.
+        s["toolkit.entropy_profile_format"] = PROFILE_FORMAT
     elif unit.stage == "train":
         m = Member.parse(unit.key)
         run = study.runs[m.run]
