@@ -38,6 +38,7 @@ from toolkit import __version__, store
 from toolkit.analyse_fisher import fisher_diagonal_arrays, fisher_diagonal_run
 from toolkit.analyse_runs import NAN as NAN
 from toolkit.analyse_runs import _mean_std, resolve_definitions, spread_ddof
+from toolkit.analyse_runs import counting_run as counting_run
 from toolkit.analyse_runs import distribution_run as distribution_run
 from toolkit.analyse_runs import embedding_run as embedding_run
 from toolkit.analyse_runs import fisher_run as fisher_run
@@ -215,6 +216,8 @@ def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Pat
             res: dict[str, Any] = {"n_members": len(ms)}
             if ms:
                 res.update(distribution_run(study, run, ms))
+                res.update(counting_run(study, run, res["model_cross_entropy_bits"],
+                                        res["model_cross_entropy_bits_std"]))
                 res.update(embedding_run(study, run, ms))
                 res["weight_distance"], res["weight_distance_std"] = weights_run(study, run, ms)
                 fisher[run] = fisher_run(study, run, ms)

@@ -205,6 +205,7 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
         "entropy_bits": per_member["entropy_bits"],
         "entropy_fraction": per_member["entropy_bits"] / log2v,
         "perplexity": np.exp(per_member["nll_nats"]),
+        "model_cross_entropy_bits": per_member["nll_nats"] / math.log(2.0),
         "top1_accuracy": per_member["correct"],
     }
     for name, values in derived.items():
@@ -416,6 +417,42 @@ def loss_run(study: StudyConfig, ms: list[Member]) -> dict[int, tuple[np.ndarray
         g = store.open_store(path, "train")
         curves[m.seed] = (np.asarray(g["step"][...], np.float64), np.asarray(g["loss"][...], np.float64))
     return curves
+
+
+def counting_run(study: StudyConfig, run: str, model_bits: float, model_bits_std: float) -> dict[str, Any]:
+    """The counting baseline of ``run`` on its evaluation masks, and what the members learned beyond it.
+
+    Counts come from the training sequences the members were trained on (records cut to
+    ``training.seq_len``), see :mod:`toolkit.counting`.
+    """
+    from toolkit.counting import MAX_TRAIN_TOKENS, counting_baseline
+    from toolkit.masks import masks_path
+    from toolkit.sequences import TRAIN, load_sequences, special_ids
+
+    layout = Layout(study)
+    tokens_path = layout.run_tokens_dir(run) / "tokens.zarr"
+    mpath = masks_path(study, run)
+    if not (tokens_path.exists() and mpath.exists()):
+        return {}
+    group = store.open_store(tokens_path, "tokens", verify="size")
+    seqs = load_sequences(group, TRAIN, study.training.seq_len, "truncate")
+    parts, lengths, total = [], [], 0
+    for i in range(len(seqs)):
+        toks = seqs.content(i)
+        parts.append(toks)
+        lengths.append(len(toks))
+        total += len(toks)
+        if total >= MAX_TRAIN_TOKENS:
+            break
+    if not parts:
+        return {}
+    specials = np.array(sorted(set(special_ids(group.attrs).values())), dtype=np.int64)
+    masks = store.open_store(mpath, "masks", verify="size")
+    base = counting_baseline(np.concatenate(parts), np.array(lengths), int(group.attrs["vocab_size"]), masks,
+                             specials, study.analysis.distribution_mask_rate, seed=study.analysis.mask_seed)
+    return {"counting_baseline_bits": base["bits"], "counting_baseline_k": float(base["k"]),
+            "learned_beyond_counting_bits": base["bits"] - model_bits,
+            "learned_beyond_counting_bits_std": model_bits_std}
 
 
 def profile_run(study: StudyConfig, run: str) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
     kls = [kl for kl in _kl_order(ds) if kl[0] in ds]
     header = ["run", "kind", "tokenizer", "members", "|V|", f"{cond_name} bits/symbol",
               "compression bits/symbol", "analytic rate bits/symbol", *[t for _, t in kls],
-              "H / log2|V|", "perplexity",
+              "H / log2|V|", "perplexity", "model / counting bits/token", "learned beyond counting",
               "top-1 accuracy", f"JS distance (p={p:g})", "argmax agreement",
               f"top-{k} overlap", f"local Spearman k={k}", "Procrustes disparity",
               "Fisher share embeddings"]
@@ -161,12 +161,24 @@ def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
             _fmt(float(ds.compression_bits_per_symbol.values[i])),
             _fmt(float(ds.analytic_entropy_rate_bits_per_symbol.values[i])),
             *[_pm(ds, name, **r) for name, _ in kls], _pm(ds, "entropy_fraction", **r),
-            _pm(ds, "perplexity", **r), _pm(ds, "top1_accuracy", **r),
+            _pm(ds, "perplexity", **r), _model_vs_counting(ds, i),
+            _pm(ds, "learned_beyond_counting_bits", **r) if "learned_beyond_counting_bits" in ds else "-",
+            _pm(ds, "top1_accuracy", **r),
             _pm(ds, "js_distance", top_p=p, **r), _pm(ds, "argmax_agreement", **r),
             _pm(ds, "topk_overlap", k=k, **r), _pm(ds, "local_spearman", k=k, **r),
             _pm(ds, "procrustes_disparity", **r), _pm(ds, "fisher_share", group="embeddings", **r),
         ])
     return header, rows
+
+
+def _model_vs_counting(ds: Any, i: int) -> str:
+    """'model / counting (k=K)' cross-entropies of run i, '-' for summaries without them."""
+    if "counting_baseline_bits" not in ds:
+        return "-"
+    k = ds.counting_baseline_k.values[i]
+    return (f"{_fmt(float(ds.model_cross_entropy_bits.values[i]))} / "
+            f"{_fmt(float(ds.counting_baseline_bits.values[i]))}"
+            + (f" (k={int(k)})" if np.isfinite(k) else ""))
 
 
 def summary_table(study_or_summary: StudyConfig | str | Path | Any) -> str:
@@ -423,6 +435,7 @@ LEARNABILITY: tuple[tuple[str, dict[str, str], str], ...] = (
     ("argmax_agreement", {}, "argmax agreement"),
     ("topk_overlap", {"k": "k"}, "top-k overlap"),
     ("fisher_share", {"group": "embeddings"}, "Fisher share of the embeddings"),
+    ("learned_beyond_counting_bits", {}, "learned beyond counting (bits/token)"),
 )
 
 
@@ -434,12 +447,13 @@ def fig_entropy(ds: Any) -> Figure:
     xs = ((cond, "entropy rate, point and interval\n(bits/symbol)"),
           (ds.compression_bits_per_symbol.values, "compression (bits/symbol)"))
     colors = _colors(ds)
-    # A fixed grid: constrained layout of 12 panels costs seconds per saved format.
-    fig, axes = _figure(ncols=len(LEARNABILITY), nrows=2, width=3.0, height=3.0, layout=None)
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.91, wspace=0.5, hspace=0.45)
     kl, kl_title = _kl_order(ds)[0]
     panels = [(kl, w, kl_title.replace(" bits", " (bits)")) if n == "kl_to_uniform_bits" and kl in ds
               else (n, w, t) for n, w, t in LEARNABILITY]
+    panels = [pnl for pnl in panels if pnl[0] in ds]  # summaries written before a measure existed
+    # A fixed grid: constrained layout of 14 panels costs seconds per saved format.
+    fig, axes = _figure(ncols=len(panels), nrows=2, width=3.0, height=3.0, layout=None)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.91, wspace=0.5, hspace=0.45)
     for col, (name, where, label) in enumerate(panels):
         sel: dict[str, Any] = {d: (_table_p(ds) if v == "p" else _table_k(ds) if v == "k" else v)
                                for d, v in where.items()}
