@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _LN2 = math.log(2.0)
 _KEY_LIMIT = 1 << 62  # keep n-gram keys (times the vocabulary) inside int64
 RELIABLE_SAMPLES_PER_OUTCOME = 10
-RATE_MAX_TOKENS = 4_000_000
+RATE_MAX_TOKENS = 2_000_000
 PROFILE_FORMAT = 2
 """Bumped when a profile gains or changes keys: token stores with an older one are re-prepared."""
 
@@ -264,7 +264,7 @@ def entropy_profile(token_records: Iterable[np.ndarray], *, n_symbols: int, voca
         character, and both views' evidence combined.
     rate_max_tokens
         The entropy-rate interval is estimated on at most this many tokens (whole
-        records first): it fits order after order, and 4 M tokens resolve an order-8
+        records first): it fits order after order, and 2 M tokens resolve an order-7
         DNA context in seconds.
 
     Returns
