@@ -49,6 +49,7 @@ from toolkit.model import (
     n_parameters,
     pick_device,
 )
+from toolkit.progress import ProgressWriter, format_duration, progress_path
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member, write_json_atomic
 from toolkit.tokenizer import Tokenizer, load_tokenizer
@@ -289,7 +290,8 @@ def train_member(study: StudyConfig, member: Member, data_digest: str | None = N
 
     Writes ``checkpoints/{step-*,best,final,flow/step-*}`` (the exported folders with the
     run's tokenizer, see :func:`toolkit.checkpoint.save_hf`), ``train.zarr`` and, last,
-    the ``train.complete.json`` marker under the member folder. Whether the member
+    the ``train.complete.json`` marker under the member folder; while it trains, the loss
+    curve so far is in ``train.progress.jsonl`` (:mod:`toolkit.progress`). Whether the member
     needs training at all is decided by the caller (:func:`toolkit.units.run_unit`),
     which passes ``data_digest``, the digest of the token store's contents: a resume
     checkpoint written on other data is refused, never continued.
@@ -469,9 +471,13 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
              t.grad_accum, len(train), len(evals_fixed), device, precision)
 
     step = state["step"]
+    # The live curve restarts from the checkpoint's log: steps a killed process logged
+    # after its last checkpoint are dropped, not repeated (see toolkit.progress).
+    live = ProgressWriter(progress_path(layout.member_dir(member)), member.id, total)
+    live.start(step, state["log"], state["eval"])
     last_save = time.monotonic()
     proc_seconds, proc_steps, win_tokens, win_seconds = 0.0, 0, 0, 0.0
-    with Preemption() as preempt:
+    with Preemption() as preempt, contextlib.closing(live):
         while step < total:
             t0 = time.perf_counter()
             batches = stream.step(step)
@@ -511,13 +517,16 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
                     state["log"][key].append(value)
                 state["window"] = [0.0, 0]
                 eta = (total - step) * proc_seconds / proc_steps
+                rate = win_tokens / max(win_seconds, 1e-9)
                 log.info("%s step %d/%d loss %.4f lr %.3g %.0f tok/s ETA %s", member.id, step, total,
-                         mean, lr, win_tokens / max(win_seconds, 1e-9), _hms(eta))
+                         mean, lr, rate, format_duration(eta))
+                live.log_point(step, mean, lr, state["tokens_seen"], rate, eta)
                 win_tokens, win_seconds = 0, 0.0
             if evals_fixed and (step % t.eval_every_steps == 0 or step == total):
                 eval_loss = evaluate_loss(model, evals_fixed, device, precision)
                 state["eval"]["step"].append(step)
                 state["eval"]["loss"].append(eval_loss)
+                live.eval_point(step, eval_loss)
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
                     state["best_eval_loss"] = eval_loss
@@ -536,6 +545,7 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
                 log.warning("%s: signal %d received; checkpoint saved at step %d/%d, exiting with "
                             "code %d (run again to resume)", member.id, preempt.signum, step, total,
                             EXIT_PREEMPTED)
+                live.end("preempted", step)
                 raise SystemExit(EXIT_PREEMPTED)
 
     if not evals_fixed:
@@ -551,13 +561,9 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
     write_json_atomic(layout.train_marker(member), marker_doc(
         member, flow, step, state["tokens_seen"], tokenizer_hash, vocab_size, tps,
         best_step=best_eval_step(state["eval"]["step"], state["eval"]["loss"], step)))
+    live.end("done", step)
     log.info("%s: done, %d steps, %s tokens, %.0f tok/s", member.id, step,
              f"{state['tokens_seen']:,}", tps)
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # --------------------------------------------------------------------------- outputs

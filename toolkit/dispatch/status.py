@@ -2,13 +2,15 @@
 
 Built from three sources: the completion markers (done), the manifest (which job
 ran the unit, where its logs are) and the scheduler (``squeue``/``sacct`` for SLURM,
-the process table for local jobs). A failed unit shows its log and the last error
-line found in it.
+the process table for local jobs). A running train unit shows how far its member got
+(step, loss, tokens/s, ETA, from its live curve, :mod:`toolkit.progress`) and its log; a
+failed unit shows its log and the last error line found in it.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from toolkit.dispatch.job import read_outcome
 from toolkit.dispatch.local import pid_alive
 from toolkit.dispatch.manifest import JobRecord, Manifest, tail_lines
 from toolkit.dispatch.slurm import ACTIVE, job_states
-from toolkit.study import Layout
+from toolkit.progress import format_duration, last_entries, progress_path
+from toolkit.study import Layout, Member
 
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING"}
 _ERROR = re.compile(r"(toolkit: error:|\b\w*(Error|Exception)\b|Traceback|CANCELLED|TIME LIMIT|Killed)")
@@ -52,6 +55,38 @@ def last_error_line(path: str | Path, tail_bytes: int = 65536) -> str:
     return (specific or hits)[-1]
 
 
+def train_progress(study: StudyConfig, key: str, now: float | None = None) -> str:
+    """How far a training member got, from its live curve ('' before its first line).
+
+    ``step 120/400, loss 2.3456, 1,234 tok/s, ETA 3 min 05 s (updated 4 s ago)``: the
+    newest log point; the ETA is the training process's own, less the time since.
+    """
+    entries = last_entries(progress_path(Layout(study).member_dir(Member.parse(key))))
+    if not entries:
+        return ""
+    now = time.time() if now is None else now
+    last = next((e for e in reversed(entries) if e["event"] in ("log", "start")), None)
+    if last is None:
+        return ""
+    total = last.get("total_steps")
+    if last["event"] == "start" or last.get("time") is None:
+        return f"starting at step {last.get('step')}/{total}"
+    age = max(0.0, now - float(last["time"]))
+    parts = [f"step {last['step']}/{total}"]
+    if isinstance(last.get("loss"), (int, float)):
+        parts.append(f"loss {last['loss']:.4f}")
+    if isinstance(last.get("tokens_per_second"), (int, float)):
+        parts.append(f"{last['tokens_per_second']:,.0f} tok/s")
+    eta = last.get("eta_s")
+    parts.append(f"ETA {format_duration(eta - age if isinstance(eta, (int, float)) else None)}")
+    return f"{', '.join(parts)} (updated {format_duration(age)} ago)"
+
+
+def _running(study: StudyConfig, stage: str, key: str, job_id: str, how: str, log: str) -> UnitStatus:
+    progress = train_progress(study, key) if stage == "train" else ""
+    return UnitStatus(stage, key, "running", job_id, f"{how}: {progress}" if progress else how, log)
+
+
 def _result(record: JobRecord) -> str | None:
     """A finished job's outcome: 'success', 'error', 'requeued' or None (unknown).
 
@@ -83,7 +118,7 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
         if rec is not None and rec.executor == "slurm":
             st = states.get(rec.job_id)
             if st in RUNNING_STATES:
-                rows.append(UnitStatus(stage, key, "running", rec.job_id, st.lower(), rec.stderr))
+                rows.append(_running(study, stage, key, rec.job_id, st.lower(), rec.stderr))
                 continue
             if st in ACTIVE:
                 rows.append(UnitStatus(stage, key, "pending", rec.job_id, f"queued ({st.lower()})",
@@ -92,7 +127,7 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
             why = st or "no longer known to the scheduler"
         elif rec is not None:
             if pid_alive(rec):
-                rows.append(UnitStatus(stage, key, "running", rec.job_id, "local process", rec.stderr))
+                rows.append(_running(study, stage, key, rec.job_id, "local process", rec.stderr))
                 continue
             why = "process ended"
         if ust.state == "stale":
@@ -111,7 +146,8 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
 
 
 def format_table(study: StudyConfig, rows: list[UnitStatus]) -> str:
-    """A plain-text table: a summary line, then one line per unit (logs for failures)."""
+    """A plain-text table: a summary line, then one line per unit (logs of running and
+    failed units)."""
     counts = Counter(r.state for r in rows)
     head = (f"study {study.name} ({study.root}): {len(rows)} units: "
             + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "stale", "running", "pending",
@@ -122,7 +158,7 @@ def format_table(study: StudyConfig, rows: list[UnitStatus]) -> str:
     lines = [head, f"{'STAGE':<{w_stage}}  {'UNIT':<{w_key}}  {'STATE':<7}  {'JOB':<{w_job}}  DETAIL"]
     for r in rows:
         detail = r.detail
-        if r.state == "failed" and r.log:
+        if r.state in ("running", "failed") and r.log:
             detail = f"{detail} (log: {r.log})"
         lines.append(f"{r.stage:<{w_stage}}  {r.key:<{w_key}}  {r.state:<7}  {r.job_id:<{w_job}}  "
                      f"{detail}".rstrip())

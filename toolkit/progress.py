@@ -1,0 +1,238 @@
+"""Watching a member train: its live loss curve, and one way of writing durations.
+
+``train.zarr`` is written once, when a member finishes (its inventory, digests and the
+unit model see only complete stores). While the member trains, the same curve grows in
+``members/<run>/seed<N>/train.progress.jsonl``, one JSON object a line:
+
+- ``{"event": "start", "member", "total_steps", "step", "pid", "host", "time"}``: a
+  training process began (``step``: where it resumed);
+- ``{"event": "log", "step", "total_steps", "loss", "lr", "tokens_seen", "time",
+  "tokens_per_second", "eta_s"}``: a log point (``log_every_steps``), the entries of
+  ``train.zarr``'s ``step``/``loss``/``lr``/``tokens_seen`` plus the rate of the last
+  window and the ETA of the process when it was written;
+- ``{"event": "eval", "step", "loss"}``: an evaluation (``eval_step``/``eval_loss``);
+- ``{"event": "end", "reason", "step", "time"}``: ``done`` or ``preempted``.
+
+The file is not an output of the train unit: nothing digests or verifies it, and
+``train.zarr`` is exactly what it was without it. Every process start rewrites it
+(atomically) from the resumed checkpoint's log, so steps logged after that checkpoint by
+a killed process are dropped and a resumed member's curve has no duplicate steps; lines
+are then appended, at most one write a second (see :class:`ProgressWriter`). A reader
+skips a last line that is still being written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "train.progress.jsonl"
+FLUSH_EVERY_S = 1.0
+"""Lines are buffered and written at most this often (evaluations and ends at once): one
+small append a second costs nothing next to a training step, and a reader is at most
+this much behind."""
+
+
+def format_duration(seconds: float | None) -> str:
+    """A duration for people: ``42 s``, ``3 min 05 s``, ``1 h 02 min``, ``2 d 03 h``.
+
+    Rounded down to the unit shown last; ``?`` when unknown (None, NaN, infinite).
+    Negative durations are shown as ``0 s``.
+    """
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 86400:
+        return f"{s // 3600} h {s // 60 % 60:02d} min"
+    return f"{s // 86400} d {s // 3600 % 24:02d} h"
+
+
+def progress_path(member_dir: Path) -> Path:
+    """The live curve of the member whose folder is ``member_dir``."""
+    return member_dir / PROGRESS_FILE
+
+
+class ProgressWriter:
+    """Appends a member's live curve while it trains (see the module docstring).
+
+    Writing the live curve is a convenience: an error (full disk, unwritable folder) is
+    logged once and the writer goes quiet; training is never stopped by it.
+
+    Parameters
+    ----------
+    path
+        The member's ``train.progress.jsonl``.
+    member, total_steps
+        Written into every start and log line.
+    """
+
+    def __init__(self, path: Path, member: str, total_steps: int) -> None:
+        self.path, self.member, self.total = path, member, total_steps
+        self._buffer: list[str] = []
+        self._last_write = 0.0
+        self._broken = False
+
+    def start(self, step: int, logs: dict[str, list], evals: dict[str, list]) -> None:
+        """Rewrite the file from a (resumed) state's log: ``logs`` holds ``step``, ``loss``,
+        ``lr``, ``tokens_seen`` lists, ``evals`` ``step`` and ``loss`` (all up to ``step``)."""
+        from toolkit.study import file_mode
+
+        lines = [self._line({"event": "start", "member": self.member, "total_steps": self.total,
+                             "step": step, "pid": os.getpid(), "host": socket.gethostname(),
+                             "time": time.time()})]
+        for s, loss, lr, seen in zip(logs["step"], logs["loss"], logs["lr"], logs["tokens_seen"],
+                                     strict=True):
+            lines.append(self._line({"event": "log", "step": s, "total_steps": self.total,
+                                     "loss": loss, "lr": lr, "tokens_seen": seen}))
+        lines += [self._line({"event": "eval", "step": s, "loss": loss})
+                  for s, loss in zip(evals["step"], evals["loss"], strict=True)]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    os.fchmod(f.fileno(), file_mode())
+                    f.write("".join(lines))
+                os.replace(tmp, self.path)  # replaces a planted link itself, never its target
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            self._fail(e)
+        self._last_write = time.monotonic()
+
+    def log_point(self, step: int, loss: float, lr: float, tokens_seen: int,
+                  tokens_per_second: float, eta_s: float) -> None:
+        """A log point; written with the next flush (at most :data:`FLUSH_EVERY_S` later)."""
+        self._buffer.append(self._line({
+            "event": "log", "step": step, "total_steps": self.total, "loss": loss, "lr": lr,
+            "tokens_seen": tokens_seen, "time": time.time(),
+            "tokens_per_second": tokens_per_second, "eta_s": eta_s}))
+        if time.monotonic() - self._last_write >= FLUSH_EVERY_S:
+            self.flush()
+
+    def eval_point(self, step: int, loss: float) -> None:
+        """An evaluation loss; written at once with whatever is buffered."""
+        self._buffer.append(self._line({"event": "eval", "step": step, "loss": loss}))
+        self.flush()
+
+    def end(self, reason: str, step: int) -> None:
+        """The process stops training: ``done`` or ``preempted``."""
+        self._buffer.append(self._line({"event": "end", "reason": reason, "step": step,
+                                        "time": time.time()}))
+        self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered lines (one write, the file closed again for readers elsewhere:
+        network file systems show other hosts a file's new data once it is closed)."""
+        if self._buffer and not self._broken:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write("".join(self._buffer))
+            except OSError as e:
+                self._fail(e)
+        self._buffer.clear()
+        self._last_write = time.monotonic()
+
+    def close(self) -> None:
+        """Write what is buffered (the training loop's exit, however it happens)."""
+        self.flush()
+
+    @staticmethod
+    def _line(doc: dict[str, Any]) -> str:
+        # NaN (a step without masked tokens) is written as null: the file stays strict JSON.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in doc.items()}
+        return json.dumps(clean, separators=(",", ":")) + "\n"
+
+    def _fail(self, e: OSError) -> None:
+        if not self._broken:
+            log.warning("%s: cannot write the live loss curve (%s); training goes on, the curve "
+                        "is in train.zarr when it ends", self.path, e.strerror or e)
+        self._broken = True
+
+
+def parse_lines(lines: list[str]) -> list[dict[str, Any]]:
+    """The entries of a progress file's lines; lines that are not JSON objects are skipped
+    (the last one may be half-written)."""
+    out = []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("event"), str):
+            out.append(doc)
+    return out
+
+
+def last_entries(path: Path, tail_bytes: int = 8192) -> list[dict[str, Any]]:
+    """The entries near the end of a progress file ([] when there is none).
+
+    Reads only the tail, never a FIFO or device planted under the name (a study folder
+    may be writable by others): cheap enough for ``toolkit status`` on every member.
+    """
+    from toolkit.dispatch.manifest import tail_lines
+
+    # A line cut at the start of the tail is not a JSON object (the entries hold none) and
+    # is skipped like a half-written last line.
+    return parse_lines(tail_lines(path, tail_bytes))
+
+
+def open_progress(path: str | Path) -> Any:
+    """The live loss curve of a member, as an :class:`xarray.Dataset`.
+
+    Same variables as the member's ``train.zarr`` (``step``, ``loss``, ``lr``,
+    ``tokens_seen`` along ``log_entry``; ``eval_step``, ``eval_loss`` along
+    ``eval_entry``), from the lines written so far; attributes ``member``,
+    ``total_steps`` and ``complete`` (the last process ended with ``done``).
+
+    Parameters
+    ----------
+    path
+        A member folder (``members/<run>/seed<N>``) or its ``train.progress.jsonl``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The member has not started training (or was trained before live curves existed).
+    """
+    import numpy as np
+    import xarray as xr
+
+    path = Path(path)
+    if path.is_dir():
+        path = progress_path(path)
+    with open(path, encoding="utf-8") as f:
+        entries = parse_lines(f.read().splitlines())
+    logs = [e for e in entries if e["event"] == "log"]
+    evals = [e for e in entries if e["event"] == "eval"]
+    starts = [e for e in entries if e["event"] == "start"]
+    ends = [e for e in entries if e["event"] == "end"]
+
+    def col(rows: list[dict[str, Any]], key: str, dtype: Any) -> Any:
+        return np.asarray([np.nan if r.get(key) is None else r[key] for r in rows], dtype=dtype)
+
+    return xr.Dataset(
+        {"step": ("log_entry", col(logs, "step", np.int64)),
+         "loss": ("log_entry", col(logs, "loss", np.float32)),
+         "lr": ("log_entry", col(logs, "lr", np.float32)),
+         "tokens_seen": ("log_entry", col(logs, "tokens_seen", np.int64)),
+         "eval_step": ("eval_entry", col(evals, "step", np.int64)),
+         "eval_loss": ("eval_entry", col(evals, "loss", np.float32))},
+        attrs={"member": starts[-1]["member"] if starts else "",
+               "total_steps": starts[-1]["total_steps"] if starts else None,
+               "complete": bool(ends) and ends[-1].get("reason") == "done"})
