@@ -314,3 +314,46 @@ def test_prepare_builtin_arabidopsis_kmer6(tmp_path: Path) -> None:
     assert 5.5 < prof["symbols_per_token"] <= 6.0
     assert 1.8 < prof["unigram_bits_per_symbol"] < 2.0  # genomic DNA is close to 2 bits per base
     assert prof["conditional_bits"][0] < prof["unigram_bits"]
+
+
+def test_bpe_trains_on_an_even_sample_of_the_training_records(tmp_path: Path) -> None:
+    """corpora.X.tokenizer_train_records bounds what BPE training holds: the tokenizer a
+    study prepares equals one trained directly on the evenly spaced sample."""
+    import json as _json
+
+    from toolkit.config import load_study
+    from toolkit.corpora import open_corpus, split_assignment
+    from toolkit.prepare import prepare_study, tokenizer_sample
+    from toolkit.study import Layout
+    from toolkit.tokenizer import build_tokenizer
+
+    split = np.array([0, 0, 1, 0, 0, 0, 2, 0, 0, 0], dtype=np.uint8)
+    chosen = tokenizer_sample(split, 3)
+    assert np.flatnonzero(chosen).tolist() == [0, 5, 9]  # training records 1st, 5th (of 8) and last
+    assert tokenizer_sample(split, None).sum() == 8 and tokenizer_sample(split, 100).sum() == 8
+
+    path = tmp_path / "s.toml"
+    path.write_text(f"""
+[study]
+name = "bpe-sample"
+output_dir = "{tmp_path / 'out'}"
+[corpora.wiki]
+source = "builtin:wikipedia-vital"
+max_records = 120
+train_records = 100
+eval_records = 20
+tokenizer_train_records = 7
+[runs.r]
+corpus = "wiki"
+tokenizer = "bpe300"
+""")
+    study = load_study(path)
+    prepare_study(study)
+    corpus = open_corpus("wiki", study)
+    records = [r.seq for r in corpus.records()]
+    pick = np.flatnonzero(tokenizer_sample(split_assignment(len(records), study.corpora["wiki"]), 7))
+    direct = build_tokenizer("bpe300", "text", iter([records[i] for i in pick]))
+    saved = _json.loads((Layout(study).run_tokens_dir("r") / "tokenizer.json").read_text())
+    assert saved["model"]["vocab"] == _json.loads(direct._json)["model"]["vocab"]
+    everything = build_tokenizer("bpe300", "text", iter(records[:100]))
+    assert _json.loads(everything._json)["model"]["vocab"] != saved["model"]["vocab"]

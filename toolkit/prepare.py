@@ -364,10 +364,22 @@ def _make_tokenizer(spec: str, src: Any, cfg: Any, what: str) -> tuple[Any, np.n
         if n % 4096 == 0:
             progress.update(n, 0)
     split = split_assignment(n, cfg)
-    log.info("%s: %d records; training the %s tokenizer on the %d training records", what, n, spec,
-             int((split == TRAIN).sum()))
-    texts = (r.seq for i, r in enumerate(src.records()) if i < n and split[i] == TRAIN)
+    chosen = tokenizer_sample(split, cfg.tokenizer_train_records)
+    log.info("%s: %d records; training the %s tokenizer on %d of the %d training records", what, n, spec,
+             int(chosen.sum()), int((split == TRAIN).sum()))
+    texts = (r.seq for i, r in enumerate(src.records()) if i < n and chosen[i])
     return build_tokenizer(spec, src.kind, texts), split
+
+
+def tokenizer_sample(split: np.ndarray, limit: int | None) -> np.ndarray:
+    """Which records a trainable tokenizer learns from: the training split, thinned to at
+    most ``limit`` records evenly spaced over it (deterministic; None keeps them all)."""
+    train = np.flatnonzero(split == TRAIN)
+    if limit is not None and len(train) > limit:
+        train = train[np.linspace(0, len(train) - 1, limit).round().astype(np.int64)]
+    chosen = np.zeros(len(split), dtype=bool)
+    chosen[train] = True
+    return chosen
 
 
 def token_texts(tok: Any, vocab_size: int) -> np.ndarray:
