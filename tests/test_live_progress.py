@@ -112,6 +112,20 @@ def test_reader_skips_half_written_lines_and_writer_never_fails_training(tmp_pat
     broken.end("done", 2)
 
 
+def test_status_line_of_a_member_from_its_live_curve(tmp_path: Path) -> None:
+    study = make_study(tmp_path, **LIVE)
+    assert train_progress(study, M1.id) == ""  # never started
+    path = Layout(study).member_dir(M1) / PROGRESS_FILE
+    w = ProgressWriter(path, M1.id, 5000)
+    w.start(1000, {"step": [1000], "loss": [2.5], "lr": [0.1], "tokens_seen": [9]}, {"step": [], "loss": []})
+    assert train_progress(study, M1.id) == "starting at step 1000/5000"  # resumed, nothing new yet
+    w.log_point(1200, 2.34567, 0.1, 99, 12345.6, 4000.0)
+    w.flush()
+    when = last_entries(path)[-1]["time"]
+    assert train_progress(study, M1.id, now=when + 95) == (
+        "step 1200/5000, loss 2.3457, 12,346 tok/s, ETA 1 h 05 min (updated 1 min 35 s ago)")
+
+
 # --------------------------------------------------------------------------- real training
 
 

@@ -69,9 +69,9 @@ def train_progress(study: StudyConfig, key: str, now: float | None = None) -> st
     if last is None:
         return ""
     total = last.get("total_steps")
-    if last["event"] == "start" or last.get("time") is None:
+    if last["event"] == "start" or not isinstance(last.get("time"), (int, float)):
         return f"starting at step {last.get('step')}/{total}"
-    age = max(0.0, now - float(last["time"]))
+    age = max(0.0, now - last["time"])
     parts = [f"step {last['step']}/{total}"]
     if isinstance(last.get("loss"), (int, float)):
         parts.append(f"loss {last['loss']:.4f}")
