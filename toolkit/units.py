@@ -291,8 +291,11 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
         profile = attrs.pop("entropy_profile", None)
         # The entropy profile lives in the root metadata; training does not read it, so it
         # is a digest of its own and changing an entropy setting does not retrain members.
+        # Likewise "tokens" covers only the arrays training and evaluation read: arrays added
+        # for other readers (token text, record coordinates) do not retrain anything.
+        read = [_tree_digest(tokens / name) for name in TOKEN_ARRAYS_READ if (tokens / name).exists()]
         return {"tokenizer": sha256_file(folder / "tokenizer.json"),
-                "tokens": _json_digest([_tree_digest(tokens, skip=("zarr.json",)), attrs]),
+                "tokens": _json_digest([read, attrs]),
                 "profile": _json_digest(profile)}
     if unit.stage == "train":
         m = Member.parse(unit.key)
@@ -306,6 +309,9 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
         return {p.name.removesuffix(".zarr"): _tree_digest(p) for p in unit.outputs}
     return {"summary": _tree_digest(layout.summary)}
 
+
+TOKEN_ARRAYS_READ = ("tokens", "offsets", "split", "softmasked")
+"""The token-store arrays that training and evaluation read (toolkit/sequences.py, masks.py)."""
 
 # Which output digests of an upstream unit a unit reads.
 _READS: dict[tuple[str, str], tuple[str, ...]] = {
