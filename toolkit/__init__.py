@@ -17,6 +17,7 @@ _LAZY = {
     "load_study": ("toolkit.config", "load_study"),
     "empirical_fisher": ("toolkit.fisher", "empirical_fisher"),
     "open_results": ("toolkit.results", "open_results"),
+    "open_progress": ("toolkit.progress", "open_progress"),
 }
 
 __all__ = ["__version__", *_LAZY]
