@@ -47,6 +47,7 @@ from toolkit.analyse_runs import profile_run as profile_run
 from toolkit.analyse_runs import weights_run as weights_run
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
+from toolkit.progress import format_duration
 from toolkit.study import Layout, Member, members
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,9 @@ def _analyse_study(study: StudyConfig, done_members: list[Member] | None) -> Pat
                 losses[run] = loss_run(study, ms)
             results[run] = res
             elapsed = time.perf_counter() - t0
-            log.info("analysed run %d/%d (%s, %d members); %.0f s elapsed, about %.0f s left",
-                     r + 1, n_r, run, len(ms), elapsed, elapsed / (r + 1) * (n_r - r - 1))
+            log.info("analysed run %d/%d (%s, %d members); %s elapsed, about %s left",
+                     r + 1, n_r, run, len(ms), format_duration(elapsed),
+                     format_duration(elapsed / (r + 1) * (n_r - r - 1)))
 
     # ---- coordinates shared by every run
     vocab = [int(results[r].get("vocab_size", profiles[r]["vocab_size"])) for r in runs]

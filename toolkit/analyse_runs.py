@@ -109,14 +109,16 @@ def _ci(values: np.ndarray, study: StudyConfig) -> tuple[float, float]:
 
 
 def _dask_progress(desc: str) -> Any:
-    """A Dask callback that drives a tqdm bar over tasks (rate and ETA, on stderr)."""
+    """A Dask callback that shows progress over tasks (rate and ETA, on stderr): a tqdm bar
+    on a terminal, plain log lines in a job's log (:func:`toolkit.progress.progress_bar`)."""
     from dask.callbacks import Callback
-    from tqdm import tqdm
+
+    from toolkit.progress import progress_bar
 
     class TqdmCallback(Callback):
         def _start_state(self, dsk: Any, state: Any) -> None:
             total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-            self.bar = tqdm(total=total, desc=desc, unit="task", mininterval=2.0, leave=False)
+            self.bar = progress_bar(total=total, desc=desc, unit="task", logger=log)
 
         def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
             self.bar.update(1)
@@ -241,9 +243,8 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
 
 def embedding_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, Any]:
     """Static and contextual embedding analyses over every pair of complete members."""
-    from tqdm import tqdm
-
     from toolkit import metrics
+    from toolkit.progress import progress_bar
 
     a = study.analysis
     layout = Layout(study)
@@ -268,7 +269,7 @@ def embedding_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, A
     t0 = time.perf_counter()
     # Each member's similarity matrix and neighbour order once, reused by every pair and k.
     nbs = [metrics.neighbours(w) for w in word] if pairs else []
-    for i, j in tqdm(pairs, desc=f"{run}: embedding pairs", unit="pair", leave=False):
+    for i, j in progress_bar(pairs, desc=f"{run}: embedding pairs", unit="pair", logger=log):
         for name, fn in (("topk_overlap", lambda x, y, k: metrics.topk_overlap(x, y, k)),
                          ("local_spearman", lambda x, y, k: metrics.local_spearman(
                              x, y, k, variant=a.spearman_variant))):

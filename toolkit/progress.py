@@ -1,4 +1,5 @@
-"""Watching a member train: its live loss curve, and one way of writing durations.
+"""Watching a member train: its live loss curve, one way of writing durations, and
+progress that reads well in a log file (:func:`progress_bar`).
 
 ``train.zarr`` is written once, when a member finishes (its inventory, digests and the
 unit model see only complete stores). While the member trains, the same curve grows in
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +60,80 @@ def format_duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600} h {s // 60 % 60:02d} min"
     return f"{s // 86400} d {s // 3600 % 24:02d} h"
+
+
+class LogProgress:
+    """Progress as plain log lines: ``what: 40/95 task (12.3 task/s, ETA 4 s)``.
+
+    A line at most every ``every_s`` seconds while it runs and one when it is closed
+    (count, rate, time taken), so even a short loop leaves its rate in the log. What
+    :func:`progress_bar` gives when stderr is not a terminal: a job's log file would
+    otherwise collect a tqdm bar's carriage-return fragments.
+
+    Used like a tqdm bar: :meth:`update`, :meth:`close`, a context manager, or iterated
+    when made with an ``iterable``.
+    """
+
+    def __init__(self, iterable: Any = None, *, total: int | None = None, desc: str = "",
+                 unit: str = "it", every_s: float = 10.0, logger: logging.Logger | None = None) -> None:
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.every_s, self.log = every_s, logger or log
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        """The current progress line (what :meth:`update` logs)."""
+        elapsed = max((time.monotonic() if now is None else now) - self.t0, 1e-9)
+        rate = self.n / elapsed
+        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        if self.closed:
+            return f"{self.desc}: {count} {self.unit} in {format_duration(elapsed)} ({rate:.1f} {self.unit}/s)"
+        eta = (self.total - self.n) / rate if self.total is not None and rate > 0 else None
+        return f"{self.desc}: {count} {self.unit} ({rate:.1f} {self.unit}/s, ETA {format_duration(eta)})"
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.log.info("%s", self.line())
+
+    def __iter__(self) -> Any:
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress_bar(iterable: Any = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+                 every_s: float = 10.0, logger: logging.Logger | None = None) -> Any:
+    """A tqdm bar when stderr is a terminal, else a :class:`LogProgress` (same use).
+
+    Jobs write stderr to a log file, where a bar's redraws would be kept as
+    ``\r``-separated fragments; there the progress becomes a log line every ``every_s``
+    seconds and one at the end.
+    """
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, mininterval=2.0, leave=False)
+    return LogProgress(iterable, total=total, desc=desc, unit=unit, every_s=every_s, logger=logger)
 
 
 def progress_path(member_dir: Path) -> Path:
