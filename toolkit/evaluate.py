@@ -37,6 +37,7 @@ from toolkit.config import StudyConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
 from toolkit.masks import CHECKED_ATTRS, IGNORE, ensure_masks
 from toolkit.model import last_hidden, load_model, masked_logits, model_positions, pick_device
+from toolkit.progress import format_duration
 from toolkit.study import Layout, Member, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ class _Progress:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d %s (%.0f %s/s, ETA %.0f s)", self.what, self.done, self.total,
-                     self.unit, rate, self.unit, eta)
+            log.info("%s: %d/%d %s (%.0f %s/s, ETA %s)", self.what, self.done, self.total,
+                     self.unit, rate, self.unit, format_duration(eta))
 
 
 class _RowWriter:

@@ -38,6 +38,7 @@ import numpy as np
 from toolkit import store
 from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
 from toolkit.errors import ConfigError, StoreError
+from toolkit.progress import format_duration
 from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
 from toolkit.study import Layout, checkpoint_run, prepare_keys, token_key, write_json_atomic
 
@@ -67,7 +68,7 @@ class _Progress:
         dt = max(now - self.t0, 1e-9)
         eta = ""
         if self.total and records:
-            eta = f", ETA {(self.total - records) * dt / records:.0f} s"
+            eta = f", ETA {format_duration((self.total - records) * dt / records)}"
         log.info("%s: %d records (%.0f records/s), %d tokens (%.2f M tokens/s)%s",
                  self.what, records, records / dt, tokens, tokens / dt / 1e6, eta)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import CorpusError
+from toolkit.progress import format_duration
 
 # One logger for the whole package: log lines name "toolkit.corpora", whichever
 # module of it writes them.
@@ -42,8 +43,8 @@ class _Progress:
         rate = done / max(now - self.t0, 1e-9)
         if self.total:
             eta = (self.total - done) / max(rate, 1e-9)
-            log.info("%s: %.1f%% (%.1f %s/s, ETA %.0f s)", self.what, 100 * done / self.total,
-                     rate / self.scale, self.unit, eta)
+            log.info("%s: %.1f%% (%.1f %s/s, ETA %s)", self.what, 100 * done / self.total,
+                     rate / self.scale, self.unit, format_duration(eta))
         else:
             log.info("%s: %.1f %s (%.1f %s/s)", self.what, done / self.scale, self.unit,
                      rate / self.scale, self.unit)

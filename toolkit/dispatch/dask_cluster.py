@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.config import StudyConfig
 from toolkit.dispatch.container import shell_line, unit_argv
 from toolkit.errors import SubmissionError, ToolkitError
+from toolkit.progress import format_duration
 from toolkit.study import Layout
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def _progress_log(client: Client, every_s: float) -> Iterator[None]:
             left = sum(counts.values()) - done
             now = time.perf_counter()
             rate = (done - last_done) / max(now - last_t, 1e-9)
-            eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+            eta = format_duration(left / rate if rate > 0 else None)
             if left or done != last_done:
                 log.info("Dask on SLURM: %d task(s) in memory, %d to go, %.1f task/s, ETA %s; "
                          "%d worker(s)", done, left, rate, eta, n_workers)
