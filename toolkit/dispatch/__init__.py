@@ -127,12 +127,22 @@ def wait_study(study: StudyConfig, *, poll_s: float = 5.0, timeout_s: float | No
     SubmissionError
         A unit failed (with its log and last error line), or ``timeout_s`` passed.
     """
-    from toolkit.dispatch.local import Progress
+    from toolkit.dispatch.local import Progress, planned_unit_seconds
     from toolkit.dispatch.status import unit_states
 
     rows = unit_states(study)
     seen = {(r.stage, r.key) for r in rows if r.state == "done"}
-    progress = Progress(len(rows) - len(seen))
+    waiting: dict[str, list[str]] = {}
+    for r in rows:
+        if r.state != "done":
+            waiting.setdefault(r.stage, []).append(r.key)
+    # Units are only seen finishing here, so a unit's duration is the time since the
+    # previous one finished (already divided by the cluster's parallelism): the plan's
+    # seconds per unit are divided likewise, by the units an array runs at a time.
+    prior = {stage: secs / min(study.dispatch.resources_for(stage).array_parallelism,
+                               len(waiting.get(stage, [])) or 1)
+             for stage, secs in planned_unit_seconds(study).items()}
+    progress = Progress(waiting, parallel=1, prior=prior)
     start = time.monotonic()
     while True:
         for r in rows:

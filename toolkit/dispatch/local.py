@@ -2,7 +2,8 @@
 
 The local executor has no job dependencies, so stages run one after the other,
 waiting for each stage's jobs, with up to ``dispatch.max_parallel`` units at a time.
-A line per finished unit shows done/total, elapsed time and ETA.
+A line per finished unit shows done/total, elapsed time and the study's ETA
+(:func:`study_eta`: measured durations per stage, the plan's for stages not reached yet).
 
 Local jobs are processes, named in the manifest by their process id. A process id
 is reused by the system once its process ends, so the manifest also records the
@@ -27,6 +28,7 @@ from toolkit.dispatch.container import STUDY_JSON, unit_argv
 from toolkit.dispatch.job import UnitJob, read_outcome
 from toolkit.dispatch.manifest import JobRecord, Manifest, now, tail_lines
 from toolkit.errors import SubmissionError
+from toolkit.progress import format_duration
 from toolkit.study import Layout
 
 if TYPE_CHECKING:
@@ -38,26 +40,104 @@ _START_TOLERANCE_S = 0.05
 """psutil's create_time is exact to the clock tick (1/100 s); this allows for rounding."""
 
 
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m{rest % 60:02d}s" if h else f"{rest // 60}m{rest % 60:02d}s"
+def study_eta(done: dict[str, list[float]], remaining: dict[str, int], prior: dict[str, float],
+              parallel: int) -> float | None:
+    """Seconds until the study's remaining units have run, stage after stage.
+
+    A stage with finished units takes their mean duration per unit; a stage without uses
+    its planned seconds per unit (``prior``), scaled by how far the finished units of
+    other stages were from their plan (sum of measured durations over sum of planned),
+    so the plan's throughput assumptions are corrected by what was measured. A stage
+    takes ``units x seconds per unit / min(parallel, units)``.
+
+    Parameters
+    ----------
+    done
+        Stage -> durations (seconds) of its units that finished.
+    remaining
+        Stage -> units still to finish (running or not started).
+    prior
+        Stage -> planned seconds per unit; stages missing here fall back to the mean
+        of every finished unit.
+    parallel
+        Units running at a time.
+
+    Returns
+    -------
+    float or None
+        None when some remaining stage has neither a measurement nor a prior.
+    """
+    measured = [d for ds in done.values() for d in ds]
+    planned = sum(prior[s] * len(ds) for s, ds in done.items() if ds and prior.get(s, 0) > 0)
+    actual = sum(sum(ds) for s, ds in done.items() if ds and prior.get(s, 0) > 0)
+    scale = actual / planned if planned > 0 else 1.0
+    total = 0.0
+    for stage, n in remaining.items():
+        if n <= 0:
+            continue
+        if done.get(stage):
+            per_unit = sum(done[stage]) / len(done[stage])
+        elif stage in prior:
+            per_unit = prior[stage] * scale
+        elif measured:
+            per_unit = sum(measured) / len(measured)
+        else:
+            return None
+        total += n * per_unit / max(1, min(parallel, n))
+    return total
+
+
+def planned_unit_seconds(study: StudyConfig) -> dict[str, float]:
+    """Stage -> planned seconds per unit (``toolkit plan``'s longest unit), {} if it fails.
+
+    The plan reads token stores or samples corpora for about a second: cheap next to a
+    study, and only a starting point for the ETA (:func:`study_eta`).
+    """
+    try:
+        from toolkit.plan import plan_study
+
+        plan = plan_study(study, sample_seconds=1.0)
+        return {stage: sp.unit_hours * 3600.0 for stage, sp in plan.stages.items() if sp.units}
+    except Exception as e:  # noqa: BLE001 (the ETA must never stop a run)
+        log.debug("no plan for the ETA (%s); it starts from measured units only", e)
+        return {}
 
 
 class Progress:
-    """Counts finished units and logs one line each: done/total, elapsed, ETA."""
+    """Counts finished units and logs one line each: done/total, elapsed, ETA.
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    The ETA comes from :func:`study_eta`: measured durations per stage, the plan's
+    (``prior``) for stages that have not finished a unit yet. A unit's duration is from
+    :meth:`started` to :meth:`finished`; without a :meth:`started` call (a watcher that
+    only sees units finish) it is the time since the previous unit finished, and
+    ``parallel`` should be 1.
+    """
+
+    def __init__(self, pending: dict[str, list[str]], *, parallel: int = 1,
+                 prior: dict[str, float] | None = None) -> None:
+        self.remaining = {stage: len(keys) for stage, keys in pending.items()}
+        self.total = sum(self.remaining.values())
+        self.parallel, self.prior = parallel, dict(prior or {})
+        self.durations: dict[str, list[float]] = {stage: [] for stage in pending}
         self.done = 0
-        self.start = time.monotonic()
+        self.start = self.last = time.monotonic()
+        self._started: dict[tuple[str, str], float] = {}
+
+    def started(self, stage: str, key: str) -> None:
+        self._started[(stage, key)] = time.monotonic()
+
+    def eta(self) -> float | None:
+        return study_eta(self.durations, self.remaining, self.prior, self.parallel)
 
     def finished(self, stage: str, key: str, ok: bool = True) -> None:
+        now = time.monotonic()
+        self.durations.setdefault(stage, []).append(now - self._started.pop((stage, key), self.last))
+        self.remaining[stage] = max(0, self.remaining.get(stage, 0) - 1)
         self.done += 1
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
+        self.last = now
         log.info("%s %s %s  [%d/%d, elapsed %s, ETA %s]", stage, key,
-                 "done" if ok else "FAILED", self.done, self.total, _fmt(elapsed), _fmt(eta))
+                 "done" if ok else "FAILED", self.done, self.total,
+                 format_duration(now - self.start), format_duration(self.eta()))
 
 
 def _last_line(path: Any, tail_bytes: int = 4096) -> str:
@@ -74,9 +154,10 @@ def run_debug(study: StudyConfig, pending: dict[str, list[str]]) -> None:
     from toolkit.units import run_unit
 
     resolved = load_study(study.root / STUDY_JSON)
-    progress = Progress(sum(len(k) for k in pending.values()))
+    progress = Progress(pending, parallel=1, prior=planned_unit_seconds(resolved))
     for stage, keys in pending.items():
         for key in keys:
+            progress.started(stage, key)
             run_unit(resolved, stage, key)
             progress.finished(stage, key)
 
@@ -96,8 +177,8 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
     import submitit
 
     layout = Layout(study)
-    progress = Progress(sum(len(k) for k in pending.values()))
     width = max(1, study.dispatch.max_parallel)
+    progress = Progress(pending, parallel=width, prior=planned_unit_seconds(study))
     for stage, keys in pending.items():
         if not keys:
             continue
@@ -116,6 +197,7 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
                 key = queue.pop(0)
                 job = executor.submit(UnitJob(unit_argv(study, stage, key), name=f"{stage} {key}"))
                 running[key] = job
+                progress.started(stage, key)
                 started, cmdline = process_identity(job.job_id)
                 manifest.add(JobRecord(stage=stage, key=key, executor="local", job_id=str(job.job_id),
                                        submitted=now(), stdout=str(job.paths.stdout),

@@ -1,0 +1,121 @@
+"""The study ETA of ``toolkit run``: measured per-stage rates, the plan before them.
+
+Expectations are computed by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from toolkit.dispatch import local as dlocal
+from toolkit.dispatch.local import Progress, study_eta
+
+
+def test_measured_stages_use_their_own_mean() -> None:
+    # prepare: 2 left x mean(10, 20)=15 / min(2, 2) = 15
+    # train: 4 left x mean(100)=100 / min(2, 4) = 200
+    done = {"prepare": [10.0, 20.0], "train": [100.0]}
+    assert study_eta(done, {"prepare": 2, "train": 4}, {}, parallel=2) == pytest.approx(215.0)
+
+
+def test_fast_prepare_does_not_make_train_look_fast() -> None:
+    # The old average: 5 prepare units of 30 s done, 31 units left -> 31 x 30 = 930 s.
+    # Per stage with the plan: train planned 60 s/unit, evaluate 20 s, analyse 100 s;
+    # prepare planned 10 s/unit took 30 s -> everything is 3x slower than planned.
+    # train 24 x 180 / 2 = 2160, evaluate 6 x 60 / 2 = 180, analyse 1 x 300 / 1 = 300.
+    done = {"prepare": [30.0] * 5, "train": [], "evaluate": [], "analyse": []}
+    remaining = {"prepare": 0, "train": 24, "evaluate": 6, "analyse": 1}
+    prior = {"prepare": 10.0, "train": 60.0, "evaluate": 20.0, "analyse": 100.0}
+    assert study_eta(done, remaining, prior, parallel=2) == pytest.approx(2640.0)
+
+
+def test_scale_is_total_measured_over_total_planned() -> None:
+    # prepare: 2 x 10 s measured, planned 5 s; train: 1 x 40 s measured, planned 40 s.
+    # scale = (20 + 40) / (2 x 5 + 1 x 40) = 60 / 50 = 1.2
+    # train left 1 x 40 (its own mean) = 40; evaluate 3 x 10 x 1.2 / 1 = 36.
+    done = {"prepare": [10.0, 10.0], "train": [40.0]}
+    prior = {"prepare": 5.0, "train": 40.0, "evaluate": 10.0}
+    remaining = {"prepare": 0, "train": 1, "evaluate": 3}
+    assert study_eta(done, remaining, prior, parallel=1) == pytest.approx(76.0)
+
+
+def test_before_any_unit_the_plan_alone() -> None:
+    # 3 x 50 / 3 + 1 x 7 = 57
+    assert study_eta({}, {"train": 3, "analyse": 1}, {"train": 50.0, "analyse": 7.0},
+                     parallel=4) == pytest.approx(57.0)
+
+
+def test_without_a_plan() -> None:
+    # No measurement and no prior: unknown.
+    assert study_eta({}, {"train": 3}, {}, parallel=1) is None
+    # A stage without prior falls back to the mean of every finished unit: (2+4)/2 = 3 -> 2 x 3
+    assert study_eta({"prepare": [2.0, 4.0]}, {"prepare": 0, "train": 2}, {},
+                     parallel=1) == pytest.approx(6.0)
+    # Nothing left: 0, whatever is known.
+    assert study_eta({}, {"train": 0}, {}, parallel=1) == 0.0
+
+
+def test_zero_priors_do_not_divide_by_zero() -> None:
+    # A stage planned at 0 s is left out of the scale: scale = 1; evaluate 2 x 10 = 20.
+    done = {"prepare": [5.0]}
+    assert study_eta(done, {"evaluate": 2}, {"prepare": 0.0, "evaluate": 10.0},
+                     parallel=1) == pytest.approx(20.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_progress_lines_measure_each_unit(monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    monkeypatch.setattr(dlocal.time, "monotonic", clock)
+    caplog.set_level(logging.INFO, logger="toolkit.dispatch")
+    progress = Progress({"prepare": ["a", "b"], "train": ["x/seed1", "x/seed2"]}, parallel=2,
+                        prior={"prepare": 10.0, "train": 100.0})
+    progress.started("prepare", "a")
+    progress.started("prepare", "b")
+    clock.t += 20  # a: 20 s against 10 planned -> scale 2
+    progress.finished("prepare", "a")
+    # prepare: 1 x 20 / 1 = 20; train: 2 x 100 x 2 / 2 = 200
+    assert progress.eta() == pytest.approx(220.0)
+    clock.t += 10
+    progress.finished("prepare", "b")  # b: 30 s; scale (20 + 30) / 20 = 2.5; train 2 x 250 / 2
+    assert progress.eta() == pytest.approx(250.0)
+    assert caplog.records[-1].getMessage() == "prepare b done  [2/4, elapsed 30 s, ETA 4 min 10 s]"
+
+
+def test_progress_without_starts_times_the_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watcher (``wait_study``) only sees units finish: durations are the gaps between."""
+    clock = Clock()
+    monkeypatch.setattr(dlocal.time, "monotonic", clock)
+    progress = Progress({"train": ["a", "b", "c"]}, parallel=1)
+    clock.t += 30
+    progress.finished("train", "a")
+    clock.t += 10
+    progress.finished("train", "b")  # mean gap 20 s, 1 left
+    assert progress.eta() == pytest.approx(20.0)
+
+
+def test_planned_unit_seconds_falls_back_to_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolkit.plan
+
+    def broken(*a: object, **k: object) -> None:
+        raise OSError("corpus not on this machine")
+
+    monkeypatch.setattr(toolkit.plan, "plan_study", broken)
+    assert dlocal.planned_unit_seconds(object()) == {}  # type: ignore[arg-type]
+
+
+def test_planned_unit_seconds_of_a_real_study(tmp_path) -> None:
+    from tests.test_dispatch import tiny_study
+
+    prior = dlocal.planned_unit_seconds(tiny_study(tmp_path / "out", seeds=1))
+    assert set(prior) == {"prepare", "train", "evaluate", "analyse"}
+    assert all(v > 0 for v in prior.values()) and prior["train"] > prior["prepare"]
