@@ -131,3 +131,72 @@ def test_summary_carries_the_baseline_beside_the_members(tmp_path) -> None:  # t
         float(ds.counting_baseline_bits) - float(ds.model_cross_entropy_bits), rel=1e-9)
     assert 0 < float(ds.counting_baseline_bits) < math.log2(int(ds.vocab_size))
     assert int(ds.counting_baseline_k) in range(0, 4)
+    # a synthetic Markov source read with k-mers: the source's own predictor is shown too,
+    # and nothing predicts the source better than the source (up to sampling noise)
+    optimal = float(ds.optimal_cross_entropy_bits)
+    assert 0 < optimal <= float(ds.counting_baseline_bits) + 0.05, (optimal, float(ds.counting_baseline_bits))
+
+
+def _brute_optimal(p: np.ndarray, pi: np.ndarray, order: int, alphabet: str, ids: np.ndarray,
+                   labels: np.ndarray, texts: list[str]) -> list[float]:
+    """Enumerate every filling of the masked tokens of one sequence (short sequences only)."""
+    import itertools
+
+    a = len(alphabet)
+    pieces = []  # (known symbols or None, true symbols, position of mask)
+    for i, y in zip(ids.tolist(), labels.tolist(), strict=True):
+        if y >= 0:
+            pieces.append((None, texts[y]))
+        elif i >= 5:
+            pieces.append((texts[i], None))
+
+    def prob(sym: str) -> float:
+        # order unseen symbols before, in the stationary distribution
+        total = 0.0
+        for ctx in range(a ** order):
+            q, c = pi[ctx], ctx
+            for ch in sym:
+                y = alphabet.index(ch)
+                q *= p[c, y]
+                c = (c * a + y) % (a ** order)
+            total += q
+        return total
+
+    masked = [j for j, (known, _) in enumerate(pieces) if known is None]
+    out = []
+    for m in masked:
+        def fill(choice: dict[int, str]) -> str:
+            return "".join(choice.get(j, known or "") for j, (known, _) in enumerate(pieces))
+        others = [j for j in masked if j != m]
+        lens = {j: len(pieces[j][1]) for j in masked}
+        num = den = 0.0
+        for combo in itertools.product(*[["".join(w) for w in itertools.product(alphabet, repeat=lens[j])]
+                                         for j in masked]):
+            choice = dict(zip(masked, combo, strict=True))
+            pr = prob(fill(choice))
+            den += pr
+            if choice[m] == pieces[m][1]:
+                num += pr
+        out.append(-math.log2(num / den))
+        del others
+    return out
+
+
+def test_markov_optimal_predictor_matches_enumeration() -> None:
+    from toolkit.corpora.synthetic import stationary_contexts
+    from toolkit.counting import markov_optimal_bits
+
+    rng = np.random.default_rng(5)
+    alphabet, order = "AC", 2
+    p = rng.dirichlet(np.full(2, 0.7), size=4)
+    pi = stationary_contexts(p)
+    texts = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "C", "AA", "AC", "CA", "CC"]
+    ids = np.array([[2, 7, 4, 10, 4, 6, 3, 0],     # [CLS] AA [MASK] CC [MASK] C [SEP] pad
+                    [2, 4, 9, 8, 4, 3, 0, 0]])     # [CLS] [MASK] CA AC [MASK] [SEP]
+    labels = np.full(ids.shape, -100)
+    labels[0, 2], labels[0, 4] = 9, 5   # CA, A
+    labels[1, 1], labels[1, 4] = 8, 10  # AC, CC
+    got = markov_optimal_bits(p, pi, alphabet, ids, labels, texts, np.arange(5))
+    want = [*_brute_optimal(p, pi, order, alphabet, ids[0], labels[0], texts),
+            *_brute_optimal(p, pi, order, alphabet, ids[1], labels[1], texts)]
+    np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -451,9 +451,34 @@ def counting_run(study: StudyConfig, run: str, model_bits: float, model_bits_std
     masks = store.open_store(mpath, "masks", verify="size")
     base = counting_baseline(np.concatenate(parts), np.array(lengths), int(group.attrs["vocab_size"]), masks,
                              specials, study.analysis.distribution_mask_rate, seed=study.analysis.mask_seed)
-    return {"counting_baseline_bits": base["bits"], "counting_baseline_k": float(base["k"]),
-            "learned_beyond_counting_bits": base["bits"] - model_bits,
-            "learned_beyond_counting_bits_std": model_bits_std}
+    out = {"counting_baseline_bits": base["bits"], "counting_baseline_k": float(base["k"]),
+           "learned_beyond_counting_bits": base["bits"] - model_bits,
+           "learned_beyond_counting_bits_std": model_bits_std}
+    optimal = _markov_optimal(study, run, group, masks, specials)
+    if optimal is not None:
+        out["optimal_cross_entropy_bits"] = optimal
+    return out
+
+
+def _markov_optimal(study: StudyConfig, run: str, group: Any, masks: Any, specials: np.ndarray) -> float | None:
+    """The optimal predictor's cross-entropy (bits/token) where the toolkit knows the source:
+    a ``synthetic:markov`` corpus read with char or k-mer tokens; None elsewhere."""
+    from toolkit.config import TOKENIZER_PATTERN
+    from toolkit.corpora.synthetic import markov_transitions
+    from toolkit.counting import markov_optimal_bits
+
+    cfg = study.corpora[study.runs[run].corpus]
+    m = TOKENIZER_PATTERN.match(study.runs[run].tokenizer)
+    if cfg.source != "synthetic:markov" or m is None or m.group("v") or m.group("overlap"):
+        return None
+    if "token_text" not in group:
+        return None  # a store prepared before token texts were stored
+    p, pi, _ = markov_transitions(cfg.synthetic)
+    texts = [str(t) for t in np.asarray(group["token_text"][...])]
+    bits = markov_optimal_bits(p, pi, cfg.synthetic.alphabet,
+                               np.asarray(masks["distribution/input_ids"][...]),
+                               np.asarray(masks["distribution/labels"][...]), texts, specials)
+    return float(bits.mean())
 
 
 def profile_run(study: StudyConfig, run: str) -> dict[str, Any]:

@@ -30,6 +30,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_TRAIN_TOKENS = 4_000_000
+OPTIMAL_MEMORY_BYTES = 512 * 2 ** 20
+"""Forward-backward working memory of the Markov-optimal predictor, per batch of sequences."""
 MAX_K = 3
 HELD_OUT = 0.1
 _STOP = -1  # a position that ends a window (masked, special, padding or outside a record)
@@ -215,3 +217,121 @@ def counting_baseline(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, 
              k, np.round(held_bits, 4).tolist(), float(losses.mean()), len(losses), time.perf_counter() - t0)
     return {"bits": float(losses.mean()), "k": k, "held_out_bits": held_bits.tolist(),
             "positions": int(len(losses)), "bits_per_position": losses}
+
+
+def markov_optimal_bits(p: np.ndarray, pi: np.ndarray, alphabet: str, input_ids: np.ndarray,
+                        labels: np.ndarray, token_texts: list[str], special_ids: np.ndarray) -> np.ndarray:
+    """Bits per masked token of the optimal predictor of a synthetic Markov source.
+
+    For every masked position, ``-log2 P(true token | every visible token of its sequence)``
+    under the source itself (an order-``o`` chain with transition matrix ``p`` over contexts
+    of ``o`` symbols, stationary ``pi``), by forward-backward over the symbols: a masked
+    token's symbols, and those of other masked tokens, are summed over; its length in
+    symbols is taken as known (it is for char tokens and full k-mers). The sequence is
+    preceded by ``o`` unseen symbols in the stationary distribution, which is how
+    ``synthetic:markov`` starts a record.
+
+    Parameters
+    ----------
+    input_ids, labels
+        (S, T) the evaluation inputs (masked positions hold [MASK]) and the true ids there
+        (-100 elsewhere), as in the masks store's distribution set.
+    token_texts
+        Text of every id (char and k-mer tokenizers: the symbols it stands for).
+
+    Returns
+    -------
+    (P,) numpy.ndarray in the masks store's position order (sequence, then position).
+    """
+    # Sequences in batches: forward and backward keep (symbols x sequences x contexts) floats.
+    n_sym = max(1, max((len(t) for t in token_texts), default=1)) * input_ids.shape[1]
+    batch = max(1, int(OPTIMAL_MEMORY_BYTES // (2 * 8 * n_sym * p.shape[0])))
+    parts = [_optimal_batch(p, pi, alphabet, input_ids[i:i + batch], labels[i:i + batch], token_texts,
+                            special_ids) for i in range(0, len(input_ids), batch)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _optimal_batch(p: np.ndarray, pi: np.ndarray, alphabet: str, input_ids: np.ndarray,
+                   labels: np.ndarray, token_texts: list[str], special_ids: np.ndarray) -> np.ndarray:
+    a = len(alphabet)
+    n = p.shape[0]
+    sym = {c: i for i, c in enumerate(alphabet)}
+    lut = [[sym.get(c, -1) for c in t] for t in token_texts]
+    specials = set(int(x) for x in special_ids)
+    # Lay every sequence out as symbols: (S, L) known symbol or -1; spans of masked tokens.
+    rows: list[list[int]] = []
+    spans: list[tuple[int, int, int, list[int]]] = []  # (row, start, stop, true symbols)
+    for r, (ids, lab) in enumerate(zip(input_ids, labels, strict=True)):
+        out: list[int] = []
+        for t, (i, y) in enumerate(zip(ids.tolist(), lab.tolist(), strict=True)):
+            if y >= 0:
+                true = lut[y]
+                spans.append((r, len(out), len(out) + len(true), true))
+                out.extend([-1] * len(true))
+            elif i not in specials and t > 0:
+                out.extend(lut[i])
+        rows.append(out)
+    length = max((len(x) for x in rows), default=0)
+    sym_rows = np.full((len(rows), length), -1, dtype=np.int64)  # padding: unseen, sums to 1
+    for r, x in enumerate(rows):
+        sym_rows[r, : len(x)] = x
+    S = len(rows)
+    head = n // a  # contexts without their oldest symbol
+    pr = p.reshape(a, head, a)  # [oldest, rest, next]
+
+    def step(alpha: np.ndarray, y: np.ndarray) -> np.ndarray:
+        # alpha (S, n) over the context before the symbol; y (S,) observed symbol or -1
+        nxt = np.einsum("sdr,dry->sry", alpha.reshape(S, a, head), pr)  # (S, rest, next)
+        known = y >= 0
+        if known.any():
+            keep = np.zeros((S, 1, a))
+            keep[~known] = 1.0
+            keep[np.flatnonzero(known), 0, y[known]] = 1.0
+            nxt = nxt * keep
+        return nxt.reshape(S, n)
+
+    # Forward with per-step scaling; alphas kept (log scale separately) for the span starts.
+    alphas = np.empty((length + 1, S, n))
+    log_scale = np.zeros((length + 1, S))
+    alphas[0] = pi[None, :]
+    for t in range(length):
+        nxt = step(alphas[t], sym_rows[:, t])
+        z = nxt.sum(1, keepdims=True)
+        alphas[t + 1] = nxt / z
+        log_scale[t + 1] = log_scale[t] + np.log(z[:, 0])
+    # Backward: beta_t(s) = P(symbols after t | context s at t), scaled to sum 1 per row.
+    betas = np.empty((length + 1, S, n))
+    betas[length] = 1.0
+    for t in range(length - 1, -1, -1):
+        y = sym_rows[:, t]
+        # beta_t[c] = sum_y p[c, y] [y allowed] beta_{t+1}[(c*a + y) % n]
+        nb = betas[t + 1].reshape(S, head, a)  # next state = (rest, y)
+        allowed = np.ones((S, a))
+        known = y >= 0
+        allowed[known] = 0.0
+        allowed[np.flatnonzero(known), y[known]] = 1.0
+        b = np.einsum("dry,sry,sy->sdr", pr, nb, allowed).reshape(S, n)
+        betas[t] = b / b.sum(1, keepdims=True)
+    bits = np.empty(len(spans))
+    for j, (r, u, v, true) in enumerate(spans):
+        # P(true symbols, rest | visible) / P(rest | visible): deterministic path from each context
+        state = np.arange(n)
+        weight = alphas[u, r].copy()  # (n,) context before the span
+        for y in true:
+            weight = weight * p[state, y]
+            state = (state * a + y) % n
+        num = np.zeros(n)
+        np.add.at(num, state, weight)
+        with_target = float(num @ betas[v, r])
+        total = float(alphas[u, r] @ _beta_unknown(betas, pr, u, v, r, a, head, n))
+        bits[j] = -np.log2(with_target / total)
+    return bits
+
+
+def _beta_unknown(betas: np.ndarray, pr: np.ndarray, u: int, v: int, r: int, a: int, head: int,
+                  n: int) -> np.ndarray:
+    """P(symbols from u on | context at u), the span u..v-1 summed over, scaled like betas[v]."""
+    b = betas[v, r]
+    for _ in range(v - u):
+        b = np.einsum("dry,ry->dr", pr, b.reshape(head, a)).reshape(n)
+    return b

@@ -147,7 +147,7 @@ def _rows(ds: Any) -> tuple[list[str], list[list[str]]]:
     kls = [kl for kl in _kl_order(ds) if kl[0] in ds]
     header = ["run", "kind", "tokenizer", "members", "|V|", f"{cond_name} bits/symbol",
               "compression bits/symbol", "analytic rate bits/symbol", *[t for _, t in kls],
-              "H / log2|V|", "perplexity", "model / counting bits/token", "learned beyond counting",
+              "H / log2|V|", "perplexity", "model / counting [/ optimal] bits/token", "learned beyond counting",
               "top-1 accuracy", f"JS distance (p={p:g})", "argmax agreement",
               f"top-{k} overlap", f"local Spearman k={k}", "Procrustes disparity",
               "Fisher share embeddings"]
@@ -176,9 +176,11 @@ def _model_vs_counting(ds: Any, i: int) -> str:
     if "counting_baseline_bits" not in ds:
         return "-"
     k = ds.counting_baseline_k.values[i]
+    optimal = float(ds.optimal_cross_entropy_bits.values[i]) if "optimal_cross_entropy_bits" in ds else math.nan
     return (f"{_fmt(float(ds.model_cross_entropy_bits.values[i]))} / "
             f"{_fmt(float(ds.counting_baseline_bits.values[i]))}"
-            + (f" (k={int(k)})" if np.isfinite(k) else ""))
+            + (f" (k={int(k)})" if np.isfinite(k) else "")
+            + (f" / {_fmt(optimal)}" if np.isfinite(optimal) else ""))
 
 
 def summary_table(study_or_summary: StudyConfig | str | Path | Any) -> str:
