@@ -184,6 +184,34 @@ def test_manifest_latest_and_corruption(tmp_path: Path) -> None:
         Manifest.load(m.path)
 
 
+def test_member_log_links_are_relative_and_replaced(tmp_path: Path) -> None:
+    from toolkit.dispatch.manifest import link_member_logs, member_log
+
+    folder = tmp_path / "logs" / "train"
+    folder.mkdir(parents=True)
+
+    def record(job: str) -> JobRecord:
+        return JobRecord(stage="train", key="dna-6mer/seed1", executor="slurm", job_id=job,
+                         submitted="t", stdout=str(folder / f"{job}_0_log.out"),
+                         stderr=str(folder / f"{job}_0_log.err"))
+
+    first, second = record("7_1"), record("9_1")
+    assert member_log(first) == first.stderr  # no link yet: the job's own log
+    link_member_logs(first)
+    link = folder / "dna-6mer-seed1.err"
+    assert os.readlink(link) == "7_1_0_log.err" and os.readlink(folder / "dna-6mer-seed1.out") == "7_1_0_log.out"
+    assert member_log(first) == str(link)
+    link_member_logs(second)  # resubmitted: the link moves, no temporary file is left
+    assert os.readlink(link) == "9_1_0_log.err"
+    assert member_log(first) == first.stderr and member_log(second) == str(link)
+    assert sorted(p.name for p in folder.iterdir()) == ["dna-6mer-seed1.err", "dna-6mer-seed1.out"]
+    # A name that cannot be replaced (a folder planted there) is logged, not raised.
+    link.unlink()
+    link.mkdir()
+    link_member_logs(first)
+    assert link.is_dir() and member_log(first) == first.stderr
+
+
 def test_last_error_line_prefers_the_units_message(tmp_path: Path) -> None:
     log_file = tmp_path / "x_log.err"
     log_file.write_text("INFO start\nTraceback (most recent call last):\n  File x\n"
@@ -274,16 +302,33 @@ def test_local_executor_stages_progress_and_failure(tmp_path: Path, payload_unit
     assert_stage_order(study)
     lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
     assert len(lines) == 7 and "[7/7," in lines[-1]
+    assert re.search(r"\[7/7, elapsed \d+ (s|min \d\d s), ETA 0 s\]$", lines[-1]), lines[-1]
     assert "7 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
+    # Every unit's logs are also reachable by its name: relative links to the job's logs.
+    latest = Manifest.load(Layout(study).manifest).latest()
+    for (stage, key), rec in latest.items():
+        err = Layout(study).logs_dir / stage / f"{key.replace('/', '-')}.err"
+        assert os.readlink(err) == Path(rec.stderr).name and err.resolve() == Path(rec.stderr).resolve()
+        assert err.with_suffix(".out").resolve() == Path(rec.stdout).resolve()
     # A failing unit: the stage fails naming its log, the next stage is not started.
     other = tiny_study(tmp_path / "out2", seeds=1, max_parallel=2)
     payload_units.write_text(json.dumps({"fail": "train:r2/seed1"}))
-    with pytest.raises(SubmissionError, match=r"stage train: 1 unit\(s\) failed: r2/seed1 \(log .*_log.err\)"):
+    with pytest.raises(SubmissionError, match=r"stage train: 1 unit\(s\) failed: r2/seed1 \(log .*/logs/train/r2-seed1.err\)"):
         run_study(other, executor="local")
     rows = {(r.stage, r.key): r for r in unit_states(other)}
     assert rows[("train", "r2/seed1")].state == "failed"
     assert "ValueError: payload asked to fail" in rows[("train", "r2/seed1")].detail
+    assert rows[("train", "r2/seed1")].log == str(Layout(other).logs_dir / "train" / "r2-seed1.err")
+    assert f"(log: {Layout(other).logs_dir / 'train' / 'r2-seed1.err'})" in status_table(other)
     assert rows[("evaluate", "r1/seed1")].state == "pending"
+    # Resubmitted, the unit's link moves to the new job's log.
+    link = Layout(other).logs_dir / "train" / "r2-seed1.err"
+    first = os.readlink(link)
+    payload_units.write_text("{}")
+    run_study(other, executor="local")
+    new = Manifest.load(Layout(other).manifest).latest()[("train", "r2/seed1")]
+    assert os.readlink(link) == Path(new.stderr).name != first
+    assert "ValueError: payload asked to fail" not in link.read_text()
 
 
 # --------------------------------------------------------------------------- real SLURM
@@ -349,7 +394,9 @@ def test_chain_arrays_resubmit_kill_and_status(slurm_cluster, tmp_path: Path, pa
     wait_for(lambda: {r.key for r in unit_states(study) if r.state == "failed"} >= {"r1/seed2", "summary"},
              60, "the killed member and its dependents to show as failed")
     failed = {(r.stage, r.key): r for r in unit_states(study)}[("train", "r1/seed2")]
-    assert "CANCELLED" in failed.detail and failed.log.endswith("_log.err")
+    assert "CANCELLED" in failed.detail and failed.log.endswith("/logs/train/r1-seed2.err")
+    assert Path(failed.log).resolve() == Path(Manifest.load(Layout(study).manifest).latest()[
+        ("train", "r1/seed2")].stderr).resolve()
     # Resubmit: only the killed member, the evaluations and the analysis run again.
     payload_units.write_text("{}")
     run_study(study, executor="slurm", wait=False)
@@ -554,6 +601,10 @@ def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: 
     assert re.search(r"resuming from .* \(step \d+/40\)", text), text[-3000:]
     assert (out / "report" / "index.html").exists()
     assert "6 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
+    # The member-named link follows the (requeued) job's log; logs hold no tqdm fragments.
+    assert (log_err.parent / "markov-3mer-seed1.err").resolve() == log_err.resolve()
+    for path in Layout(study).logs_dir.rglob("*_log.*"):
+        assert "\r" not in path.read_bytes().decode("utf-8", "replace"), path
     seen = [json.loads(line) for line in calls.read_text().splitlines()]
     units = [c["argv"][-3:] for c in seen]
     assert [str(out / "study.json"), "train", "markov-3mer/seed1"] in units
@@ -589,3 +640,31 @@ def test_local_no_wait_runs_in_background_and_cancel_stops_it(tmp_path: Path) ->
     cancel_study(study)
     assert not dlocal.pid_alive(driver) and not dlocal.pid_alive(unit)
     assert {r.state for r in unit_states(study)} <= {"done", "failed", "pending"}
+
+
+@pytest.mark.slow
+def test_local_real_study_logs_hold_plain_progress_lines(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A real tiny study on the local executor: its job logs hold plain progress lines
+    (count, rate) and none of a tqdm bar's carriage-return fragments; the study ETA
+    lines use one duration format."""
+    from tests.conftest import TINY_STUDY
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_STUDY.format(name="logs", out=tmp_path / "out")
+                    .replace('executor = "debug"', 'executor = "local"'))
+    study = load_study(toml)
+    caplog.set_level(logging.INFO, logger="toolkit.dispatch")
+    run_study(study)
+    logs = Layout(study).logs_dir
+    files = [p for p in logs.rglob("*") if p.suffix in (".err", ".out", ".log") and not p.is_symlink()]
+    assert any(p.suffix == ".err" for p in files)
+    for path in files:
+        text = path.read_bytes().decode("utf-8", "replace")
+        assert "\r" not in text and "|█" not in text and "it/s]" not in text, path
+    analyse = (logs / "analyse" / "summary.err").read_text()
+    assert re.search(r"r: distributions: (\d+)/\1 task in \d+ s \(\d+\.\d task/s\)", analyse), analyse[-2000:]
+    assert re.search(r"r: embedding pairs: 1/1 pair in \d+ s", analyse), analyse[-2000:]
+    etas = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    assert len(etas) == 6
+    assert all(re.search(r"elapsed \d+ (s|min \d\d s), ETA (\d+ (s|min \d\d s)|\?)\]$", m) for m in etas), etas

@@ -58,10 +58,19 @@ def test_without_a_plan() -> None:
 
 
 def test_zero_priors_do_not_divide_by_zero() -> None:
-    # A stage planned at 0 s is left out of the scale: scale = 1; evaluate 2 x 10 = 20.
+    # A stage planned at 0 s is left out of the scale: scale = 1; evaluate 2 x 10 = 20
+    # (above the shortest unit, 5 s).
     done = {"prepare": [5.0]}
     assert study_eta(done, {"evaluate": 2}, {"prepare": 0.0, "evaluate": 10.0},
                      parallel=1) == pytest.approx(20.0)
+
+
+def test_planned_stages_take_at_least_the_shortest_measured_unit() -> None:
+    # Tiny units are mostly process start: prepare took 3 s against 0.03 s planned (scale
+    # 100), analyse planned 0.004 s -> 0.4 s, but no unit took less than 3 s: 3 s.
+    done = {"prepare": [3.0]}
+    prior = {"prepare": 0.03, "analyse": 0.004}
+    assert study_eta(done, {"analyse": 1}, prior, parallel=1) == pytest.approx(3.0)
 
 
 class Clock:

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 from toolkit.config import StudyConfig
 from toolkit.dispatch.container import STUDY_JSON, unit_argv
 from toolkit.dispatch.job import UnitJob, read_outcome
-from toolkit.dispatch.manifest import JobRecord, Manifest, now, tail_lines
+from toolkit.dispatch.manifest import (
+    JobRecord,
+    Manifest,
+    link_member_logs,
+    member_log,
+    now,
+    tail_lines,
+)
 from toolkit.errors import SubmissionError
 from toolkit.progress import format_duration
 from toolkit.study import Layout
@@ -47,8 +54,10 @@ def study_eta(done: dict[str, list[float]], remaining: dict[str, int], prior: di
     A stage with finished units takes their mean duration per unit; a stage without uses
     its planned seconds per unit (``prior``), scaled by how far the finished units of
     other stages were from their plan (sum of measured durations over sum of planned),
-    so the plan's throughput assumptions are corrected by what was measured. A stage
-    takes ``units x seconds per unit / min(parallel, units)``.
+    so the plan's throughput assumptions are corrected by what was measured, and never
+    less than the shortest unit measured (every unit pays for starting a process and
+    reading the study, which the plan leaves out). A stage takes
+    ``units x seconds per unit / min(parallel, units)``.
 
     Parameters
     ----------
@@ -78,7 +87,7 @@ def study_eta(done: dict[str, list[float]], remaining: dict[str, int], prior: di
         if done.get(stage):
             per_unit = sum(done[stage]) / len(done[stage])
         elif stage in prior:
-            per_unit = prior[stage] * scale
+            per_unit = max(prior[stage] * scale, min(measured, default=0.0))
         elif measured:
             per_unit = sum(measured) / len(measured)
         else:
@@ -186,8 +195,8 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
         executor = submitit.LocalExecutor(folder=layout.logs_dir / stage)
         executor.update_parameters(timeout_min=res.time_minutes, visible_gpus=(),
                                    gpus_per_node=0)
-        log.info("stage %s: %d unit(s), %d at a time; logs in %s", stage, len(keys), width,
-                 layout.logs_dir / stage)
+        log.info("stage %s: %d unit(s), %d at a time; logs in %s (<unit>.err)", stage, len(keys),
+                 width, layout.logs_dir / stage)
         queue = list(keys)
         running: dict[str, Any] = {}  # key -> submitit LocalJob
         failed: list[str] = []
@@ -199,11 +208,13 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
                 running[key] = job
                 progress.started(stage, key)
                 started, cmdline = process_identity(job.job_id)
-                manifest.add(JobRecord(stage=stage, key=key, executor="local", job_id=str(job.job_id),
-                                       submitted=now(), stdout=str(job.paths.stdout),
-                                       stderr=str(job.paths.stderr), proc_start=started,
-                                       proc_cmdline=cmdline))
+                record = JobRecord(stage=stage, key=key, executor="local", job_id=str(job.job_id),
+                                   submitted=now(), stdout=str(job.paths.stdout),
+                                   stderr=str(job.paths.stderr), proc_start=started,
+                                   proc_cmdline=cmdline)
+                manifest.add(record)
                 manifest.save()
+                link_member_logs(record)
             time.sleep(poll_s)
             if time.monotonic() - last_beat >= heartbeat_s:
                 last_beat = time.monotonic()
@@ -223,7 +234,7 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
                     progress.finished(stage, key)
                 else:  # the unit's error is in its log; name the log
                     progress.finished(stage, key, ok=False)
-                    failed.append(f"{key} (log {done_job.paths.stderr})")
+                    failed.append(f"{key} (log {member_log(manifest.latest()[(stage, key)])})")
         if failed:
             raise SubmissionError(f"stage {stage}: {len(failed)} unit(s) failed: {'; '.join(failed)}; "
                                   "fix the cause and rerun (finished units are skipped)")

@@ -11,12 +11,17 @@ A local job's record also holds the process's start time and command line, so th
 ``toolkit cancel`` and ``toolkit status`` can tell the unit's process from an
 unrelated one that later got the same process id (see :mod:`.local`). Older
 manifests without them still load; their processes are never signalled.
+
+Beside every job's logs, ``logs/<stage>/<key>.err`` and ``.out`` (``/`` in the key
+written ``-``) link to the newest job of the unit (:func:`link_member_logs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -24,6 +29,8 @@ from pathlib import Path
 
 from toolkit.errors import SubmissionError
 from toolkit.study import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +88,49 @@ class Manifest:
         for r in self.records:
             out[(r.stage, r.key)] = r
         return out
+
+
+def member_log_links(record: JobRecord) -> tuple[Path, Path]:
+    """``logs/<stage>/<key with / as ->.err`` and ``.out`` beside the job's own logs.
+
+    submitit names a job's logs by job id (``<jobid>_0_log.err``); these names follow
+    the unit, e.g. ``logs/train/dna-6mer-seed1.err``.
+    """
+    folder = Path(record.stderr).parent
+    name = record.key.replace("/", "-")
+    return folder / f"{name}.err", folder / f"{name}.out"
+
+
+def link_member_logs(record: JobRecord) -> None:
+    """Point the unit's member-named log links at the job's logs (see :func:`member_log_links`).
+
+    Relative links, each made under a temporary name and renamed over the old one, so a
+    resubmitted unit's link moves to the new job in one step (``tail -F`` follows it).
+    The links are a convenience: a failure is logged, never raised.
+    """
+    if record.stage == "driver" or not record.stderr or not record.stdout:
+        return
+    for link, target in zip(member_log_links(record), (record.stderr, record.stdout), strict=True):
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+            os.replace(tmp, link)  # replaces a name, never what an old link points to
+        except OSError as e:
+            log.warning("cannot link %s to %s (%s); the log is %s", link, target, e.strerror or e, target)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def member_log(record: JobRecord) -> str:
+    """The unit's member-named error log when it points at this record's log, else the log."""
+    link = member_log_links(record)[0]
+    try:
+        if os.readlink(link) == os.path.relpath(record.stderr, link.parent):
+            return str(link)
+    except (OSError, ValueError):
+        pass
+    return record.stderr
 
 
 def _open_regular(path: str | Path, *, follow: bool = True) -> int | None:

@@ -28,7 +28,7 @@ from typing import Any
 from toolkit.config import ResourceConfig, StudyConfig
 from toolkit.dispatch.container import check_container_values, check_script_value, unit_argv
 from toolkit.dispatch.job import UnitJob
-from toolkit.dispatch.manifest import JobRecord, Manifest, now
+from toolkit.dispatch.manifest import JobRecord, Manifest, link_member_logs, now
 from toolkit.errors import SubmissionError
 from toolkit.study import Layout
 
@@ -246,9 +246,11 @@ def submit_stage(study: StudyConfig, stage: str, keys: list[str], dependency: st
             manifest.save()  # keep what was queued before the failure
             raise SubmissionError(f"sbatch refused stage {stage}: {e}".splitlines()[0]) from e
         for key, job in zip(chunk, jobs, strict=True):
-            manifest.add(JobRecord(stage=stage, key=key, executor="slurm", job_id=job.job_id,
-                                   submitted=now(), stdout=str(job.paths.stdout),
-                                   stderr=str(job.paths.stderr)))
+            record = JobRecord(stage=stage, key=key, executor="slurm", job_id=job.job_id,
+                               submitted=now(), stdout=str(job.paths.stdout),
+                               stderr=str(job.paths.stderr))
+            manifest.add(record)
+            link_member_logs(record)
         ids.append(jobs[0].job_id.split("_")[0])
         log.info("queued %s: %d unit(s) as job %s", stage, len(chunk), ids[-1])
     manifest.save()

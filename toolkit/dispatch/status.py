@@ -18,7 +18,7 @@ from pathlib import Path
 from toolkit.config import StudyConfig
 from toolkit.dispatch.job import read_outcome
 from toolkit.dispatch.local import pid_alive
-from toolkit.dispatch.manifest import JobRecord, Manifest, tail_lines
+from toolkit.dispatch.manifest import JobRecord, Manifest, member_log, tail_lines
 from toolkit.dispatch.slurm import ACTIVE, job_states
 from toolkit.progress import format_duration, last_entries, progress_path
 from toolkit.study import Layout, Member
@@ -118,16 +118,16 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
         if rec is not None and rec.executor == "slurm":
             st = states.get(rec.job_id)
             if st in RUNNING_STATES:
-                rows.append(_running(study, stage, key, rec.job_id, st.lower(), rec.stderr))
+                rows.append(_running(study, stage, key, rec.job_id, st.lower(), member_log(rec)))
                 continue
             if st in ACTIVE:
                 rows.append(UnitStatus(stage, key, "pending", rec.job_id, f"queued ({st.lower()})",
-                                       rec.stderr))
+                                       member_log(rec)))
                 continue
             why = st or "no longer known to the scheduler"
         elif rec is not None:
             if pid_alive(rec):
-                rows.append(_running(study, stage, key, rec.job_id, "local process", rec.stderr))
+                rows.append(_running(study, stage, key, rec.job_id, "local process", member_log(rec)))
                 continue
             why = "process ended"
         if ust.state == "stale":
@@ -141,7 +141,7 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
             why = f"{why}; finished without writing its completion marker"
         error = last_error_line(rec.stderr)
         rows.append(UnitStatus(stage, key, "failed", rec.job_id,
-                               f"{why}: {error}" if error else why, rec.stderr))
+                               f"{why}: {error}" if error else why, member_log(rec)))
     return rows
 
 
