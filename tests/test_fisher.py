@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, InputError
 from toolkit.fisher import (
     FisherTraces,
     empirical_fisher,
@@ -245,7 +245,7 @@ def test_groups_and_public_signatures(batches: list[dict[str, torch.Tensor]]) ->
     assert sig.parameters["estimator"].default == "per-example"
     assert list(inspect.signature(fisher_traces).parameters) == ["model", "batches", "estimator", "device",
                                                                  "diagonal"]
-    with pytest.raises(ConfigError, match="pooler.dense.weight"):
+    with pytest.raises(InputError, match="pooler.dense.weight"):
         parameter_group("bert.pooler.dense.weight")
 
 
@@ -295,12 +295,12 @@ def test_bad_input_raises_one_line_errors(batches: list[dict[str, torch.Tensor]]
         ([good["input_ids"]], "expected a dict"),
     ]
     for bad, message in cases:
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(InputError, match=message):
             fisher_traces(model, bad)
         assert not any(m._forward_hooks for m in model.modules())
     with pytest.raises(ConfigError, match="estimators: per-example, batch"):
         fisher_traces(model, [good], "exact")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="needs a transformers masked LM.*got Linear"):
+    with pytest.raises(InputError, match="needs a transformers masked LM.*got Linear"):
         fisher_traces(torch.nn.Linear(3, 3), [good])
 
 

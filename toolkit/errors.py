@@ -32,3 +32,8 @@ class CheckpointError(ToolkitError):
 
 class SubmissionError(ToolkitError):
     """A job cannot be submitted or run on the chosen executor."""
+
+
+class InputError(ToolkitError):
+    """Data or a model handed to a library function is not what it computes on (a batch
+    without labels, a model whose parameters fit no Fisher group): not a configuration error."""

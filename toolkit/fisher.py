@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +129,7 @@ def parameter_group(name: str, base_prefix: str | None = None) -> str:
         parameter that is neither an embedding nor in a block (ESM's
         ``encoder.emb_layer_norm_after``, a pooler, ESM's unused contact head) is ``head``
         too: it acts on the last block's output, as the head does. Without it, names
-        other than BERT's, RoBERTa's and ESM's are a :class:`ConfigError`.
+        other than BERT's, RoBERTa's and ESM's are an :class:`InputError`.
     """
     inside = base_prefix is None or name.startswith(f"{base_prefix}.")
     if inside and (m := _LAYER.search(name)):
@@ -140,7 +140,7 @@ def parameter_group(name: str, base_prefix: str | None = None) -> str:
         return "embeddings"
     if base_prefix is not None:
         return "head"
-    raise ConfigError(f"parameter '{name}' belongs to no Fisher group; groups are embeddings "
+    raise InputError(f"parameter '{name}' belongs to no Fisher group; groups are embeddings "
                       "(bert.embeddings.*), layer.<i> (bert.encoder.layer.<i>.*) and head (cls.*)")
 
 
@@ -300,7 +300,7 @@ def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, devic
             if engine is not None:
                 engine.close()
     if n_tokens == 0:
-        raise ConfigError("Fisher batches hold no masked token (every label is -100); "
+        raise InputError("Fisher batches hold no masked token (every label is -100); "
                           "give batches whose labels mark the masked positions")
     log.info("Fisher (%s): %d sequences, %d masked tokens in %.1f s", estimator, n_examples,
              n_tokens, time.perf_counter() - t0)
@@ -315,7 +315,7 @@ def _is_bert(model: Any) -> bool:
     if emb is not None and head is not None and all(hasattr(emb, n) for n in needed):
         return True
     if not hasattr(model, "base_model") or not hasattr(model, "config"):
-        raise ConfigError(f"the Fisher needs a transformers masked LM (a PreTrainedModel with a base "
+        raise InputError(f"the Fisher needs a transformers masked LM (a PreTrainedModel with a base "
                           f"model and an MLM head); got {type(model).__name__}")
     return False
 
@@ -350,17 +350,17 @@ def _fisher_mode(model: Any, device: Any) -> Iterator[torch.device]:
 
 def _batches(batches: Iterable[Mapping[str, Any]], device: torch.device,
              vocab_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Validated batches on ``device``; a bad batch raises ConfigError naming it."""
+    """Validated batches on ``device``; a bad batch raises InputError naming it."""
     import torch
 
     for k, raw in enumerate(batches):
         where = f"Fisher batch {k}"
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where}: expected a dict of tensors (input_ids, attention_mask, "
+            raise InputError(f"{where}: expected a dict of tensors (input_ids, attention_mask, "
                               f"labels), got {type(raw).__name__}")
         missing = [key for key in _REQUIRED if key not in raw]
         if missing:
-            raise ConfigError(f"{where}: missing {', '.join(missing)}; every batch needs input_ids, "
+            raise InputError(f"{where}: missing {', '.join(missing)}; every batch needs input_ids, "
                               "attention_mask and labels (-100 where a position is not masked)")
         batch = {key: torch.as_tensor(raw[key]).to(device, non_blocking=True)
                  for key in (*_REQUIRED, *_OPTIONAL) if raw.get(key) is not None}
@@ -368,15 +368,15 @@ def _batches(batches: Iterable[Mapping[str, Any]], device: torch.device,
         shape = batch["input_ids"].shape
         for key, t in batch.items():
             if t.dim() != 2 or (t.shape != shape and not (key == "position_ids" and t.shape[0] == 1)):
-                raise ConfigError(f"{where}: {key} has shape {tuple(t.shape)}, expected "
+                raise InputError(f"{where}: {key} has shape {tuple(t.shape)}, expected "
                                   f"(batch, length) = {tuple(shape)} like input_ids")
             if t.is_floating_point():
-                raise ConfigError(f"{where}: {key} must hold integers, not {t.dtype}")
+                raise InputError(f"{where}: {key} must hold integers, not {t.dtype}")
         ids, labels = batch["input_ids"], batch["labels"]
         if bool(((ids < 0) | (ids >= vocab_size)).any()):
-            raise ConfigError(f"{where}: input_ids outside the vocabulary [0, {vocab_size})")
+            raise InputError(f"{where}: input_ids outside the vocabulary [0, {vocab_size})")
         if bool((((labels < 0) | (labels >= vocab_size)) & (labels != IGNORE)).any()):
-            raise ConfigError(f"{where}: labels must be token ids in [0, {vocab_size}) or -100 "
+            raise InputError(f"{where}: labels must be token ids in [0, {vocab_size}) or -100 "
                               "(not masked)")
         if "position_ids" in batch:
             batch["position_ids"] = batch["position_ids"].expand(shape)
@@ -475,7 +475,7 @@ class _PerExample:
                 self.handles.append(module.register_forward_hook(hook))
         if len(owned) - len(set(owned)) != int(self.tied):
             self.close()
-            raise ConfigError(f"{type(model).__name__} shares parameters between modules beyond the "
+            raise InputError(f"{type(model).__name__} shares parameters between modules beyond the "
                               "tied word embedding; use the 'batch' Fisher estimator")
         # Parameters outside Linear/LayerNorm/the embedding tables (the untied head's spare
         # bias): checked on the first batch to receive no gradient at all.
@@ -525,13 +525,13 @@ class _PerExample:
             # Sum over sequences of each one's mean: sequence i's rows get exactly g_i.
             loss = (ce / counts[self.row_seq].to(ce.dtype)).sum()
             if self.leaf is None:
-                raise ConfigError("the embedding LayerNorm never ran; the Fisher needs a "
+                raise InputError("the embedding LayerNorm never ran; the Fisher needs a "
                                   "BertForMaskedLM whose embeddings end in bert.embeddings.LayerNorm")
             spare = [p for _, p in self.spare]
             grads = torch.autograd.grad(loss, [self.leaf, *spare], allow_unused=True)
             for (name, _), g in zip(self.spare, grads[1:], strict=True):
                 if g is not None:
-                    raise ConfigError(f"parameter '{name}' sits in a module the per-example Fisher "
+                    raise InputError(f"parameter '{name}' sits in a module the per-example Fisher "
                                       "does not handle; use the 'batch' estimator")
             self.spare = []
             self._embeddings(batch, grads[0])
@@ -542,7 +542,7 @@ class _PerExample:
 
     def _once(self, module: Any) -> None:
         if id(module) in self.called:
-            raise ConfigError(f"{type(module).__name__} module runs twice in one forward; the "
+            raise InputError(f"{type(module).__name__} module runs twice in one forward; the "
                               "per-example Fisher needs each module once; use the 'batch' estimator")
         self.called.add(id(module))
 
