@@ -47,6 +47,10 @@ _START_TOLERANCE_S = 0.05
 """psutil's create_time is exact to the clock tick (1/100 s); this allows for rounding."""
 
 
+MIN_PLANNED_S = 30.0
+"""Stages planned at less than this per unit do not correct the plan (:func:`study_eta`)."""
+
+
 def study_eta(done: dict[str, list[float]], remaining: dict[str, int], prior: dict[str, float],
               parallel: int) -> float | None:
     """Seconds until the study's remaining units have run, stage after stage.
@@ -55,8 +59,10 @@ def study_eta(done: dict[str, list[float]], remaining: dict[str, int], prior: di
     its planned seconds per unit (``prior``), scaled by how far the finished units of
     other stages were from their plan (sum of measured durations over sum of planned),
     so the plan's throughput assumptions are corrected by what was measured, and never
-    less than the shortest unit measured (every unit pays for starting a process and
-    reading the study, which the plan leaves out). A stage takes
+    less than the shortest unit measured. Only stages planned at :data:`MIN_PLANNED_S` or
+    more per unit set the scale: shorter units are mostly the start of a process and
+    reading the study, which the plan leaves out, and say nothing about throughput (a
+    prepare unit planned at 0.03 s takes 3 s). A stage takes
     ``units x seconds per unit / min(parallel, units)``.
 
     Parameters
@@ -77,8 +83,9 @@ def study_eta(done: dict[str, list[float]], remaining: dict[str, int], prior: di
         None when some remaining stage has neither a measurement nor a prior.
     """
     measured = [d for ds in done.values() for d in ds]
-    planned = sum(prior[s] * len(ds) for s, ds in done.items() if ds and prior.get(s, 0) > 0)
-    actual = sum(sum(ds) for s, ds in done.items() if ds and prior.get(s, 0) > 0)
+    informative = [s for s, ds in done.items() if ds and prior.get(s, 0) >= MIN_PLANNED_S]
+    planned = sum(prior[s] * len(done[s]) for s in informative)
+    actual = sum(sum(done[s]) for s in informative)
     scale = actual / planned if planned > 0 else 1.0
     total = 0.0
     for stage, n in remaining.items():
