@@ -211,7 +211,7 @@ def test_status_shows_a_running_members_progress_and_log(tmp_path: Path) -> None
         (line,) = [ln for ln in table.splitlines() if ln.startswith("train") and M1.id in ln]
         assert " running " in line and rec.job_id in line
         for part in ("local process: step ", "/1000000, loss ", " tok/s, ETA ", " ago)",
-                     f"(log: {rec.stderr})"):
+                     f"(log: {Path(rec.stderr).parent / (M1.id.replace('/', '-') + '.err')})"):
             assert part in line, (part, line)
         assert Path(rec.stderr).is_file()
         assert re.search(r"ETA \d+ h \d\d min ", line), line  # a million steps take hours
