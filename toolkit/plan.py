@@ -85,6 +85,10 @@ second per core (demo analyse logs: 3 members, 2,600 positions, V 4,096 in 2.5 s
 EMBEDDING_ELEMENTS_PER_S = 2.7e8
 """Static-embedding comparisons: member pairs x V^2 x hidden per second per core (demo:
 4 s per pair at V 4,096, hidden 128, on 2 cores)."""
+UNIT_OVERHEAD_S = {"prepare": 3.0, "train": 8.0, "evaluate": 12.0, "analyse": 20.0}
+"""Fixed seconds of a unit beyond its work: process start, imports, loading models and stores
+(measured: the tiny study's units on the development machine take 3 / 8 / 13 / 21 s while
+their work is planned at well under a second)."""
 FISHER_OVERHEAD = 1.25
 """Per-example Fisher with full diagonal over one forward+backward (benchmarks/bench_fisher.py: 1.13-1.24)."""
 
@@ -502,6 +506,7 @@ class _Planner:
         # + tokenizer, profile, inventory and metadata files (about 40 kB measured)
         size = (n_tokens * item + s.n_records * (8 + 1 + 8)) * COMPRESSION["tokens"] + 64 * s.vocab + 40e3
         self.disk["tokens"] += size
+        secs += UNIT_OVERHEAD_S["prepare"]
         self.stages["prepare"].add(cpu=secs / 3600, memory=mem, wall=secs / 3600, disk=size)
 
     def member(self, run: str, s: RunShape) -> None:
@@ -525,7 +530,7 @@ class _Planner:
         flops = steps * batch * padded * flops_per_token(shape, vocab, padded, t.mlm_probability, train=True) \
             + evals * t.eval_batches * t.batch_size * padded * flops_per_token(
                 shape, vocab, padded, t.mlm_probability, train=False)
-        secs = _seconds(flops, self.devices[kind], t.precision, cores, kind)
+        secs = _seconds(flops, self.devices[kind], t.precision, cores, kind) + UNIT_OVERHEAD_S["train"]
         act = activation_bytes(shape, t.batch_size, padded, vocab, t.mlm_probability, t.precision, train=True)
         state = params * 16.0  # fp32 weights, gradients, AdamW moments
         reader = 16 * 2 ** 23  # the token reader's chunk cache
@@ -561,7 +566,8 @@ class _Planner:
                  + snapshots * len(a.fisher_estimators) * e.fisher * per_seq * FISHER_OVERHEAD
                  * flops_per_token(shape, vocab, e.seq_len, a.fisher_mask_rate, True))
         pred = e.positions * vocab * (4 if a.prediction_dtype == "float32" else 2)
-        secs = _seconds(flops, self.devices[kind], t.precision, cores, kind) + pred / WRITE_BYTES_PER_S
+        secs = (_seconds(flops, self.devices[kind], t.precision, cores, kind) + pred / WRITE_BYTES_PER_S
+                + UNIT_OVERHEAD_S["evaluate"])
         n_diag = _diagonal_parameters(study, shape, vocab, params)
         fisher = n_diag * 4 * len(a.fisher_estimators) * snapshots * COMPRESSION["fisher"] + 50e3
         emb = (vocab + e.contextual) * shape["hidden_size"] * 4 * COMPRESSION["embeddings"]
@@ -601,7 +607,7 @@ class _Planner:
             emb += pairs * s.vocab ** 2 * h
             mem = max(mem, PROCESS_BASELINE_BYTES + 2 * 2048 * s.vocab * 8 * 4 * cores
                       + 3 * s.vocab ** 2 * 8 + m * s.vocab * h * 8)
-        secs = (dist / DISTRIBUTION_ELEMENTS_PER_S + emb / EMBEDDING_ELEMENTS_PER_S) / cores
+        secs = (dist / DISTRIBUTION_ELEMENTS_PER_S + emb / EMBEDDING_ELEMENTS_PER_S) / cores + UNIT_OVERHEAD_S["analyse"]
         # per run: vocabulary-long curves (float64) and per-member tables; report figures apart
         summary = 2e5 + sum(s.vocab * 8 * 4 + m * 50e3 for s in shapes.values())
         self.disk["summary"] += summary
