@@ -40,7 +40,7 @@ import numpy as np
 from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
 from toolkit.errors import ConfigError, CorpusError
 from toolkit.masks import eval_seq_len
-from toolkit.study import Layout, prepare_keys, run_tokenizer, token_key
+from toolkit.study import Layout, prepare_keys, run_tokenizer
 from toolkit.train import iter_flow_steps, total_steps
 
 GIB = 1024 ** 3
@@ -261,15 +261,18 @@ def _from_store(path: Path) -> RunShape | None:
                     lengths[split == 0], lengths[split == 1], vocab, f"measured: token store {path.parent.name}")
 
 
-def _sample_corpus(study: StudyConfig, corpus: str, seconds: float) -> tuple[np.ndarray, bool, str]:
-    """Record lengths (symbols) of the corpus, read for at most ``seconds``; exhausted?"""
+def _sample_corpus(study: StudyConfig, corpus: str, seconds: float) -> tuple[np.ndarray, bool, str, str]:
+    """Record lengths (symbols) of the corpus, read for at most ``seconds``; exhausted?; how
+    they are known; the corpus kind (``dna`` or ``text``)."""
     from toolkit.corpora import open_corpus
 
     cfg = study.corpora[corpus]
+    kind: str
     if cfg.source.startswith("synthetic:"):
         s = cfg.synthetic
         n = s.records if cfg.max_records is None else min(s.records, cfg.max_records)
-        return np.full(n, s.length, dtype=np.int64), True, "exact: synthetic source"
+        kind = cfg.kind if cfg.kind != "auto" else open_corpus(corpus, study).kind
+        return np.full(n, s.length, dtype=np.int64), True, "exact: synthetic source", kind
     try:
         src = open_corpus(corpus, study)
         lengths: list[int] = []
@@ -283,18 +286,20 @@ def _sample_corpus(study: StudyConfig, corpus: str, seconds: float) -> tuple[np.
         kind = src.kind
     except CorpusError as e:
         dna = cfg.dna
-        if _corpus_kind(study, corpus) == "text":
+        kind = _settings_kind(cfg)
+        if kind == "text":
             mean, what = TEXT_CHARS_PER_RECORD, f"{TEXT_CHARS_PER_RECORD:.0f} characters per document"
             lengths_arr = np.full(1000, mean)
         else:
             lengths_arr = np.linspace(dna.piece_min, dna.piece_max, 1000)
             what = f"DNA pieces uniform in [{dna.piece_min}, {dna.piece_max}] bases"
-        return lengths_arr.astype(np.int64), False, f"assumed ({e.__class__.__name__}: source not readable here): {what}"
+        return (lengths_arr.astype(np.int64), False,
+                f"assumed ({e.__class__.__name__}: source not readable here): {what}", kind)
     arr = np.asarray(lengths, dtype=np.int64)
     how = (f"exact: all {len(arr):,} records read" if done else
            f"measured: mean of the first {len(arr):,} records ({kind}); record count assumed "
            "train_records + eval_records")
-    return arr, done, how
+    return arr, done, how, kind
 
 
 def run_shape(study: StudyConfig, run: str, sample_seconds: float = 3.0,
@@ -308,9 +313,8 @@ def run_shape(study: StudyConfig, run: str, sample_seconds: float = 3.0,
     cache = _cache if _cache is not None else {}
     if cfg.corpus not in cache:
         cache[cfg.corpus] = _sample_corpus(study, _base_corpus(study, cfg.corpus), sample_seconds)
-    lengths, exact, how = cache[cfg.corpus]
+    lengths, exact, how, kind = cache[cfg.corpus]
     ccfg = study.corpora[cfg.corpus]
-    kind = _corpus_kind(study, cfg.corpus)
     if exact:
         n_records = len(lengths)
         n_eval = min(ccfg.eval_records, n_records // 2) if n_records < ccfg.train_records + ccfg.eval_records \
@@ -340,20 +344,13 @@ def _base_corpus(study: StudyConfig, corpus: str) -> str:
     return corpus
 
 
-def _corpus_kind(study: StudyConfig, corpus: str) -> str:
-    """``dna`` or ``text``: the corpus's own detection when it opens here, else its settings."""
-    from toolkit.corpora import open_corpus
-
-    base = study.corpora[_base_corpus(study, corpus)]
-    if base.kind != "auto":
-        return base.kind
-    try:
-        return open_corpus(_base_corpus(study, corpus), study).kind
-    except CorpusError:
-        pass
-    if base.format in ("jsonl", "json", "text"):
+def _settings_kind(cfg: Any) -> str:
+    """``dna`` or ``text`` from a corpus's settings alone (its source cannot be read here)."""
+    if cfg.kind != "auto":
+        return str(cfg.kind)
+    if cfg.format in ("jsonl", "json", "text"):
         return "text"
-    return "dna" if base.format == "fasta" or re.search(r"\.(fa|fna|fasta)(\.gz)?$", base.source) else "text"
+    return "dna" if cfg.format == "fasta" or re.search(r"\.(fa|fna|fasta)(\.gz)?$", cfg.source) else "text"
 
 
 # --------------------------------------------------------------------------- the plan
@@ -725,4 +722,4 @@ def format_plan(plan: Plan) -> str:
 
 
 __all__ = ["DEVICES", "Device", "Plan", "StagePlan", "flops_per_token", "format_plan", "load_calibration",
-           "n_parameters", "plan_study", "run_shape", "token_key"]
+           "n_parameters", "plan_study", "run_shape"]
