@@ -36,7 +36,9 @@ CHECKPOINT_TOKENIZER = "checkpoint"
 """``runs.X.tokenizer`` value: tokenize with the tokenizer saved in the run's checkpoints."""
 PAPER_TOP_P = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PAPER_TOPK = (1, 3, 5, 10, 20, 50, 100, 1000, 4000)
-STAGES = ("prepare", "train", "evaluate", "analyse")
+STAGES = ("prepare", "train", "evaluate", "measure", "analyse")
+"""The stages in order; ``measure`` units (one per run and measure family) are the analysis
+shards that the ``analyse`` unit reduces into the summary."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 """Characters refused in values that end up in job scripts: a newline there starts a new
