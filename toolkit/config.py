@@ -44,23 +44,22 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 """Characters refused in values that end up in job scripts: a newline there starts a new
 shell line or ``#SBATCH`` directive (C0 controls, DEL, NEL and the Unicode line breaks)."""
 _OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
-_FISHER_GROUP = re.compile(r"^(embeddings|head|layer\.(0|[1-9][0-9]*))$")  # toolkit.fisher's groups
 """An sbatch long option name without its ``--`` (``constraint``, ``mail-type``)."""
+_FISHER_GROUP = re.compile(r"^(embeddings|head|layer\.(0|[1-9][0-9]*))$")  # toolkit.fisher's groups
 
 
 @dataclass(frozen=True)
 class Range:
-    """Allowed values of a numeric field (each item, for a list field).
-
-    Attributes
-    ----------
-    ge, gt, le, lt : inclusive / exclusive lower and upper bounds (None: unbounded).
-    """
+    """Allowed values of a numeric field (each item, for a list field)."""
 
     ge: float | None = None
+    """Inclusive lower bound (None: unbounded below)."""
     gt: float | None = None
+    """Exclusive lower bound (None: unbounded below)."""
     le: float | None = None
+    """Inclusive upper bound (None: unbounded above)."""
     lt: float | None = None
+    """Exclusive upper bound (None: unbounded above)."""
 
     def __contains__(self, value: float) -> bool:
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
@@ -108,40 +107,49 @@ def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING
 
 @dataclass(frozen=True, kw_only=True)
 class DnaConfig:
-    """How DNA records are cleaned and cut into pieces (paper: 1-2,000 bp)."""
+    """How DNA records are cleaned and cut into pieces (``corpora.NAME.dna``; paper: 1-2,000 bp)."""
 
     piece_min: int = _f(1000, ge=1)
-    """Shortest piece kept, in bases (>= 1); shorter remainders are dropped."""
+    """Shortest piece, in bases (>= 1); a segment's shorter remainder is dropped. Default 1,000
+    (docs/methods.md: 1,000-2,000 bases); jobs/paper.toml sets 1."""
     piece_max: int = _f(2000, ge=1)
-    """Longest piece, in bases (>= piece_min). Pieces are cut deterministically (see corpora)."""
+    """Longest piece, in bases (>= piece_min); lengths are drawn uniformly in [piece_min, piece_max],
+    seeded by a hash of (record id, segment), see toolkit.corpora. Default: the paper's 2,000."""
     n_run_split: int = _f(10, ge=0)
-    """Records are split at runs of N longer than this many bases (>= 0); shorter runs stay as N."""
+    """Records are split at runs of N longer than this many bases (>= 0); shorter runs stay as N.
+    Toolkit choice (jobs/paper.toml keeps it)."""
     keep_softmask: bool = False
-    """Keep a per-base soft-mask flag (lowercase in the FASTA). Sequences are upper-cased either way."""
+    """Keep a per-base soft-mask flag (lowercase in the FASTA); sequences are upper-cased either way.
+    Off by default (a toolkit option)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
-    """How text records are read and cleaned."""
+    """How text records are read and cleaned (``corpora.NAME.text``)."""
 
     clean: bool = True
-    """The paper's cleaning (non-breaking spaces, whitespace, odd characters)."""
+    """The paper's cleaning (Unicode spaces to spaces, odd characters removed, whitespace runs
+    collapsed; toolkit.corpora.text.clean_text). Documents empty after it are skipped."""
     field: str = "text"
-    """JSONL / JSON objects: the (non-empty) field holding the document."""
+    """JSONL / JSON objects: the (non-empty) field holding the document. Builtins that name their own
+    field use theirs."""
     documents: Literal["line", "blank-line"] = "line"
     """Plain text: one document per line, or documents separated by blank lines."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SyntheticConfig:
-    """An order-k Markov source whose transition matrices hit a target entropy rate."""
+    """An order-k Markov source whose transition matrices hit a target entropy rate
+    (``corpora.NAME.synthetic``, read when ``source = "synthetic:markov"``; defaults are toolkit choices)."""
 
     alphabet: str = "ACGT"
-    """Symbols of the source: at least 2 distinct characters, no control characters."""
+    """Symbols of the source: at least 2 distinct characters, no control characters. Only ACGTN
+    symbols make a DNA corpus, anything else a text corpus."""
     order: int = _f(2, ge=0)
     """Markov order k (>= 0): symbols of context; |alphabet|^(k+1) <= 20,000,000."""
     entropy_rate: float = 1.5
-    """Target entropy rate in bits per symbol, in (0, log2 |alphabet|]."""
+    """Target entropy rate in bits per symbol, in (0, log2 |alphabet|]; the transition rows are
+    tempered until the exact rate matches it to 1e-9."""
     records: int = _f(2000, ge=1)
     """Records generated (>= 1)."""
     length: int = _f(1000, ge=1)
@@ -152,22 +160,29 @@ class SyntheticConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusConfig:
+    """One ``[corpora.NAME]`` table: where the records come from and how they are split."""
+
     source: str = _f(plain=True)
     """``builtin:NAME``, ``synthetic:markov``, ``shuffle:CORPUS`` or a file, folder or glob
     (no control characters). A folder holds only corpus files (FASTA, text, JSON(L), each
     optionally gzipped); the study's own output folder inside it is never read."""
     kind: Literal["auto", "dna", "text"] = "auto"
-    """``dna`` or ``text`` records; ``auto`` decides from the files (FASTA means DNA)."""
+    """``dna`` or ``text`` records; ``auto`` decides from the files (FASTA means DNA; FASTA and text
+    files mixed are an error)."""
     format: Literal["auto", "fasta", "text", "jsonl", "json"] = "auto"
-    """File format; ``auto`` decides from each file name (``.gz`` ignored)."""
+    """File format; ``auto`` decides from each file name (``.gz`` ignored; FASTA suffixes, ``.jsonl``,
+    ``.json``, anything else text)."""
     max_records: int | None = _f(None, ge=1)
-    """Stop reading after this many records (>= 1; after cutting DNA into pieces)."""
+    """Stop reading after this many records (>= 1; counted after cutting DNA into pieces; None: read
+    everything)."""
     train_records: int = _f(2_000_000, ge=1)
-    """Records in the training split (>= 1)."""
+    """Records in the training split (>= 1); default: the paper's 2,000,000. A smaller corpus keeps
+    min(eval_records, n // 2) for evaluation and gives training the rest (a warning)."""
     eval_records: int = _f(10_000, ge=1)
-    """Records in the evaluation split (>= 1)."""
+    """Records in the evaluation split (>= 1); default: the paper's 10,000."""
     split: Literal["sequential", "random"] = "sequential"
-    """``sequential``: first train_records train, next eval_records evaluation (paper)."""
+    """``sequential``: first train_records train, next eval_records evaluation (paper, docs/methods.md);
+    ``random``: the same counts on a permutation seeded by split_seed."""
     split_seed: int = _f(0, ge=0)
     """Seed of the ``random`` split and of ``shuffle:`` permutations (>= 0)."""
     tokenizer_train_records: int | None = _f(20_000, ge=1)
@@ -178,8 +193,11 @@ class CorpusConfig:
     3,000 records keeps 80% (Wikipedia) and 83% (A. thaliana) of the vocabulary and costs
     0.9% / 0.7% in symbols per token; a tenth keeps 66% / 62% and costs 4.9% / 2.9%."""
     dna: DnaConfig = field(default_factory=DnaConfig)
+    """``[corpora.NAME.dna]``: cleaning and cutting of DNA records (:class:`DnaConfig`)."""
     text: TextConfig = field(default_factory=TextConfig)
+    """``[corpora.NAME.text]``: reading and cleaning of text records (:class:`TextConfig`)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """``[corpora.NAME.synthetic]``: the ``synthetic:markov`` source (:class:`SyntheticConfig`)."""
 
 
 # --------------------------------------------------------------------------- model
@@ -194,6 +212,8 @@ class ModelConfig:
     """
 
     shape: Literal["bert-base", "20M", "4M", "tiny", "no-transformer"] = "tiny"
+    """Named BERT shape (toolkit.model.SHAPES). Default ``tiny`` (2 x 128, about 1 M parameters):
+    a toolkit choice for quick runs; the paper's is ``bert-base`` (12 x 768, 89 M)."""
     num_hidden_layers: int | None = _f(None, ge=0)
     """Transformer blocks (>= 0; 0 = embeddings and MLM head only)."""
     hidden_size: int | None = _f(None, ge=1)
@@ -203,15 +223,18 @@ class ModelConfig:
     intermediate_size: int | None = _f(None, ge=1)
     """Width of the feed-forward layer (>= 1)."""
     max_position_embeddings: int | None = _f(None, ge=1)
-    """Position table length (>= training.seq_len and analysis.seq_len; None: enlarged as needed)."""
+    """Position table length, in tokens (>= training.seq_len and analysis.seq_len; shapes: 512;
+    None: the shape's, enlarged to training.seq_len as needed)."""
     hidden_dropout_prob: float | None = _f(None, ge=0, lt=1)
-    """Dropout probability of embeddings and blocks, in [0, 1) (shapes: 0.1)."""
+    """Dropout probability of embeddings and blocks, in [0, 1) (shapes: 0.1, BERT's)."""
     attention_probs_dropout_prob: float | None = _f(None, ge=0, lt=1)
-    """Dropout probability of attention weights, in [0, 1) (shapes: 0.1)."""
+    """Dropout probability of attention weights, in [0, 1) (shapes: 0.1, BERT's)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
+    """One ``[runs.NAME]`` table: a corpus, a tokenizer and a model shape, trained once per seed."""
+
     corpus: str
     """Name of one of the study's corpora."""
     tokenizer: str
@@ -219,10 +242,11 @@ class RunConfig:
     ``checkpoint``: the tokenizer saved with the run's ``checkpoints`` (they must all share
     it; such a run only adopts, it cannot train)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """``[runs.NAME.model]``: overrides of the study-wide ``[model]``, key by key (:class:`ModelConfig`)."""
     checkpoints: tuple[str, ...] = _f((), plain=True)
     """Local folders of existing HuggingFace masked-LM checkpoints (any ``AutoModelForMaskedLM``:
-    BERT, RoBERTa, ESM, ...; ``save_pretrained`` layout) used as members instead of training.
-    Non-BERT checkpoints need ``tokenizer = "checkpoint"``."""
+    BERT, RoBERTa, ESM, ...; ``save_pretrained`` layout) used as members instead of training,
+    one per seed. Non-BERT checkpoints need ``tokenizer = "checkpoint"``."""
 
 
 # --------------------------------------------------------------------------- training
@@ -230,50 +254,59 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    """Optimisation and budget; defaults are the paper's (docs/methods.md)."""
+    """Optimisation and budget (``[training]``); the optimisation defaults are the paper's
+    (docs/methods.md), the cadences of checkpoints, evaluations and logs are toolkit choices."""
 
     steps: int | None = _f(None, ge=1)
     """Budget in optimiser steps (>= 1)."""
     tokens: int | None = _f(None, ge=1)
-    """Budget in non-padding training tokens (>= 1)."""
+    """Budget in non-padding training tokens, [CLS]/[SEP] included (>= 1); converted to steps with
+    the mean tokens per training sequence."""
     epochs: float | None = _f(None, gt=0)
-    """Budget: at most one of steps, tokens (non-padding), epochs (> 0); none given means 5 epochs."""
+    """Budget: at most one of steps, tokens (non-padding), epochs (> 0); none given means 5 epochs,
+    the paper's."""
     batch_size: int = _f(64, ge=1)
-    """Sequences per micro-batch (>= 1)."""
+    """Sequences per micro-batch (>= 1); 64 as in jobs/paper.toml."""
     grad_accum: int = _f(1, ge=1)
-    """Micro-batches per optimiser step (>= 1)."""
+    """Micro-batches per optimiser step (>= 1); the step's loss is token-weighted over all of them."""
     seq_len: int = _f(512, ge=8)
-    """Training sequence length in tokens, specials included (>= 8)."""
+    """Training sequence length in tokens, specials included (>= 8); 512 as in jobs/paper.toml.
+    Without packing a record is cut to seq_len - 2 tokens."""
     packing: bool = False
-    """Pack several records into one sequence instead of one record per sequence."""
+    """Pack several records into one sequence instead of one record per sequence (paper: no packing)."""
     lr: float = _f(1e-4, gt=0)
-    """Peak learning rate (> 0)."""
+    """Peak learning rate of AdamW (> 0; betas 0.9/0.999, eps 1e-8); default: the paper's 1e-4."""
     weight_decay: float = _f(0.0, ge=0)
-    """AdamW weight decay (>= 0)."""
+    """AdamW weight decay (>= 0) of weight matrices (not biases or LayerNorm); paper: 0."""
     warmup_ratio: float = _f(0.1, ge=0, lt=1)
-    """Fraction of the steps spent warming the learning rate up, in [0, 1)."""
+    """Fraction of the steps spent warming the learning rate up linearly, in [0, 1); paper: 0.1."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Learning-rate decay after the warm-up."""
+    """Learning-rate decay after the warm-up (HuggingFace's formulas); paper: cosine."""
     grad_clip: float = _f(0.5, ge=0)
-    """Gradient-norm clipping threshold (>= 0; 0 turns clipping off)."""
+    """Gradient clipping threshold on the global L2 norm (>= 0; 0 turns clipping off); paper: 0.5."""
     mlm_probability: float = _f(0.15, gt=0, lt=1)
-    """Fraction of tokens masked for the MLM loss, in (0, 1)."""
+    """Fraction of non-special tokens selected for the MLM loss, in (0, 1), then 80/10/10
+    mask/random/keep; paper: 0.15."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Autocast precision of the forward pass."""
+    """Autocast precision of the training forward pass (bf16 on CUDA only, else fp32); paper: fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto`` takes a CUDA GPU when one is visible."""
+    """Device of training and evaluation; ``auto`` takes a CUDA GPU when one is visible, ``cuda``
+    without one is an error. Changing it makes no unit stale."""
     checkpoint_every_steps: int = _f(1000, ge=1)
-    """Save a resumable checkpoint every this many steps (>= 1)."""
+    """Save a resumable checkpoint every this many steps (>= 1; toolkit choice)."""
     checkpoint_every_minutes: float = _f(30.0, gt=0)
-    """... and at least every this many minutes of wall time (> 0)."""
+    """... and at least every this many minutes of wall time (> 0; toolkit choice)."""
     eval_every_steps: int = _f(1000, ge=1)
-    """Evaluation loss every this many steps (>= 1)."""
+    """Evaluation loss every this many steps (>= 1; toolkit choice); the ``best`` checkpoint is chosen
+    among these evaluations."""
     eval_batches: int = _f(20, ge=1)
-    """Batches of the evaluation split per evaluation (>= 1)."""
+    """Batches (of batch_size sequences) of the evaluation split per evaluation, the same masked
+    batches every time (>= 1; toolkit choice)."""
     log_every_steps: int = _f(50, ge=1)
-    """A progress log line every this many steps (>= 1)."""
+    """A progress log line (and live-curve point) every this many steps (>= 1; toolkit choice)."""
     fisher_flow: tuple[float, ...] = _f((0.25, 0.5, 0.75), gt=0, lt=1)
-    """Fractions of training, each in (0, 1), at which weight snapshots are kept for the Fisher flow."""
+    """Fractions of training, each in (0, 1), at which weight snapshots are kept for the Fisher
+    flow (a toolkit addition; steps rounded, repeats dropped)."""
 
 
 # --------------------------------------------------------------------------- analysis
@@ -281,38 +314,49 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AnalysisConfig:
+    """``[analysis]``: evaluation masks, Fisher and metric settings (docs/methods.md)."""
+
     checkpoint: Literal["best", "final"] = "best"
     """Weights the per-member outputs are computed from (paper: best by evaluation loss)."""
     eval_records: int | None = _f(None, ge=1)
-    """Held-out records used for predictions (>= 1; None: the whole evaluation split)."""
+    """Held-out records the evaluation masks are built from, the first of the evaluation split
+    (>= 1; None: the whole split)."""
     seq_len: int | None = _f(None, ge=3)
-    """Evaluation sequence length (>= 3, at most the model's positions; None: training.seq_len)."""
+    """Evaluation sequence length in tokens (>= 3, at most the model's positions; None: training.seq_len)."""
     distribution_mask_rate: float = _f(0.10, gt=0, lt=1)
-    """Fraction of evaluation tokens masked for the output distributions, in (0, 1)."""
+    """Fraction of each evaluation sequence's maskable tokens masked for the output distributions,
+    in (0, 1) (at least one per sequence); paper: 0.10."""
     fisher_mask_rate: float = _f(0.15, gt=0, lt=1)
-    """Fraction of tokens masked for the Fisher information, in (0, 1)."""
+    """Fraction of tokens masked for the Fisher information, in (0, 1); paper: 0.15."""
     mask_seed: int = _f(0, ge=0)
     """Seed of the evaluation masks, shared by every member (>= 0)."""
     batch_size: int = _f(32, ge=1)
-    """Sequences per evaluation batch (>= 1)."""
+    """Sequences per evaluation batch (>= 1; toolkit choice). Also the batch of the ``batch`` Fisher
+    estimator, so it changes that estimate."""
     prediction_dtype: Literal["float16", "float32"] = "float32"
     """Storage precision of the stored log-probabilities; float16 halves the disk but ties most
     neighbouring probabilities, which moves top-p JS distances (up to 10% at p = 0.2)."""
     fisher_estimators: tuple[Literal["batch", "per-example"], ...] = _f(
         ("batch", "per-example"), nonempty=True, distinct=True)
-    """Empirical Fisher estimators computed (non-empty, no repeats)."""
+    """Empirical Fisher estimators computed (non-empty, no repeats): ``batch`` is the paper's,
+    ``per-example`` a toolkit addition."""
     fisher_records: int = _f(512, ge=1)
-    """Evaluation records the Fisher information is estimated on (>= 1)."""
+    """Evaluation records (the first ones) the Fisher information is estimated on (>= 1; toolkit choice)."""
     fisher_diagonal: Literal["all", "none"] | tuple[str, ...] = _f("all", nonempty=True, distinct=True)
-    """Full Fisher diagonals stored: "all", "none", or a list of groups ("embeddings", "layer.<i>", "head")."""
+    """Full Fisher diagonals stored: "all", "none", or a list of groups ("embeddings", "layer.<i>", "head");
+    a toolkit addition, about 0.36 GB per snapshot and estimator for bert-base (docs/methods.md)."""
     contextual_records: int = _f(256, ge=1)
-    """Evaluation records the contextual embeddings are taken from (>= 1)."""
+    """Evaluation records (the first ones, unmasked) the contextual embeddings are taken from
+    (>= 1; toolkit choice)."""
     top_p: tuple[float, ...] = _f(PAPER_TOP_P, gt=0, le=1, nonempty=True, distinct=True)
-    """Top-p truncations of the JS distance, each in (0, 1] (non-empty, no repeats)."""
+    """Top-p truncations of the JS distance, each in (0, 1] (non-empty, no repeats); default: the
+    paper's 0.05, 0.1, 0.2, ..., 1.0."""
     topk: tuple[int, ...] = _f(PAPER_TOPK, ge=1, nonempty=True, distinct=True)
-    """Neighbour counts k of the embedding metrics, each >= 1 (non-empty, no repeats)."""
+    """Neighbour counts k of the embedding metrics, each >= 1 (non-empty, no repeats; NaN where
+    k >= V); default: the paper's 1, 3, 5, 10, 20, 50, 100, 1000, 4000."""
     spearman_variant: Literal["symmetric", "authors"] = "symmetric"
-    """Local Spearman: symmetric in the two members, or the authors' one-sided variant."""
+    """Local Spearman: symmetric in the two members, or the authors' one-sided variant (their code;
+    ``definitions`` leaves it alone)."""
     definitions: Literal["toolkit", "authors"] = "toolkit"
     """Default of top_p_rule, spread_ddof and kl_headline: the toolkit's or the authors' exact code."""
     top_p_rule: Literal["reach", "authors"] | None = None
@@ -322,15 +366,17 @@ class AnalysisConfig:
     kl_headline: Literal["model_to_uniform", "uniform_to_model"] | None = None
     """KL direction shown first in tables: KL(P || U) or KL(U || P) (None: definitions)."""
     rbf_sigma: float | None = _f(None, gt=0)
-    """RBF CKA bandwidth as a fraction of the median distance (> 0; None: the median itself)."""
+    """RBF CKA bandwidth as a multiple of the median distance between rows (> 0; None: the median itself)."""
     bootstrap: int = _f(200, ge=1)
-    """Bootstrap resamples of every confidence interval (>= 1)."""
+    """Bootstrap resamples of every confidence interval (>= 1; toolkit choice)."""
     confidence: float = _f(0.95, gt=0, lt=1)
-    """Level of the bootstrap confidence intervals, in (0, 1)."""
+    """Level of the percentile bootstrap confidence intervals, in (0, 1)."""
     entropy_orders: int = _f(4, ge=1)
-    """Data-side profile: conditional entropy given up to this many previous tokens (>= 1)."""
+    """Data-side profile: conditional entropy given up to this many previous tokens (>= 1; toolkit
+    choice, as ``toolkit corpus-stats --orders``)."""
     entropy_max_tokens: int = _f(20_000_000, ge=1)
-    """Data-side profile: at most this many training tokens are counted (>= 1)."""
+    """Data-side profile: at most this many training tokens are counted, whole records first (>= 1;
+    toolkit choice); the entropy rate uses at most 2 M of them."""
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -338,32 +384,39 @@ class AnalysisConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ContainerConfig:
+    """``[dispatch.container]``: the Apptainer/Singularity image every job runs in (or none)."""
+
     runtime: Literal["none", "apptainer", "singularity"] = "none"
     """Container runtime of every job (``none``: the host's Python)."""
     image: str | None = _f(None, plain=True)
     """Path of the SIF image (``make container`` builds ``containers/toolkit.sif``; no control characters)."""
     binds: tuple[str, ...] = _f((), plain=True)
-    """Extra host paths to bind (no control characters); the study and data folders are added automatically."""
+    """Extra host paths to bind (no control characters); the study folder, corpus source folders,
+    external checkpoint folders and scratch are added automatically."""
     scratch: str | None = _f(None, plain=True)
-    """Host scratch folder for caches (HF_HOME, TORCH_HOME, MPLCONFIGDIR; no control characters)."""
+    """Host scratch folder for caches (HF_HOME, TORCH_HOME, MPLCONFIGDIR; no control characters;
+    None: the job's private /tmp, lost with it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceConfig:
+    """``[dispatch.resources.STAGE]``: what one job (one unit) of a stage asks SLURM for; defaults
+    are toolkit choices."""
+
     partition: str | None = _f(None, plain=True)
     """SLURM partition (None: the cluster default; no control characters)."""
     account: str | None = _f(None, plain=True)
-    """SLURM account (no control characters)."""
+    """SLURM account (None: none given; no control characters)."""
     qos: str | None = _f(None, plain=True)
-    """SLURM quality of service (no control characters)."""
+    """SLURM quality of service (None: none given; no control characters)."""
     time_minutes: int = _f(60, ge=1)
-    """Wall-time limit per job, in minutes (>= 1)."""
+    """Wall-time limit per job, in minutes (>= 1); also the local executor's timeout per unit."""
     mem_gb: float | None = _f(None, gt=0)
-    """Memory per job in GB (> 0; None: the cluster default)."""
+    """Memory per job in GB of 1024 MB (> 0; None: the cluster default, no ``--mem``)."""
     cpus_per_task: int = _f(1, ge=1)
-    """CPU cores per job (>= 1)."""
+    """CPU cores per job (>= 1); also the torch threads of a train or evaluate unit, any executor."""
     gpus_per_node: int = _f(0, ge=0)
-    """GPUs per job (>= 0)."""
+    """GPUs per job (>= 0); > 0 also adds ``--nv`` to the container command."""
     gpu_style: Literal["gpus-per-node", "gres"] = "gpus-per-node"
     """How GPUs are requested: ``--gpus-per-node=N`` or ``--gres=gpu:N``."""
     array_parallelism: int = _f(64, ge=1)
@@ -377,13 +430,19 @@ class ResourceConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DispatchConfig:
+    """``[dispatch]``: where and how units run."""
+
     executor: Literal["local", "slurm", "debug"] = "local"
-    """Where units run: this machine, SLURM, or in-process one by one (debug)."""
+    """Where units run: this machine, SLURM, or in-process one by one (debug); ``toolkit run
+    --executor`` overrides it."""
     container: ContainerConfig = field(default_factory=ContainerConfig)
+    """``[dispatch.container]``: the image jobs run in (:class:`ContainerConfig`)."""
     resources: dict[str, ResourceConfig] = field(default_factory=dict)
-    """Per stage (prepare, train, evaluate, analyse); missing stages use the defaults."""
+    """Per stage (prepare, train, evaluate, measure, analyse; see STAGES); missing stages use the
+    defaults of :class:`ResourceConfig`."""
     dask: Literal["local", "slurm"] = "local"
-    """Where the analysis' Dask workers run."""
+    """Where the analysis' Dask workers run: the analysing process' threads, or SLURM worker jobs
+    with ``resources.analyse`` (needs the ``cluster`` extra)."""
     max_parallel: int = _f(1, ge=1)
     """Local executor: units run at the same time (>= 1)."""
 
@@ -396,22 +455,32 @@ class DispatchConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
+    """A whole study file: the ``[study]`` keys and every other table."""
+
     name: str
     """Letters, digits, '.', '_' and '-'."""
     seeds: tuple[int, ...] = _f((1, 2, 3, 4, 5), ge=0, nonempty=True, distinct=True)
-    """Initialisation seeds (>= 0, distinct, at least one); one ensemble member per seed and run."""
+    """Initialisation seeds (>= 0, distinct, at least one); one ensemble member per seed and run.
+    Default: five, the paper's ensemble size."""
     data_seed: int = _f(0, ge=0)
-    """Fixes data order and training masks: identical for every member (>= 0)."""
+    """Fixes data order, training masks and the dropout stream: identical for every member (>= 0)."""
     output_dir: str | None = _f(None, plain=True)
     """Study folder (default: ``studies/<name>``, relative to the current directory; no control characters)."""
     description: str = ""
     """Free text shown in the report."""
     corpora: dict[str, CorpusConfig] = field(default_factory=dict)
+    """``[corpora.NAME]`` tables, at least one (:class:`CorpusConfig`)."""
     runs: dict[str, RunConfig] = field(default_factory=dict)
+    """``[runs.NAME]`` tables, at least one (:class:`RunConfig`); each run's model is merged from
+    ``[model]`` and its own ``[runs.NAME.model]``."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """``[model]``: the default shape of every run (:class:`ModelConfig`)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """``[training]``: optimisation and budget of every trained member (:class:`TrainingConfig`)."""
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    """``[analysis]``: evaluation masks, Fisher and metrics (:class:`AnalysisConfig`)."""
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    """``[dispatch]``: executor, container and per-stage resources (:class:`DispatchConfig`)."""
     source_file: str | None = None
     """The TOML file this study came from (set by :func:`load_study`)."""
 
