@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -422,7 +423,7 @@ def test_distributions_are_reduced_chunk_by_chunk(analysed: StudyConfig) -> None
     """No Dask task ever holds a member's whole (position, vocab) array, only 64-row chunks."""
     from dask.callbacks import Callback
 
-    from toolkit.analyse import distribution_run
+    from toolkit.analyse.distributions import distribution_run
 
     sizes: list[int] = []
 
@@ -437,3 +438,80 @@ def test_distributions_are_reduced_chunk_by_chunk(analysed: StudyConfig) -> None
     assert out["n_positions"] == N_POSITIONS and len(sizes) > 20
     whole = N_POSITIONS * vocab * 2  # one member's float16 log-probs
     assert max(sizes) <= 64 * vocab * 8 < whole  # at most one float64 chunk of 64 positions
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _same(a: Any, b: Any, where: str = "") -> None:
+    """Equal structure, types of containers and values bit for bit (NaN where NaN)."""
+    assert type(a) is type(b) or (isinstance(a, float) and isinstance(b, float)), (where, type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), where
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == b, (where, a, b)
+    else:
+        assert a == b, where
+
+
+def test_shard_encoding_round_trips_random_results_exactly(tmp_path: Path) -> None:
+    """Nested results as the families return them (int and tuple keys, NaN, 0-d and empty
+    arrays, numpy scalars) come back from a real shard store bit for bit."""
+    from toolkit.analyse.shards import read_shard, write_shard
+
+    rng = np.random.default_rng(7)
+    for trial in range(3):
+        result = {
+            "scalar": float(rng.normal()), "nan": math.nan, "inf": -math.inf, "count": int(rng.integers(1e9)),
+            "np_scalar": np.float64(rng.normal()), "f32": rng.normal(size=5).astype(np.float32),
+            "curve": np.append(rng.normal(size=int(rng.integers(1, 50))), math.nan),
+            "steps": np.arange(int(rng.integers(0, 4)), dtype=np.int64), "zero_d": np.array(rng.normal()),
+            "shares": {"batch": [{"embeddings": rng.random(3), "layer.0": rng.random(3)} for _ in range(2)]},
+            "by_seed": {1: (rng.random(4), rng.random(4)), 7: (np.zeros(0), np.zeros(0))},
+            "by_pair": {("batch", "head"): [float(rng.random()), math.nan]},
+            "pair": (float(rng.random()), math.nan), "empty": {}, "text": "kmer3", "none": None,
+        }
+        layout = Layout(make_study(tmp_path / f"s{trial}", seeds=(1,)))
+        write_shard(layout, "s", "r", "fisher", [Member("r", 1)], result, {"definitions": "toolkit"})
+        ids, back = read_shard(layout, "r", "fisher")
+        assert ids == ["r/seed1"]
+        expected = {**result, "np_scalar": float(result["np_scalar"])}
+        _same(expected, back)
+
+
+def test_summary_from_shards_equals_the_single_process_summary_bit_for_bit(
+        analysed: StudyConfig, tmp_path: Path) -> None:
+    """Every (run, family) shard written as a measure unit writes it, then reduced: the same
+    summary as computing every family in one process; a shard of other members is refused."""
+    from toolkit.analyse import FAMILIES, analyse_study, run_shard
+    from toolkit.analyse.shards import shard_path
+
+    done = marked(analysed)
+    for run in analysed.runs:
+        for family in FAMILIES:
+            run_shard(analysed, run, family, [m for m in done if m.run == run])
+    path = analyse_study(analysed, done, from_shards=True, path=tmp_path / "sharded.zarr")
+    a = store.open_dataset(Layout(analysed).summary, "summary", chunks={}).compute()
+    b = store.open_dataset(path, "summary", chunks={}).compute()
+    assert set(a.variables) == set(b.variables) and len(a.variables) > 60
+    for name in a.variables:
+        x, y = a[name].values, b[name].values
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+    assert {k: v for k, v in a.attrs.items()} == {k: v for k, v in b.attrs.items()}
+    # A shard computed from two of the run's three members is refused by name.
+    run = next(iter(analysed.runs))
+    run_shard(analysed, run, "embeddings", [m for m in done if m.run == run][:2])
+    with pytest.raises(StoreError, match=f"{shard_path(Layout(analysed), run, 'embeddings')}.*computed from members"):
+        analyse_study(analysed, done, from_shards=True, path=tmp_path / "refused.zarr")
+    assert not (tmp_path / "refused.zarr").exists()
+    run_shard(analysed, run, "embeddings", [m for m in done if m.run == run])  # leave it as found

@@ -201,7 +201,8 @@ def test_analyse_on_slurm_workers_matches_local(slurm_cluster, tmp_path: Path,
 
     monkeypatch.setattr(dask_cluster, "slurm_client", recording)
     with caplog.at_level(logging.INFO, logger="toolkit.dispatch.dask_cluster"):
-        analyse_study(study, marked(study))  # the same analysis, its Dask graphs computed by SLURM workers
+        # the same analysis, its Dask graphs computed by SLURM workers
+        analyse_study(study, marked(study), scheduler=dask_cluster.analysis_scheduler)
     # Every worker was a SLURM job of the study and ran the distribution graphs' tasks.
     assert seen["workers"] and all(job in seen["jobs"] and n > 100  # type: ignore[operator]
                                    for job, _, n in seen["workers"].values())  # type: ignore[union-attr]

@@ -136,5 +136,5 @@ def test_planned_unit_seconds_of_a_real_study(tmp_path) -> None:
     from tests.test_dispatch import tiny_study
 
     prior = dlocal.planned_unit_seconds(tiny_study(tmp_path / "out", seeds=1))
-    assert set(prior) == {"prepare", "train", "evaluate", "analyse"}
+    assert set(prior) == {"prepare", "train", "evaluate", "measure", "analyse"}
     assert all(v > 0 for v in prior.values()) and prior["train"] > prior["prepare"]

@@ -94,9 +94,10 @@ def test_json_has_the_documented_keys(tmp_path: Path, capsys: pytest.CaptureFixt
     path.write_text(TINY_STUDY.format(name="s", out=tmp_path / "s"))
     assert main(["plan", str(path), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert isinstance(doc["units"], int) and doc["units"] == 1 + 2 + 2 + 1
+    # prepare, 2 x train, 2 x evaluate, 4 measure shards (one run x 4 families), analyse
+    assert isinstance(doc["units"], int) and doc["units"] == 1 + 2 + 2 + 4 + 1
     assert isinstance(doc["disk_bytes"], int) and doc["disk_bytes"] > 0
-    assert set(doc["stages"]) == {"prepare", "train", "evaluate", "analyse"}
+    assert set(doc["stages"]) == {"prepare", "train", "evaluate", "measure", "analyse"}
     for stage in doc["stages"].values():
         assert {"units", "cpu_hours", "gpu_hours", "peak_memory_bytes", "disk_bytes", "warnings"} <= set(stage)
         assert stage["cpu_hours"] >= 0 and stage["gpu_hours"] == 0  # no GPU asked for

@@ -98,6 +98,10 @@ def summary(study: Any) -> Any:
     return xr.open_zarr(study.root / "summary.zarr", zarr_format=3, consolidated=True)
 
 
+MEASURE_R = {f"measure:r/{f}" for f in ("distributions", "embeddings", "fisher", "training")}
+"""The measure units (analysis shards) of run r."""
+
+
 # --------------------------------------------------------------------------- fingerprint coverage
 
 
@@ -117,16 +121,20 @@ def test_finished_study_is_done_and_a_second_run_does_nothing(study_copy: Path) 
     study, ran = rerun(study_copy)
     assert ran == set()
     assert {s for s, _ in states(study).values()} == {"done"}
-    assert to_run(study) == {"prepare": [], "train": [], "evaluate": [], "analyse": []}
+    assert to_run(study) == {"prepare": [], "train": [], "evaluate": [], "measure": [], "analyse": []}
 
 
 def test_analysis_setting_reruns_analyse_only(study_copy: Path) -> None:
     study = load_study(study_copy, ["analysis.bootstrap=25"])
     st = states(study)
-    assert st["analyse:summary"] == ("stale", "analysis.bootstrap changed")
-    assert all(s == "done" for k, (s, _) in st.items() if k != "analyse:summary")
+    # bootstrap is read by the distribution and embedding shards (their intervals) and the summary
+    shards = {"measure:r/distributions", "measure:r/embeddings"}
+    assert all(st[k] == ("stale", "analysis.bootstrap changed") for k in shards)
+    assert st["analyse:summary"] == ("stale", "waits for measure r/distributions (stale: "
+                                     "analysis.bootstrap changed)")
+    assert all(s == "done" for k, (s, _) in st.items() if k not in shards | {"analyse:summary"})
     study, ran = rerun(study_copy, "analysis.bootstrap=25")
-    assert ran == {"analyse:summary"}
+    assert ran == shards | {"analyse:summary"}
     assert int(summary(study).attrs["bootstrap"]) == 25
 
 
@@ -136,7 +144,7 @@ def test_added_seed_trains_and_evaluates_only_the_new_member(study_copy: Path) -
     assert st["train:r/seed3"][0] == "pending" and st["evaluate:r/seed3"][0] == "pending"
     assert st["analyse:summary"][0] == "stale" and "members added: r/seed3" in st["analyse:summary"][1]
     study, ran = rerun(study_copy, "study.seeds=[1,2,3]")
-    assert ran == {"train:r/seed3", "evaluate:r/seed3", "analyse:summary"}
+    assert ran == {"train:r/seed3", "evaluate:r/seed3", "analyse:summary", *MEASURE_R}
     assert summary(study)["n_members"].values.tolist() == [3]
 
 
@@ -145,7 +153,8 @@ def test_added_run_prepares_and_trains_only_the_new_run(study_copy: Path) -> Non
     study_copy.write_text(text)
     study, ran = rerun(study_copy)
     assert ran == {"prepare:markov--kmer2", "train:r2/seed1", "train:r2/seed2",
-                   "evaluate:r2/seed1", "evaluate:r2/seed2", "analyse:summary"}
+                   "evaluate:r2/seed1", "evaluate:r2/seed2", "analyse:summary",
+                   *(k.replace("r/", "r2/") for k in MEASURE_R)}
     assert summary(study)["run"].values.tolist() == ["r", "r2"]
 
 
@@ -285,15 +294,15 @@ def test_status_reads_the_study_folder_and_notes_a_changed_file(study_copy: Path
     study, _ = rerun(study_copy, "analysis.bootstrap=25")
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "6 units: 6 done, 0 stale" in text
+    assert "10 units: 10 done, 0 stale" in text
     # The study file without the override: shown as last run, with a note on the difference.
     assert main(["status", str(study_copy)]) == 0
     text = capsys.readouterr().out
-    assert "6 done" in text and "differs in analysis.bootstrap" in text
+    assert "10 done" in text and "differs in analysis.bootstrap" in text
     # With --set the study as given: what a run of it would redo.
     assert main(["status", str(study_copy), "--set", "analysis.bootstrap=10"]) == 0
     text = capsys.readouterr().out
-    assert "analyse   summary        stale         analysis.bootstrap changed" in text
+    assert "measure   r/embeddings     stale         analysis.bootstrap changed" in text
     assert main(["status", str(study_copy.parent)]) == 2
     assert "without study.json" in capsys.readouterr().err
 
@@ -302,7 +311,7 @@ def test_report_refuses_a_stale_summary(study_copy: Path, capsys: pytest.Capture
     rc = main(["report", str(study_copy), "--set", "analysis.bootstrap=30"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "the summary is stale (analysis.bootstrap changed)" in err[0]
+    assert "the summary is stale (waits for measure r/distributions (stale: analysis.bootstrap changed))" in err[0]
 
 
 def test_open_results_refuses_a_stale_summary_and_leaves_out_stale_members(study_copy: Path) -> None:
@@ -312,10 +321,11 @@ def test_open_results_refuses_a_stale_summary_and_leaves_out_stale_members(study
     out = study_copy.parent / "out"
     assert open_results(out).attrs["members"] == ["r/seed1", "r/seed2"]
     shutil.rmtree(out / "members" / "r" / "seed2" / "fisher.zarr")
-    with pytest.raises(StoreError, match=r"summary is stale: waits for evaluate r/seed2 \(stale\)"):
+    with pytest.raises(StoreError, match=r"summary is stale: waits for measure r/distributions \(stale: "
+                                         r"waits for evaluate r/seed2 \(stale\)\)"):
         open_results(out)
     tree = open_results(out, allow_stale=True)
-    assert tree.attrs["summary_stale"].startswith("stale: waits for evaluate r/seed2")
+    assert tree.attrs["summary_stale"].startswith("stale: waits for measure r/distributions")
     assert tree.attrs["members"] == ["r/seed1"]
 
 

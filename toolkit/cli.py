@@ -186,9 +186,13 @@ def _print_results(study: Any) -> None:
 
 
 def cmd_analyse(args: argparse.Namespace) -> int:
-    from toolkit.units import run_unit
+    from toolkit.units import run_unit, study_units
 
     study = _study(args)
+    # The measure units (one shard per run and family), then the summary that reduces them.
+    for unit in study_units(study):
+        if unit.stage == "measure":
+            run_unit(study, "measure", unit.key, force=args.force)
     run_unit(study, "analyse", "summary", force=args.force)
     _print_results(study)
     return 0
@@ -301,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "show every unit: done / stale (and why) / running / pending / failed")
     add("cancel", cmd_cancel, "cancel the study's queued and running jobs")
     p = add("unit", cmd_unit, "run one unit of work (used by the dispatcher)")
-    p.add_argument("stage", choices=["prepare", "train", "evaluate", "analyse"])
+    from toolkit.config import STAGES
+
+    p.add_argument("stage", choices=list(STAGES))
     p.add_argument("key", help="corpus--tokenizer, RUN/seedN or summary")
     p.add_argument("--force", action="store_true")
     return parser

@@ -85,10 +85,11 @@ second per core (demo analyse logs: 3 members, 2,600 positions, V 4,096 in 2.5 s
 EMBEDDING_ELEMENTS_PER_S = 2.7e8
 """Static-embedding comparisons: member pairs x V^2 x hidden per second per core (demo:
 4 s per pair at V 4,096, hidden 128, on 2 cores)."""
-UNIT_OVERHEAD_S = {"prepare": 3.0, "train": 8.0, "evaluate": 12.0, "analyse": 20.0}
+UNIT_OVERHEAD_S = {"prepare": 3.0, "train": 8.0, "evaluate": 12.0, "measure": 6.0, "analyse": 20.0}
 """Fixed seconds of a unit beyond its work: process start, imports, loading models and stores
 (measured: the tiny study's units on the development machine take 3 / 8 / 13 / 21 s while
-their work is planned at well under a second)."""
+their work is planned at well under a second; a measure unit imports no model code, and the
+analyse unit's 20 s are mostly the report's figures)."""
 FISHER_OVERHEAD = 1.25
 """Per-example Fisher with full diagonal over one forward+backward (benchmarks/bench_fisher.py: 1.13-1.24)."""
 
@@ -386,7 +387,7 @@ class StagePlan:
                 "unit_hours": self.unit_hours, "disk_bytes": self.disk_bytes, "warnings": list(self.warnings)}
 
 
-STAGES = ("prepare", "train", "evaluate", "analyse")
+STAGES = ("prepare", "train", "evaluate", "measure", "analyse")
 
 
 @dataclass
@@ -483,7 +484,7 @@ class _Planner:
         self.study, self.devices = study, devices
         self.stages = {s: StagePlan() for s in STAGES}
         self.disk: dict[str, float] = dict.fromkeys(
-            ("tokens", "masks", "checkpoints", "train", "predictions", "embeddings", "fisher", "summary"), 0.0)
+            ("tokens", "masks", "checkpoints", "train", "predictions", "embeddings", "fisher", "shards", "summary"), 0.0)
         self.notes: list[str] = []
 
     def prepare(self, corpus: str, tok: str, s: RunShape) -> None:
@@ -591,25 +592,36 @@ class _Planner:
         self.notes.append(f"run {run}: {e.positions:,.0f} evaluation positions, {snapshots} Fisher snapshots")
 
     def analyse(self, shapes: dict[str, RunShape]) -> None:
-        """The one analyse unit: pairwise distribution and embedding measures of every run."""
+        """The measure units (one per run and family: the pairwise distribution and embedding
+        measures are the work) and the analyse unit that reduces their shards."""
+        from toolkit.analyse.shards import FAMILIES
+
         study = self.study
-        _, cores = _device(study, "analyse", self.devices)
+        _, cores = _device(study, "measure", self.devices)
         m = len(study.seeds)
         pairs = m * (m - 1) / 2
-        dist = emb = 0.0
-        mem = float(PROCESS_BASELINE_BYTES)
+        stage = self.stages["measure"]
         for run, s in shapes.items():
             h = model_shape(study, run)["hidden_size"]
-            dist += (pairs + m) * _Eval.of(study, s).positions * s.vocab
-            emb += pairs * s.vocab ** 2 * h
-            mem = max(mem, PROCESS_BASELINE_BYTES + 2 * 2048 * s.vocab * 8 * 4 * cores
-                      + 3 * s.vocab ** 2 * 8 + m * s.vocab * h * 8)
-        secs = (dist / DISTRIBUTION_ELEMENTS_PER_S + emb / EMBEDDING_ELEMENTS_PER_S) / cores + UNIT_OVERHEAD_S["analyse"]
+            work = {"distributions": (pairs + m) * _Eval.of(study, s).positions * s.vocab / DISTRIBUTION_ELEMENTS_PER_S,
+                    "embeddings": pairs * s.vocab ** 2 * h / EMBEDDING_ELEMENTS_PER_S}
+            memory = {"distributions": PROCESS_BASELINE_BYTES + 2 * 2048 * s.vocab * 8 * 4 * cores,
+                      "embeddings": PROCESS_BASELINE_BYTES + 3 * s.vocab ** 2 * 8 + m * s.vocab * h * 8}
+            for family in FAMILIES:
+                secs = work.get(family, 0.0) / cores + UNIT_OVERHEAD_S["measure"]
+                mem = memory.get(family, float(PROCESS_BASELINE_BYTES))
+                shard = 2e4 + (s.vocab * 8 if family == "distributions" else 0)  # rank curve; scalars
+                self.disk["shards"] += shard
+                stage.add(cpu=secs * cores / 3600, memory=mem, wall=secs / 3600, disk=shard)
+                _resource_warnings(study, "measure", stage, secs, mem, run)
+        _, cores = _device(study, "analyse", self.devices)
+        secs = UNIT_OVERHEAD_S["analyse"]
         # per run: vocabulary-long curves (float64) and per-member tables; report figures apart
         summary = 2e5 + sum(s.vocab * 8 * 4 + m * 50e3 for s in shapes.values())
         self.disk["summary"] += summary
-        self.stages["analyse"].add(cpu=secs * cores / 3600, memory=mem, wall=secs / 3600, disk=summary)
-        _resource_warnings(study, "analyse", self.stages["analyse"], secs, mem, None)
+        self.stages["analyse"].add(cpu=secs * cores / 3600, memory=PROCESS_BASELINE_BYTES, wall=secs / 3600,
+                                   disk=summary)
+        _resource_warnings(study, "analyse", self.stages["analyse"], secs, PROCESS_BASELINE_BYTES, None)
 
     def check_resources(self) -> None:
         """Memory and time-limit warnings of prepare and train, GPU memory of train and evaluate."""

@@ -115,6 +115,14 @@ class UnitState:
     state: State
     reason: str = ""
     marker: dict[str, Any] | None = None
+    current: bool = False
+    """The outputs reflect the upstream units that are done: true for a done unit, and for a
+    ``measure`` unit that is stale only because members it would include are not done yet
+    (later units may read it: the analyse unit checks the members itself)."""
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "done" or self.current
 
 
 # --------------------------------------------------------------------------- the units
@@ -143,8 +151,19 @@ def study_units(study: StudyConfig) -> list[Unit]:
         out.append(Unit("evaluate", m.id, layout.evaluate_marker(m), d / ".evaluate.lock",
                         (d / "predictions.zarr", d / "embeddings.zarr", d / "fisher.zarr"),
                         (("prepare", token_key(run.corpus, run_tokenizer(study, m.run))), ("train", m.id))))
-    up = [("prepare", token_key(c, t)) for c, t in prepare_keys(study)]
-    up += [("train", m.id) for m in ms] + [("evaluate", m.id) for m in ms]
+    from toolkit.analyse.shards import FAMILIES, shard_key, shard_path
+
+    shards: list[tuple[str, str]] = []
+    for name, run in study.runs.items():
+        up = [("prepare", token_key(run.corpus, run_tokenizer(study, name)))]
+        up += [(stage, m.id) for m in ms if m.run == name for stage in ("train", "evaluate")]
+        for family in FAMILIES:
+            path = shard_path(layout, name, family)
+            key = shard_key(name, family)
+            out.append(Unit("measure", key, path.parent / f".{family}.complete.json",
+                            path.parent / f".{family}.lock", (path,), tuple(up)))
+            shards.append(("measure", key))
+    up = [("prepare", token_key(c, t)) for c, t in prepare_keys(study)] + shards
     out.append(Unit("analyse", "summary", layout.analyse_marker, layout.root / ".analyse.lock",
                     (layout.summary, layout.report_dir / "index.html"), tuple(up)))
     return out
@@ -244,6 +263,12 @@ def unit_settings(study: StudyConfig, unit: Unit) -> dict[str, Any]:
         s["study.data_seed"] = study.data_seed
     elif unit.stage == "evaluate":
         s.update(_analysis(study, "evaluate"))
+    elif unit.stage == "measure":
+        from toolkit.analyse.shards import family_settings, parse_shard_key
+
+        run, family = parse_shard_key(unit.key)
+        s[f"runs.{run}"] = f"{study.runs[run].corpus} x {study.runs[run].tokenizer}"
+        s.update(family_settings(study, family))
     elif unit.stage == "analyse":
         s.update(_analysis(study, "analyse"))
         s["study.runs"] = [f"{r}: {c.corpus} x {c.tokenizer}" for r, c in study.runs.items()]
@@ -307,6 +332,8 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
         return {"weights": _json_digest(weights), "log": _tree_digest(unit.outputs[0])}
     if unit.stage == "evaluate":
         return {p.name.removesuffix(".zarr"): _tree_digest(p) for p in unit.outputs}
+    if unit.stage == "measure":
+        return {"shard": _tree_digest(unit.outputs[0])}
     return {"summary": _tree_digest(layout.summary)}
 
 
@@ -318,10 +345,16 @@ _READS: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "prepare"): ("tokenizer", "tokens"),
     ("evaluate", "prepare"): ("tokenizer", "tokens"),
     ("evaluate", "train"): ("weights",),
+    ("measure", "prepare"): ("tokens",),
+    ("measure", "train"): ("weights", "log"),
+    ("measure", "evaluate"): ("predictions", "embeddings", "fisher"),
     ("analyse", "prepare"): ("profile",),
-    ("analyse", "train"): ("weights", "log"),
-    ("analyse", "evaluate"): ("predictions", "embeddings", "fisher"),
+    ("analyse", "measure"): ("shard",),
 }
+LENIENT = ("measure",)
+"""Stages whose units run with the members that are done (and say which are left out)
+instead of waiting for every upstream unit. The analyse unit reads the shards of those
+units; it refuses shards computed from other members than the run's done members."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -420,7 +453,7 @@ def unit_inputs(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Un
     upstream: dict[str, Any] = {}
     for up in unit.upstream:
         st = states.get(up)
-        if st is None or st.state != "done" or st.marker is None:
+        if st is None or not st.usable or st.marker is None:
             continue
         outputs = st.marker.get("outputs") or {}
         upstream[f"{up[0]}:{up[1]}"] = {k: outputs.get(k) for k in _READS[(unit.stage, up[0])]}
@@ -458,12 +491,12 @@ def explain(old: dict[str, Any], new: dict[str, Any], stage: str) -> str:
     ua, ub = old.get("upstream") or {}, new.get("upstream") or {}
     had = {_member_of(k) for k in ua} - {""}
     has = {_member_of(k) for k in ub} - {""}
-    if stage == "analyse":
+    if stage in LENIENT:
         if has - had:
             parts.append(f"members added: {_names(sorted(has - had))}")
         if had - has:
             parts.append(f"members removed: {_names(sorted(had - has))}")
-    skip = (has ^ had) if stage == "analyse" else set()
+    skip = (has ^ had) if stage in LENIENT else set()
     diff = sorted(k for k in set(ua) | set(ub) if ua.get(k) != ub.get(k) and _member_of(k) not in skip)
     if diff:
         parts.append(f"new output of {_names([k.replace(':', ' ', 1) for k in diff])}")
@@ -492,10 +525,11 @@ def _state(study: StudyConfig, u: Unit, states: dict[tuple[str, str], UnitState]
     missing = [p for p in u.outputs if not p.exists()]
     if missing:
         return UnitState(u, "stale", f"output {missing[0].name} is missing", doc)
-    waits = [up for up in u.upstream if states[up].state != "done"]
-    if waits and u.stage != "analyse":
+    waits = [up for up in u.upstream if not states[up].usable]
+    if waits and u.stage not in LENIENT:
         s, k = waits[0]
-        return UnitState(u, "stale", f"waits for {s} {k} ({states[waits[0]].state})", doc)
+        why = states[waits[0]].reason if s in LENIENT else ""  # a shard's own reason says more
+        return UnitState(u, "stale", f"waits for {s} {k} ({states[waits[0]].state}{': ' + why if why else ''})", doc)
     try:
         now = unit_inputs(study, u, states, recorded=doc["inputs"])
     except ToolkitError as e:
@@ -509,7 +543,7 @@ def _state(study: StudyConfig, u: Unit, states: dict[tuple[str, str], UnitState]
         why = explain(then, now, u.stage)
         if why != "inputs changed" or not waits:
             reasons.append(why)
-    if waits:  # analyse: the summary lacks members that are not done
+    if waits:  # measure: the shard lacks members that are not done
         recorded = {_member_of(k) for k in doc["inputs"].get("upstream") or {}}
         new = sorted({_member_of(f"{s}:{k}") for s, k in waits} - recorded - {""})
         old = [f"{s} {k} ({states[(s, k)].state})" for s, k in waits
@@ -518,9 +552,13 @@ def _state(study: StudyConfig, u: Unit, states: dict[tuple[str, str], UnitState]
             reasons.append(f"members added: {_names(new)} (not evaluated yet)")
         if old:
             reasons.append(f"waits for {_names(old, 2)}")
+    lagging = [up for up in u.upstream if states[up].state != "done"] if u.stage not in LENIENT else []
+    if lagging:  # usable (e.g. a shard without members that are not evaluated yet), not done
+        s, k = lagging[0]
+        reasons.append(f"waits for {s} {k} (stale: {states[lagging[0]].reason})")
     if reasons:
-        return UnitState(u, "stale", "; ".join(reasons), doc)
-    return UnitState(u, "done", "", doc)
+        return UnitState(u, "stale", "; ".join(reasons), doc, current=fingerprint(now) == doc.get("fingerprint"))
+    return UnitState(u, "done", "", doc, current=True)
 
 
 def to_run(study: StudyConfig, force: set[tuple[str, str]] | None = None) -> dict[str, list[str]]:
@@ -638,8 +676,8 @@ def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -
         if st.state == "done" and not force:
             log.info("%s: already complete, skipped", unit.label)
             return
-        if stage != "analyse":
-            waits = [up for up in unit.upstream if states[up].state != "done"]
+        if stage not in LENIENT:
+            waits = [up for up in unit.upstream if not states[up].usable]
             if waits:
                 s, k = waits[0]
                 raise SubmissionError(f"{unit.label}: needs {s} {k}, which is {states[waits[0]].state}"
@@ -683,12 +721,22 @@ def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Uni
         from toolkit.evaluate import evaluate_member
 
         evaluate_member(study, Member.parse(unit.key, study))
+    elif unit.stage == "measure":
+        from toolkit.analyse.shards import parse_shard_key, run_shard
+        from toolkit.dispatch.dask_cluster import analysis_scheduler
+
+        run, family = parse_shard_key(unit.key)
+        done = [m for m in members(study) if m.run == run
+                and states[("evaluate", m.id)].state == "done"]  # in seed order, as the summary lists them
+        # dispatch.dask = "slurm": the shard's Dask graphs run on SLURM worker jobs.
+        with analysis_scheduler(study):
+            run_shard(study, run, family, done)
     else:
         from toolkit.analyse import analyse_study
         from toolkit.report import write_report
 
         done = [Member.parse(k) for (s, k), st in states.items() if s == "evaluate" and st.state == "done"]
-        analyse_study(study, done)
+        analyse_study(study, done, from_shards=True)
         write_report(study)
 
 

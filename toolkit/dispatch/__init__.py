@@ -1,8 +1,10 @@
 """Run a study's units of work as jobs: locally, in-process (debug) or on SLURM.
 
-A study is four stages of units (``toolkit.study.iter_units``): prepare (one per
+A study is five stages of units (:func:`toolkit.units.study_units`): prepare (one per
 corpus x tokenizer), train (one per member, a job array), evaluate (one per member,
-a job array) and analyse (one job). Every job runs::
+a job array), measure (one per run x measure family, a job array: the analysis shards
+of :mod:`toolkit.analyse.shards`) and analyse (one job: the reduce into the summary and
+the report). Every job runs::
 
     python -m toolkit unit <root>/study.json STAGE KEY
 

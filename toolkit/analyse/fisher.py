@@ -1,7 +1,11 @@
-"""Analyses of the stored Fisher diagonals (``fisher.zarr/diagonal/``) of one run's members.
+"""Where the empirical Fisher information sits in one run's members.
 
-- **Per-token Fisher.** Token v's Fisher is the sum of the diagonal over its
-  word-embedding row (the evaluated checkpoint, ``analysis.checkpoint``: the last step
+- **Shares.** Per member, estimator and snapshot, the Fisher trace of each block
+  (``embeddings``, ``layer.<i>``, ``head``) over the sum of all blocks; averaged over
+  members per group of the paper's figure (embeddings, transformer, head), per block, and
+  over the training flow.
+- **Per-token Fisher** (from the stored diagonals, ``fisher.zarr/diagonal/``). Token v's
+  Fisher is the sum of the diagonal over its word-embedding row (the evaluated checkpoint, ``analysis.checkpoint``: the last step
   entry of the store). Per member it is compared, by Spearman rank
   correlation over tokens, with the token's frequency in the training split of the
   token store (tokens that occur there) and with its predictability: the member's mean
@@ -25,7 +29,6 @@ member are held in memory (ranks need the whole vector).
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import warnings
 from typing import Any
@@ -33,21 +36,13 @@ from typing import Any
 import numpy as np
 
 from toolkit import store
+from toolkit.analyse.common import NAN, log, mean_std
 from toolkit.config import StudyConfig
 from toolkit.study import Layout, Member
 
-log = logging.getLogger("toolkit.analyse")
-
 N_TOKEN_BINS = 10
-NAN = math.nan
 WORDS = "bert.embeddings.word_embeddings.weight"
-
-
-def _mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:
-    from toolkit.analyse_runs import _mean_std as mean_std  # the summary's one definition
-
-    return mean_std(values)
-
+PAPER_GROUPS = ("embeddings", "transformer", "head")
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
@@ -198,10 +193,10 @@ def fisher_diagonal_arrays(per_run: dict[str, dict[str, Any]], runs: list[str], 
     def put(name: str, index: tuple[int, ...], values: list[Any]) -> None:
         v = np.asarray(values, dtype=np.float64)
         if v.ndim == 1:
-            out[name][index], out[f"{name}_std"][index] = _mean_std(v)
+            out[name][index], out[f"{name}_std"][index] = mean_std(v)
         else:  # (members, bins): mean and std per bin
             for b in range(v.shape[1]):
-                out[name][(*index, b)], out[f"{name}_std"][(*index, b)] = _mean_std(v[:, b])
+                out[name][(*index, b)], out[f"{name}_std"][(*index, b)] = mean_std(v[:, b])
 
     for r, run in enumerate(runs):
         res = per_run.get(run)
@@ -225,3 +220,105 @@ def fisher_diagonal_arrays(per_run: dict[str, dict[str, Any]], runs: list[str], 
                 if pairs:
                     put("fisher_seed_spearman", (r, e, b), pairs)
     return out
+
+
+# --------------------------------------------------------------------------- Fisher
+
+
+def fisher_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, Any]:
+    """Normalised Fisher shares of one run: per group, per block and over the flow.
+
+    Each member's traces are normalised to sum to 1 over the groups (per estimator and
+    step) before averaging over members, so members of different overall scale weigh
+    the same. Returns per-member arrays keyed by estimator, and the step of each snapshot
+    (NaN where members' snapshots at that index are from different steps, e.g. each
+    member's own best checkpoint); :func:`fisher_arrays` pads them onto the
+    study-wide coordinates.
+    """
+    layout = Layout(study)
+    shares: dict[str, list[dict[str, np.ndarray]]] = {}  # estimator -> per member {block: (S,)}
+    steps: list[np.ndarray] = []
+    for m in ms:
+        g = store.open_store(layout.member_dir(m) / "fisher.zarr", "fisher")
+        est = [str(e) for e in g["estimator"][...]]
+        step = np.asarray(g["step"][...], dtype=np.int64)
+        groups = [str(x) for x in g["group"][...]]
+        # Stored order, not sorted by step: the flow snapshots, then the evaluated checkpoint,
+        # whose step (e.g. of 'best') can precede the last snapshots; the summary takes the last.
+        trace = np.asarray(g["fisher_trace"][...], dtype=np.float64)  # (E, S, G)
+        total = trace.sum(axis=2, keepdims=True)  # (E, S, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm = trace / total  # (E, S, G): sums to 1 over groups
+        for e, name in enumerate(est):
+            shares.setdefault(name, []).append({b: norm[e, :, gi] for gi, b in enumerate(groups)})
+        steps.append(step)
+    label = np.asarray(steps[0] if steps else [], dtype=np.float64)
+    if any(len(s) != len(steps[0]) or not np.array_equal(s, steps[0]) for s in steps):
+        for i in range(len(label)):
+            if any(i >= len(s) or s[i] != steps[0][i] for s in steps):
+                label[i] = NAN  # no one step describes this index
+        log.warning("%s: members have different Fisher-flow steps %s; the flow is aligned by index "
+                    "(step NaN where they differ)", run, [s.tolist() for s in steps])
+    return {"shares": shares, "steps": label}
+
+
+
+def _paper_group(group: str) -> str:
+    """'layer.N' collapses into 'transformer' (the paper's main figure)."""
+    return "transformer" if group.startswith("layer.") else group
+
+
+def fisher_arrays(per_run: dict[str, dict[str, Any]], runs: list[str], estimators: list[str],
+                   blocks: list[str], n_flow: int) -> dict[str, np.ndarray]:
+    """Pad each run's Fisher shares onto (run, estimator, flow step, group/block)."""
+    n_r, n_e, n_g, n_b = len(runs), len(estimators), len(PAPER_GROUPS), len(blocks)
+    out = {
+        name: np.full(shape, NAN) for name, shape in (
+            ("fisher_flow", (n_r, n_e, n_flow, n_g)), ("fisher_flow_std", (n_r, n_e, n_flow, n_g)),
+            ("fisher_block_share", (n_r, n_b)), ("fisher_block_share_std", (n_r, n_b)),
+            ("fisher_flow_step", (n_r, n_flow)))
+    }
+    for r, run in enumerate(runs):
+        fr = per_run.get(run)
+        if not fr:
+            continue
+        out["fisher_flow_step"][r, : len(fr["steps"])] = fr["steps"]
+        for e, est in enumerate(estimators):
+            member_shares = fr["shares"].get(est, [])
+            if not member_shares:
+                continue
+            n_s = min(len(next(iter(s.values()))) for s in member_shares)
+            for gi, group in enumerate(PAPER_GROUPS):
+                # (members, S): collapse blocks into the paper's groups, per member
+                per_member = np.stack([
+                    sum((v[:n_s] for b, v in s.items() if _paper_group(b) == group),
+                        np.zeros(n_s)) for s in member_shares])
+                for si in range(n_s):
+                    out["fisher_flow"][r, e, si, gi], out["fisher_flow_std"][r, e, si, gi] = (
+                        mean_std(per_member[:, si]))
+            if est == "batch":
+                for bi, block in enumerate(blocks):
+                    vals = [s[block][n_s - 1] for s in member_shares if block in s]
+                    if vals:
+                        out["fisher_block_share"][r, bi], out["fisher_block_share_std"][r, bi] = (
+                            mean_std(vals))
+    # The evaluated checkpoint = the last real flow step of each run (evaluate writes it last).
+    last = np.full((n_r, n_e, n_g), NAN)
+    last_std = np.full((n_r, n_e, n_g), NAN)
+    for r in range(n_r):
+        for e in range(n_e):
+            filled = np.where(np.isfinite(out["fisher_flow"][r, e]).any(axis=1))[0]
+            if filled.size:
+                last[r, e] = out["fisher_flow"][r, e, filled[-1]]
+                last_std[r, e] = out["fisher_flow_std"][r, e, filled[-1]]
+    out["fisher_share_estimator"], out["fisher_share_estimator_std"] = last, last_std
+    if "batch" in estimators:
+        b = estimators.index("batch")
+        out["fisher_share"], out["fisher_share_std"] = last[:, b], last_std[:, b]
+    else:
+        log.warning("no 'batch' Fisher estimator in the stores; fisher_share is NaN "
+                    "(see fisher_share_estimator)")
+        out["fisher_share"] = np.full((n_r, n_g), NAN)
+        out["fisher_share_std"] = np.full((n_r, n_g), NAN)
+    return out
+
