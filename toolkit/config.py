@@ -304,6 +304,9 @@ class TrainingConfig:
     batches every time (>= 1; toolkit choice)."""
     log_every_steps: int = _f(50, ge=1)
     """A progress log line (and live-curve point) every this many steps (>= 1; toolkit choice)."""
+    tensorboard: bool = False
+    """Also write the curves as TensorBoard event files in ``members/<run>/seed<N>/tensorboard/``
+    (needs ``pip install 'toolkit[tensorboard]'``; toolkit choice: off)."""
     fisher_flow: tuple[float, ...] = _f((0.25, 0.5, 0.75), gt=0, lt=1)
     """Fractions of training, each in (0, 1), at which weight snapshots are kept for the Fisher
     flow (a toolkit addition; steps rounded, repeats dropped)."""

@@ -81,7 +81,7 @@ ANALYSIS_FIELDS: dict[str, tuple[str, ...]] = {
 # ``fisher_estimators`` is read by evaluate (what is computed) and analyse (what is shown).
 ANALYSIS_SHARED = {"fisher_estimators": ("evaluate", "analyse")}
 TRAINING_IGNORED = ("checkpoint_every_steps", "checkpoint_every_minutes", "log_every_steps",
-                    "device")
+                    "device", "tensorboard")
 """Training settings that change how often things are saved or logged, or where the
 computation runs, but not the model a member ends up with."""
 
