@@ -50,6 +50,14 @@ are not in the image: a job that needs them fails, as it would on a cluster.
 Use from a test: ``build_image(tmp / "toolkit.sif", wheel)``, then
 ``write_runtime(bin_dir, log)`` and put ``bin_dir`` first on ``PATH``. Each call is
 appended to ``log`` as a JSON line (``argv``, ``nv``, ``binds``, ``env``).
+
+**The stand-in.** Where no isolation is needed (or bwrap cannot run), ``write_standin(bin_dir,
+log)`` puts a lighter ``apptainer`` there: it reads the same command line with the same
+parser (:func:`parse`), checks what the dispatcher must pass (``exec --containall
+--cleanenv``, binds whose sources exist, an existing ``.sif``, every absolute path of the
+command inside a bind, the container's ``python``), logs the call the same way, and runs
+the command with a clean environment plus the image's ``%environment`` values on the host,
+without hiding the host's files. Any file ending in ``.sif`` will do as its image.
 """
 
 from __future__ import annotations
@@ -199,17 +207,27 @@ def build_image(sif: Path, wheel: Path, definition: Path, deps: str) -> Path:
 # --------------------------------------------------------------------------- the runtime
 
 
-def write_runtime(folder: Path, log: Path, name: str = "apptainer") -> Path:
-    """Put an executable ``apptainer`` in ``folder`` that runs :func:`main` (prepend it to PATH)."""
+def _write_launcher(folder: Path, name: str, call: str) -> Path:
+    """An executable ``folder/name`` that imports this module and exits with ``call``'s value."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(f"#!{sys.executable}\n"
                     "import sys\n"
                     f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
                     "import apptainer_bwrap\n"
-                    f"raise SystemExit(apptainer_bwrap.main(sys.argv[1:], log={str(log)!r}))\n")
+                    f"raise SystemExit(apptainer_bwrap.{call})\n")
     path.chmod(0o755)
     return path
+
+
+def write_runtime(folder: Path, log: Path, name: str = "apptainer") -> Path:
+    """Put an executable ``apptainer`` in ``folder`` that runs :func:`main` (prepend it to PATH)."""
+    return _write_launcher(folder, name, f"main(sys.argv[1:], log={str(log)!r})")
+
+
+def write_standin(folder: Path, log: Path) -> Path:
+    """Put the stand-in ``apptainer`` in ``folder`` that runs :func:`standin_main` (prepend it to PATH)."""
+    return _write_launcher(folder, "apptainer", f"standin_main(sys.argv[1:], log={str(log)!r})")
 
 
 def _split_csv(value: str) -> list[str]:
@@ -268,8 +286,9 @@ def parse(argv: list[str]) -> dict[str, Any]:
     return opts
 
 
-def _bind_args(spec: str) -> tuple[list[str], str]:
-    """bwrap arguments for one ``src[:dst[:ro|rw]]``; refuses a missing source like Apptainer."""
+def bind_spec(spec: str) -> tuple[str, str, str]:
+    """``src[:dst[:ro|rw]]`` as (absolute source, destination, option); refuses a missing
+    source like Apptainer."""
     parts = spec.split(":")
     if len(parts) > 3:
         raise UsageError(f"bind {spec!r}: too many ':' (src[:dst[:opts]])")
@@ -282,7 +301,13 @@ def _bind_args(spec: str) -> tuple[list[str], str]:
         raise UsageError(f"container creation failed: mount {src}->{dst} error: mount source {src} doesn't exist")
     if not dst.startswith("/"):
         raise UsageError(f"bind {spec!r}: the destination must be an absolute path")
-    return ["--ro-bind" if opt == "ro" else "--bind", src, dst], dst
+    return src, dst, opt
+
+
+def _bind_args(spec: str) -> list[str]:
+    """bwrap arguments for one ``src[:dst[:ro|rw]]``."""
+    src, dst, opt = bind_spec(spec)
+    return ["--ro-bind" if opt == "ro" else "--bind", src, dst]
 
 
 def sandbox_argv(opts: dict[str, Any], manifest: dict[str, Any], host_env: dict[str, str]) -> list[str]:
@@ -317,7 +342,7 @@ def sandbox_argv(opts: dict[str, Any], manifest: dict[str, Any], host_env: dict[
             if os.path.isdir(path):
                 argv += ["--bind", path, path]
     for spec in opts["binds"]:
-        argv += _bind_args(spec)[0]
+        argv += _bind_args(spec)
     return [*argv, "--remount-ro", "/", "--chdir", cwd]
 
 
@@ -398,18 +423,73 @@ def run(opts: dict[str, Any], host_env: dict[str, str]) -> int:
     return proc.wait()
 
 
+def _log_call(log: str | None, argv: list[str], opts: dict[str, Any]) -> None:
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"argv": argv, "nv": opts["nv"], "binds": opts["binds"],
+                                "env": opts["env"]}) + "\n")
+
+
 def main(argv: list[str], log: str | None = None) -> int:
     """The ``apptainer`` entry point: parse, log the call, run; 255 on a refused command line."""
     try:
         opts = parse(argv)
-        if log:
-            with open(log, "a") as f:
-                f.write(json.dumps({"argv": argv, "nv": opts["nv"], "binds": opts["binds"],
-                                    "env": opts["env"]}) + "\n")
+        _log_call(log, argv, opts)
         return run(opts, dict(os.environ))
     except UsageError as e:
         print(f"FATAL:   {e}", file=sys.stderr)
         return 255
+
+
+# --------------------------------------------------------------------------- the stand-in
+
+
+def standin_check(opts: dict[str, Any]) -> None:
+    """What the stand-in asks of a parsed command line (see the module's docstring).
+
+    Raises
+    ------
+    UsageError
+        Anything but ``exec --containall --cleanenv`` with binds, a missing image or bind
+        source, a path of the command outside every bind, another program than ``python``.
+    """
+    if opts["command"] != "exec":
+        raise UsageError(f"expected 'exec', got {opts['command']!r}")
+    if not (opts["contain"] and opts["cleanenv"] and opts["pid"] and opts["ipc"]):
+        raise UsageError("expected --containall --cleanenv")
+    if not opts["binds"]:
+        raise UsageError("expected --bind")
+    image = opts["image"]
+    if not (image.endswith(".sif") and os.path.isfile(image)):
+        raise UsageError(f"image {image} is not a SIF file")
+    inside = [bind_spec(spec)[1] for spec in opts["binds"]]
+    for arg in opts["cmd"]:
+        if arg.startswith("/") and not any(arg == d or arg.startswith(d.rstrip("/") + "/") for d in inside):
+            raise UsageError(f"{arg} would not be visible in the container (binds: {inside})")
+    if opts["cmd"][:1] != ["python"]:
+        raise UsageError(f"expected the container's python, got {opts['cmd'][:1]!r}")
+
+
+def standin_main(argv: list[str], log: str | None = None) -> int:
+    """The stand-in ``apptainer`` entry point: parse and check the command line, log the
+    call, then run the command on the host the way ``apptainer exec --containall
+    --cleanenv`` would set up its environment: a clean one plus the image's
+    ``%environment`` values and the ``--env`` ones; 255 on a refused command line."""
+    try:
+        opts = parse(argv)
+        standin_check(opts)
+    except UsageError as e:
+        print(f"apptainer stand-in: {e}", file=sys.stderr)
+        return 255
+    _log_call(log, argv, opts)
+    python = sys.executable  # the launcher's: the project venv stands for the image's python
+    scratch = opts["env"].get("TOOLKIT_SCRATCH", "/tmp")
+    env = {"PATH": os.path.dirname(python) + ":/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
+           "HF_HOME": scratch + "/hf", "TORCH_HOME": scratch + "/torch",
+           "MPLCONFIGDIR": scratch + "/matplotlib", **opts["env"]}
+    os.execve(python, [python, *opts["cmd"][1:]], env)
+    return 0  # not reached
 
 
 if __name__ == "__main__":

@@ -1,59 +1,329 @@
-"""Shared fixtures. Real components only: real files, real Zarr stores, real tiny models."""
+"""Shared fixtures, and the helpers that more than one test module uses (test modules import
+them from here, never from each other). Real components only: real files, real Zarr stores,
+real tiny models. Heavy imports (torch, the toolkit) stay inside the helpers."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.config import StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-TINY_STUDY = """\
-[study]
-name = "{name}"
-seeds = [1, 2]
-output_dir = "{out}"
+# --------------------------------------------------------------------------- the tiny study
 
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 48
-eval_records = 16
-synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 64, length = 300 }}
 
-[runs.r]
-corpus = "markov"
-tokenizer = "kmer3"
+def study_doc(name: str, out: str | Path | None = None, *, seeds: tuple[int, ...] | list[int] = (1, 2),
+              runs: dict[str, str] | None = None, adopted: bool = False, corpus: dict | None = None,
+              model: dict | None = None, training: dict | None = None, analysis: dict | None = None,
+              dispatch: dict | None = None) -> dict[str, Any]:
+    """The tiny study as a document (what its TOML file parses to): a Markov corpus
+    ``markov``, tiny members, the debug executor; about 15 s end to end on 2 cores.
 
-[model]
-shape = "tiny"
+    ``out`` is ``study.output_dir`` (none when ``None``); ``runs`` maps run names to their
+    tokenizers on ``markov`` (default ``{"r": "kmer3"}``). ``adopted``: the members adopt
+    published checkpoints (``runs.*.checkpoints``, added by the caller), so there is no
+    ``[model]`` and ``[training]`` only sets ``batch_size`` and ``seq_len``. ``corpus``,
+    ``model``, ``training``, ``analysis`` and ``dispatch`` update those tables (nested
+    tables are merged; a key set to ``None`` is dropped).
+    """
+    study: dict[str, Any] = {"name": name, "seeds": list(seeds)}
+    if out is not None:
+        study["output_dir"] = str(out)
+    doc: dict[str, Any] = {
+        "study": study,
+        "corpora": {"markov": {"source": "synthetic:markov", "train_records": 48, "eval_records": 16,
+                               "synthetic": {"alphabet": "ACGT", "order": 2, "entropy_rate": 1.2,
+                                             "records": 64, "length": 300}}},
+        "runs": {run: {"corpus": "markov", "tokenizer": tok}
+                 for run, tok in ({"r": "kmer3"} if runs is None else runs).items()},
+        "model": {"shape": "tiny"},
+        "training": {"steps": 12, "batch_size": 8, "seq_len": 64, "checkpoint_every_steps": 6,
+                     "eval_every_steps": 6, "eval_batches": 1, "log_every_steps": 2, "fisher_flow": [0.5]},
+        "analysis": {"eval_records": 16, "batch_size": 8, "fisher_records": 8, "contextual_records": 8,
+                     "bootstrap": 10, "top_p": [0.5, 1.0], "topk": [1, 3]},
+        "dispatch": {"executor": "debug"},
+    }
+    if adopted:
+        del doc["model"]
+        doc["training"] = {k: doc["training"][k] for k in ("batch_size", "seq_len")}
+    for table, updates in (("model", model), ("training", training), ("analysis", analysis),
+                           ("dispatch", dispatch)):
+        _merge(doc.setdefault(table, {}), updates)
+    _merge(doc["corpora"]["markov"], corpus)
+    return {k: v for k, v in doc.items() if v}
 
-[training]
-steps = 12
-batch_size = 8
-seq_len = 64
-checkpoint_every_steps = 6
-eval_every_steps = 6
-eval_batches = 1
-log_every_steps = 2
-fisher_flow = [0.5]
 
-[analysis]
-eval_records = 16
-batch_size = 8
-fisher_records = 8
-contextual_records = 8
-bootstrap = 10
-top_p = [0.5, 1.0]
-topk = [1, 3]
+def study_toml(name: str, out: str | Path | None = None, **settings: Any) -> str:
+    """:func:`study_doc` as TOML text (same arguments)."""
+    return toml_text(study_doc(name, out, **settings))
 
-[dispatch]
-executor = "debug"
-"""
-"""A real study that runs end to end in about 15 s on 2 cores: a Markov corpus, 3-mers and
-two tiny members (``.format(name=..., out=...)``)."""
+
+def _merge(base: dict, updates: dict | None) -> dict:
+    for key, value in (updates or {}).items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_text(doc: dict[str, Any]) -> str:
+    """A study document as TOML: one ``[table]`` per table, and a table of plain values
+    inside a table that also has plain values inline (``synthetic = { ... }``)."""
+    blocks: list[str] = []
+
+    def table(path: list[str], d: dict[str, Any]) -> None:
+        plain = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        inline = {k: v for k, v in d.items() if isinstance(v, dict) and plain
+                  and not any(isinstance(x, dict) for x in v.values())}
+        if path and (plain or inline):
+            blocks.append("\n".join([f"[{'.'.join(map(_toml_key, path))}]",
+                                      *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in {**plain, **inline}.items())]))
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in inline:
+                table([*path, k], v)
+
+    table([], doc)
+    return "\n\n".join(blocks) + "\n"
+
+
+TINY_STUDY = (study_toml("{name}", "{out}").replace("{", "{{").replace("}", "}}")
+              .replace("{{name}}", "{name}").replace("{{out}}", "{out}"))
+"""The tiny study (:func:`study_doc`) as a template: ``TINY_STUDY.format(name=..., out=...)``."""
+
+
+def tiny_doc(root: Path, seeds: int = 3, **dispatch: object) -> dict[str, Any]:
+    """A study with two synthetic corpora, two runs and ``seeds`` members per run (no files
+    needed, nothing run: the dispatcher's tests), ``dispatch`` its [dispatch] table."""
+    return {
+        "study": {"name": "tiny", "seeds": list(range(1, seeds + 1)), "output_dir": str(root)},
+        "corpora": {
+            "m1": {"source": "synthetic:markov", "train_records": 40, "eval_records": 8,
+                   "synthetic": {"records": 48, "length": 200, "order": 1, "entropy_rate": 1.5}},
+            "m2": {"source": "synthetic:markov", "train_records": 40, "eval_records": 8,
+                   "synthetic": {"records": 48, "length": 200, "order": 2, "entropy_rate": 1.0, "seed": 3}},
+        },
+        "runs": {"r1": {"corpus": "m1", "tokenizer": "kmer3"}, "r2": {"corpus": "m2", "tokenizer": "kmer3"}},
+        "dispatch": dict(dispatch),
+    }
+
+
+def tiny_study(root: Path, seeds: int = 3, **dispatch: object):  # type: ignore[no-untyped-def]
+    """:func:`tiny_doc` as a StudyConfig."""
+    from toolkit.config import study_from_dict
+
+    return study_from_dict(tiny_doc(root, seeds, **dispatch), where="test")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def make_train_study(root: Path, *, vocab: int = 64, checkpoints: list[str] | None = None,
+               **training: object) -> StudyConfig:
+    """A one-run (``r``), two-seed study with a tiny model, and its token store under ``root``
+    (:func:`write_token_store`): what training is tested on, no prepare stage needed."""
+    from toolkit.config import study_from_dict
+
+    train_cfg = {"steps": 12, "batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_ratio": 0.1,
+                 "checkpoint_every_steps": 4, "eval_every_steps": 4, "eval_batches": 2,
+                 "log_every_steps": 2, "fisher_flow": [0.25, 0.5, 0.75], **training}
+    run = {"corpus": "c", "tokenizer": "kmer2",
+           "model": {"shape": "tiny", "hidden_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 64}}
+    if checkpoints:
+        run["checkpoints"] = checkpoints
+    raw = {"study": {"name": "t", "seeds": [1, 2], "data_seed": 7, "output_dir": str(root)},
+           "corpora": {"c": {"source": "synthetic:markov", "train_records": 150, "eval_records": 30}},
+           "runs": {"r": run}, "training": train_cfg}
+    study = study_from_dict(raw, where="test")
+    write_token_store(study, vocab)
+    return study
+
+
+def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval: int = 30,
+                      seed: int = 0) -> Path:
+    """A real tokens.zarr (schema storage_schemas/tokens.json) of first-order Markov records."""
+    import numpy as np
+
+    from toolkit import store
+    from toolkit.study import Layout
+    from toolkit.tokenizer import build_tokenizer
+    from toolkit.units import get_unit, mark_complete, unit_inputs, unit_states
+
+    rng = np.random.default_rng(seed)
+    n = vocab - 5
+    # Sparse transitions: each token is followed by one of 3 successors, so the data is learnable.
+    succ = rng.integers(0, n, size=(n, 3))
+    lengths = rng.integers(10, 60, size=n_train + n_eval)
+    records = []
+    for length in lengths:
+        tok = [int(rng.integers(n))]
+        for _ in range(length - 1):
+            tok.append(int(succ[tok[-1], rng.integers(3)]))
+        records.append(np.array(tok) + 5)
+    tokens = np.concatenate(records).astype(np.uint16)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    split = np.array([0] * n_train + [1] * n_eval, dtype=np.uint8)
+    folder = Layout(study).run_tokens_dir("r")
+    # A real tokenizer of exactly `vocab` ids (a character vocabulary): exported models carry it.
+    tok = build_tokenizer("char", "text", ["".join(chr(0x4E00 + i) for i in range(vocab - 5))])
+    assert tok.vocab_size == vocab
+    attrs = {"corpus": "c", "source": "synthetic:markov", "kind": "dna", "tokenizer": "kmer2",
+             "tokenizer_hash": tok.hash, "vocab_size": vocab,
+             "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
+             "provenance": [], "split": {"method": "sequential", "seed": 0,
+                                         "train_records": n_train, "eval_records": n_eval},
+             "entropy_profile": {}, "toolkit_version": "test"}
+    with store.writing(folder / "tokens.zarr", "tokens", attrs, overwrite=True) as g:
+        store.create_array(g, "tokens", "tokens", data=tokens)
+        store.create_array(g, "tokens", "offsets", data=offsets)
+        store.create_array(g, "tokens", "split", data=split)
+        store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64) * 2)
+    # A tokenizer file and the prepare unit's real marker, so the unit model sees the
+    # prepare unit done and `toolkit train` runs on this store.
+    tok.save(folder / "tokenizer.json")
+    unit = get_unit(study, "prepare", "c--kmer2")
+    unit.marker.unlink(missing_ok=True)
+    mark_complete(study, unit, unit_inputs(study, unit, unit_states(study)), {"tokens": int(tokens.size)})
+    return folder
+
+
+
+# --------------------------------------------------------------------------- Fisher information
+
+BERT_VOCAB = 50
+"""The vocabulary of :func:`tiny_bert`; ids 0-4 are the specials ([PAD] = 0)."""
+BERT_MASK = 4
+"""The [MASK] id of :func:`masked_batches`."""
+IGNORE = -100
+"""The label of a position that is not predicted."""
+
+
+def tiny_bert(*, layers: int = 2, hidden: int = 32, tied: bool = True, seed: int = 0) -> Any:
+    """A random float64 BertForMaskedLM of :data:`BERT_VOCAB` ids, biases random too."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=BERT_VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=32, tie_word_embeddings=tied)
+    model = BertForMaskedLM(config).double()
+    with torch.no_grad():  # HF zero-initialises biases: randomise so none is trivially exact
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def masked_batches(seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Two masked-LM batches for :func:`tiny_bert`: padding, one sequence with nothing
+    masked, token types in the first, explicit position ids in the second."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for n_seq, length, types in ((6, 16, True), (5, 12, False)):
+        ids = torch.randint(5, BERT_VOCAB, (n_seq, length), generator=gen)  # (B, T)
+        attention = torch.ones_like(ids)
+        attention[1, length - 5:] = 0  # padded tail
+        attention[3, length - 2:] = 0
+        chosen = (torch.rand(n_seq, length, generator=gen) < 0.15) & attention.bool()
+        chosen[:, 1] = True  # every sequence has a masked token ...
+        chosen[2] = False  # ... but this one: skipped, not counted
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+        inputs = torch.where(chosen, torch.full_like(ids, BERT_MASK), ids)  # MASK repeats: shared rows
+        inputs = torch.where(attention.bool(), inputs, torch.zeros_like(ids))  # PAD = 0
+        inputs[4, 3] = 0  # an attended PAD: nn.Embedding still gives its row no gradient
+        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+        if types:
+            batch["token_type_ids"] = torch.randint(0, 2, (n_seq, length), generator=gen)
+        else:  # explicit positions, shifted per sequence
+            shift = torch.randint(0, 4, (n_seq, 1), generator=gen)
+            batch["position_ids"] = torch.arange(length).expand(n_seq, length) + shift
+        batches.append(batch)
+    return batches
+
+
+def per_example_grads(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """One backward per sequence with a masked token (the definition, no tricks)."""
+    import torch
+
+    model.eval()
+    named = list(model.named_parameters())
+    grads = []
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            row = {k: v[i:i + 1] for k, v in batch.items()}
+            if not bool((row["labels"] != IGNORE).any()):
+                continue
+            loss = model(**row).loss  # HF: mean cross-entropy over the masked tokens
+            g = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            grads.append({n: torch.zeros_like(p) if gi is None else gi
+                          for (n, p), gi in zip(named, g, strict=True)})
+    return grads
+
+
+def naive_per_example(model: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The per-example estimator by its definition: the mean of squared per-sequence gradients."""
+    import torch
+
+    grads = per_example_grads(model, batches)
+    return {n: torch.stack([g[n] ** 2 for g in grads]).mean(0) for n in grads[0]}
+
+
+def naive_batch(model: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The paper's estimator as written: squared batch gradients / masked tokens."""
+    import torch
+
+    model.eval()
+    named = list(model.named_parameters())
+    sums = {n: torch.zeros_like(p) for n, p in named}
+    tokens = 0
+    for batch in batches:
+        loss = model(**batch).loss
+        g = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        for (n, _), gi in zip(named, g, strict=True):
+            if gi is not None:
+                sums[n] += gi ** 2
+        tokens += int((batch["labels"] != IGNORE).sum())
+    return {n: s / tokens for n, s in sums.items()}
+
+
+
+# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ syntax, the %environment it sets, and, where bubblewrap cannot run, its %test sm
 on the host with the project's venv); command lines are compared with golden files in
 ``tests/golden/``;
 quoting survives paths with spaces and quotes; and the wrapped command runs end to end
-through a STAND-IN runtime: a small executable named ``apptainer`` put first on PATH,
-which checks its arguments (``exec [--nv] --containall --cleanenv --bind ... --env ... SIF python
-...``, bind sources exist, every path of the command is inside a bind) and then runs
-the command with a clean environment on the host. The same stand-in runs a real
+through a STAND-IN runtime: a small executable named ``apptainer`` put first on PATH
+(``write_standin`` in ``tests/apptainer_bwrap.py``, which reads the command line with the
+bubblewrap runtime's parser), which checks its arguments (``exec [--nv] --containall
+--cleanenv --bind ... --env ... SIF python ...``, bind sources exist, every path of the
+command is inside a bind) and then runs the command with a clean environment on the host. The same stand-in runs a real
 study through real SLURM in ``tests/test_dispatch.py``. The stand-in does not hide the
 host's files; ``tests/test_container_isolated.py`` runs the same commands isolated
 (bubblewrap, an image with the installed wheel).
@@ -24,7 +25,6 @@ import re
 import shlex
 import subprocess
 import sys
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import pytest
 import submitit.slurm.slurm as submitit_slurm
 
 from tests import apptainer_bwrap
+from tests.apptainer_bwrap import def_sections, write_standin
 from tests.conftest import REPO
 from toolkit.config import study_from_dict
 from toolkit.dispatch.container import bind_paths, check_container, shell_line, unit_argv
@@ -42,86 +43,6 @@ from toolkit.errors import SubmissionError
 DEF = REPO / "containers" / "toolkit.def"
 GOLDEN = REPO / "tests" / "golden"
 UPDATE = os.environ.get("TOOLKIT_UPDATE_GOLDEN") == "1"
-
-STANDIN = '''\
-#!{python}
-"""Stand-in for `apptainer` in tests (the real one cannot be installed here).
-
-Checks the arguments the dispatcher passes, then runs the command the way
-`apptainer exec --containall --cleanenv` would: a clean environment plus the image's
-%environment (it does not hide the host's files: tests/test_container_isolated.py does).
-"""
-import json, os, sys
-
-PYTHON, LOG = {python!r}, {log!r}
-
-def die(msg):
-    print("apptainer stand-in: " + msg, file=sys.stderr)
-    sys.exit(255)
-
-args = sys.argv[1:]
-if args[:1] != ["exec"]:
-    die("expected 'exec', got %r" % args[:1])
-args = args[1:]
-nv = args[:1] == ["--nv"]
-args = args[1:] if nv else args
-if args[:2] != ["--containall", "--cleanenv"]:
-    die("expected --containall --cleanenv")
-args = args[1:]
-if args[1:2] != ["--bind"]:
-    die("expected --bind")
-binds, args = args[2].split(","), args[3:]
-env = {{}}
-while args[:1] == ["--env"]:
-    key, _, value = args[1].partition("=")
-    env[key], args = value, args[2:]
-image, cmd = args[0], args[1:]
-if not (image.endswith(".sif") and os.path.isfile(image)):
-    die("image %s is not a SIF file" % image)
-inside = []
-for bind in binds:
-    src, _, dst = bind.partition(":")
-    if not os.path.exists(src):
-        die("bind source %s does not exist" % src)
-    inside.append(dst or src)
-for arg in cmd:
-    if arg.startswith("/") and not any(arg == d or arg.startswith(d.rstrip("/") + "/") for d in inside):
-        die("%s would not be visible in the container (binds: %s)" % (arg, inside))
-if cmd[:1] != ["python"]:
-    die("expected the container's python, got %r" % cmd[:1])
-with open(LOG, "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "nv": nv, "binds": binds}}) + "\\n")
-scratch = env.get("TOOLKIT_SCRATCH", "/tmp")
-clean = {{"PATH": os.path.dirname(PYTHON) + ":/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
-         "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
-         "HF_HOME": scratch + "/hf", "TORCH_HOME": scratch + "/torch",
-         "MPLCONFIGDIR": scratch + "/matplotlib", **env}}
-os.execve(PYTHON, [PYTHON, *cmd[1:]], clean)
-'''
-
-
-def write_standin(folder: Path, log: Path) -> Path:
-    """Put an executable ``apptainer`` stand-in in ``folder`` (prepend it to PATH to use it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "apptainer"
-    path.write_text(STANDIN.format(python=sys.executable, log=str(log)))
-    path.chmod(0o755)
-    return path
-
-
-def sections(text: str) -> dict[str, str]:
-    """``%name`` -> body, plus ``header`` for the lines before the first section."""
-    out: dict[str, list[str]] = {"header": []}
-    current = "header"
-    for line in text.splitlines():
-        m = re.match(r"^%(\w+)\s*$", line)
-        if m:
-            current = m.group(1)
-            out[current] = []
-        else:
-            out[current].append(line)
-    return {k: textwrap.dedent("\n".join(v)) for k, v in out.items()}
-
 
 def container_study(root: Path, **container: object):
     (root / "data").mkdir(parents=True, exist_ok=True)
@@ -153,7 +74,7 @@ def check_golden(name: str, text: str) -> None:
 
 
 def test_definition_file_sections_and_labels() -> None:
-    parts = sections(DEF.read_text())
+    parts = def_sections(DEF.read_text())
     header = dict(re.findall(r"^(\w+):\s*(\S+)", parts["header"], re.M))
     assert header["Bootstrap"] == "docker"
     assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", header["From"])
@@ -174,7 +95,7 @@ def test_definition_file_sections_and_labels() -> None:
 
 
 def test_definition_environment_points_caches_at_scratch(tmp_path: Path) -> None:
-    env_block = sections(DEF.read_text())["environment"]
+    env_block = def_sections(DEF.read_text())["environment"]
     script = env_block + '\necho "$PYTHONNOUSERSITE|$HF_HOME|$TORCH_HOME|$MPLCONFIGDIR"'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin", "TOOLKIT_SCRATCH": str(tmp_path)}).stdout.strip()
@@ -189,7 +110,7 @@ def test_definition_environment_points_caches_at_scratch(tmp_path: Path) -> None
                     reason="bwrap works here: the %test runs in the image in test_container_isolated.py")
 def test_definition_smoke_test_runs_with_the_venv() -> None:
     """The image's %test (a tiny study), on the host with the project's venv as the image's python."""
-    script = sections(DEF.read_text())["test"]
+    script = def_sections(DEF.read_text())["test"]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd="/")
     assert out.returncode == 0, out.stderr

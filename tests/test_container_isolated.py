@@ -30,14 +30,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests import apptainer_bwrap
-from tests.conftest import REPO, TINY_STUDY, build_toolkit_wheel
+from tests.conftest import REPO, build_toolkit_wheel, study_doc
 from toolkit.config import study_from_dict
 from toolkit.dispatch import container as dcontainer
 from toolkit.dispatch.container import shell_line, unit_argv
@@ -67,15 +66,12 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def tiny_doc(root: Path, image: Path, **container: object) -> dict:
-    """TINY_STUDY (conftest) in the container; training asks for a (fake) GPU."""
-    doc = tomllib.loads(TINY_STUDY.format(name="iso", out="out"))
-    doc["study"]["output_dir"] = str(root / "out")  # not through TOML: the path may hold quotes
-    doc["dispatch"] = {
+    """The tiny study (conftest) on SLURM in the container; training asks for a (fake) GPU."""
+    return study_doc("iso", root / "out", dispatch={
         "executor": "slurm",
         "container": {"runtime": "apptainer", "image": str(image), "scratch": str(root / "scratch"), **container},
         "resources": {"train": {"partition": "gpu", "gpus_per_node": 1, "time_minutes": 10}},
-    }
-    return doc
+    })
 
 
 PROBE = r"""

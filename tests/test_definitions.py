@@ -25,6 +25,7 @@ import pytest
 import scipy.special
 from scipy.spatial.distance import jensenshannon
 
+from tests.conftest import study_toml
 from tests.test_analyse import make_study, marked
 from toolkit import store
 from toolkit.config import PAPER_TOP_P, StudyConfig, load_study, study_from_dict
@@ -322,47 +323,13 @@ def test_nan_rules() -> None:
 
 # --------------------------------------------------------------------------- a trained study
 
-TRAINED = """\
-[study]
-name = "precision"
-seeds = [1, 2, 3]
-output_dir = "{out}"
-
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 48
-eval_records = 32
-synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 80, length = 300 }}
-
-[runs.r]
-corpus = "markov"
-tokenizer = "kmer4"
-
-[model]
-shape = "tiny"
-
-[training]
-steps = 12
-batch_size = 8
-seq_len = 64
-checkpoint_every_steps = 6
-eval_every_steps = 4
-eval_batches = 1
-log_every_steps = 2
-fisher_flow = [0.5]
-
-[analysis]
-eval_records = 32
-distribution_mask_rate = 0.25
-batch_size = 8
-fisher_records = 8
-contextual_records = 8
-bootstrap = 10
-topk = [1, 3]
-
-[dispatch]
-executor = "debug"
-"""
+def trained_toml(out: Path) -> str:
+    """The tiny study with three members, 4-mers, more evaluation records, the default top-p
+    grid (the paper's) and a quarter of the positions masked."""
+    return study_toml("precision", out, seeds=(1, 2, 3), runs={"r": "kmer4"},
+                      corpus={"eval_records": 32, "synthetic": {"records": 80}},
+                      training={"eval_every_steps": 4},
+                      analysis={"eval_records": 32, "distribution_mask_rate": 0.25, "top_p": None})
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +341,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> StudyConfig:
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("precision")
     path = base / "study.toml"
-    path.write_text(TRAINED.format(out=base / "out"))
+    path.write_text(trained_toml(base / "out"))
     study = load_study(path)
     run_study(study)
     return study

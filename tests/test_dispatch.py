@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.config import ResourceConfig, load_study, study_from_dict, study_to_dict
+from tests.apptainer_bwrap import write_standin
+from tests.conftest import study_toml, tiny_study  # test_eta imports tiny_study from here
+from toolkit.config import ResourceConfig, load_study, study_to_dict
 from toolkit.dispatch import (
     cancel_study,
     pending_units,
@@ -97,25 +99,6 @@ PAYLOAD = textwrap.dedent('''\
             open(out / "weights", "w").write(unit)
     mark_complete(study, u, unit_inputs(study, u, unit_states(study)), extra=doc)
 ''')
-
-
-def tiny_doc(root: Path, seeds: int = 3, **dispatch: object) -> dict:
-    """A study with two corpora, two runs and ``seeds`` members per run (no files needed)."""
-    return {
-        "study": {"name": "tiny", "seeds": list(range(1, seeds + 1)), "output_dir": str(root)},
-        "corpora": {
-            "m1": {"source": "synthetic:markov", "train_records": 40, "eval_records": 8,
-                   "synthetic": {"records": 48, "length": 200, "order": 1, "entropy_rate": 1.5}},
-            "m2": {"source": "synthetic:markov", "train_records": 40, "eval_records": 8,
-                   "synthetic": {"records": 48, "length": 200, "order": 2, "entropy_rate": 1.0, "seed": 3}},
-        },
-        "runs": {"r1": {"corpus": "m1", "tokenizer": "kmer3"}, "r2": {"corpus": "m2", "tokenizer": "kmer3"}},
-        "dispatch": dict(dispatch),
-    }
-
-
-def tiny_study(root: Path, seeds: int = 3, **dispatch: object):
-    return study_from_dict(tiny_doc(root, seeds, **dispatch), where="test")
 
 
 def write_payload(folder: Path) -> Path:
@@ -502,54 +485,17 @@ def test_resources_defaults() -> None:
 
 # --------------------------------------------------------------------------- the real study
 
-E2E_TOML = """\
-# A real tiny study for the dispatcher's end-to-end test (about 2 minutes on 2 cores).
-[study]
-name = "e2e"
-seeds = [1, 2]
-
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 48
-eval_records = 16
-synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 64, length = 300 }}
-
-[runs.markov-3mer]
-corpus = "markov"
-tokenizer = "kmer3"
-
-[model]
-shape = "tiny"
-
-[training]
-steps = 40
-batch_size = 8
-seq_len = 64
-checkpoint_every_steps = 20
-eval_every_steps = 20
-eval_batches = 1
-log_every_steps = 2
-fisher_flow = [0.5]
-
-[analysis]
-eval_records = 16
-batch_size = 8
-fisher_records = 8
-contextual_records = 8
-bootstrap = 10
-top_p = [0.5, 1.0]
-topk = [1, 3, 5]
-
-[dispatch.container]
-runtime = "apptainer"
-image = "img/toolkit.sif"
-scratch = "scratch"
-
-[dispatch.resources.train]
-partition = "gpu"
-gpus_per_node = 1
-time_minutes = 20
-"""
+def e2e_toml() -> str:
+    """The tiny study for the dispatcher's end-to-end test (about 2 minutes on 2 cores): no
+    output folder (``--out`` gives it), longer training, containers, a GPU for training."""
+    return study_toml("e2e", runs={"markov-3mer": "kmer3"},
+                      training={"steps": 40, "checkpoint_every_steps": 20, "eval_every_steps": 20},
+                      analysis={"topk": [1, 3, 5]},
+                      dispatch={"executor": None,
+                                "container": {"runtime": "apptainer", "image": "img/toolkit.sif",
+                                              "scratch": "scratch"},
+                                "resources": {"train": {"partition": "gpu", "gpus_per_node": 1,
+                                                        "time_minutes": 20}}})
 
 
 @pytest.mark.slurm
@@ -557,7 +503,7 @@ time_minutes = 20
 def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: Path, tmp_path: Path) -> None:
     """`toolkit submit` (what `make submit` runs) on a real tiny study, end to end.
 
-    Every unit runs through the STAND-IN `apptainer` (tests/test_container.py; the real
+    Every unit runs through the STAND-IN `apptainer` (tests/apptainer_bwrap.py; the real
     runtime cannot be installed here) in a folder whose path has spaces and quotes. One
     training job is preempted mid-way (job._interrupt(): SIGTERM then USR2); training
     saves a checkpoint and exits 75, submitit requeues the job, and it resumes from that
@@ -565,12 +511,10 @@ def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: 
     """
     import submitit
 
-    from tests.test_container import write_standin
-
     (weird_tmp_path / "img").mkdir()
     (weird_tmp_path / "img" / "toolkit.sif").write_bytes(b"SIF stand-in")
     toml = weird_tmp_path / "e2e.toml"
-    toml.write_text(E2E_TOML.format())
+    toml.write_text(e2e_toml())
     calls = tmp_path / "apptainer-calls.jsonl"
     bin_dir = weird_tmp_path / "bin"
     write_standin(bin_dir, calls)
@@ -648,11 +592,8 @@ def test_local_real_study_logs_hold_plain_progress_lines(tmp_path: Path,
     """A real tiny study on the local executor: its job logs hold plain progress lines
     (count, rate) and none of a tqdm bar's carriage-return fragments; the study ETA
     lines use one duration format."""
-    from tests.conftest import TINY_STUDY
-
     toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY_STUDY.format(name="logs", out=tmp_path / "out")
-                    .replace('executor = "debug"', 'executor = "local"'))
+    toml.write_text(study_toml("logs", tmp_path / "out", dispatch={"executor": "local"}))
     study = load_study(toml)
     caplog.set_level(logging.INFO, logger="toolkit.dispatch")
     run_study(study)

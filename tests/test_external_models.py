@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import study_toml
 from toolkit.config import load_study
 from toolkit.dispatch import run_study
 from toolkit.errors import ConfigError
@@ -89,34 +90,16 @@ def _esm(folder: Path, seed: int) -> None:
 
 BUILDERS = {"bert": _bert, "roberta": _roberta, "esm": _esm}
 
-STUDY = """\
-[study]
-name = "external"
-seeds = [1, 2]
-output_dir = "{out}"
 
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 8
-eval_records = 24
-synthetic = {{ alphabet = "ACGT", order = 2, entropy_rate = 1.4, records = 32, length = 60 }}
 
-[training]
-seq_len = {seq_len}
-batch_size = 8
-
-[analysis]
-eval_records = 24
-batch_size = 8
-fisher_records = 6
-contextual_records = 8
-bootstrap = 10
-top_p = [0.5, 1.0]
-topk = [1, 3]
-
-[dispatch]
-executor = "debug"
-"""
+def study_text(out: Path, seeds: tuple[int, ...] = (1, 2)) -> str:
+    """The tiny study without runs (the tests add theirs) whose members adopt checkpoints:
+    a smaller, shorter corpus, sequences of SEQ_LEN tokens."""
+    return study_toml("external", out, seeds=seeds, runs={}, adopted=True,
+                      corpus={"train_records": 8, "eval_records": 24,
+                              "synthetic": {"entropy_rate": 1.4, "records": 32, "length": 60}},
+                      training={"seq_len": SEQ_LEN},
+                      analysis={"eval_records": 24, "fisher_records": 6})
 
 
 def _run(name: str, folders: list[Path]) -> str:
@@ -142,7 +125,7 @@ def finished(checkpoints: dict[str, list[Path]], tmp_path_factory: pytest.TempPa
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("study")
     path = base / "study.toml"
-    text = STUDY.format(out=base / "out", seq_len=SEQ_LEN)
+    text = study_text(base / "out")
     path.write_text(text + "".join(_run(arch, folders) for arch, folders in checkpoints.items()))
     study = load_study(path)
     run_study(study)
@@ -222,8 +205,7 @@ def test_two_tokenizers_in_one_run_are_refused(checkpoints: dict[str, list[Path]
     other = tmp_path / "bert-other"
     _bert(other, 2, permute=True)  # same vocabulary size, other ids
     path = tmp_path / "study.toml"
-    path.write_text(STUDY.format(out=tmp_path / "out", seq_len=SEQ_LEN)
-                    + _run("mixed", [checkpoints["bert"][0], other]))
+    path.write_text(study_text(tmp_path / "out") + _run("mixed", [checkpoints["bert"][0], other]))
     study = load_study(path)
     with pytest.raises(ConfigError) as e:
         run_unit(study, "prepare", "markov--checkpoint-mixed")
@@ -234,8 +216,7 @@ def test_two_tokenizers_in_one_run_are_refused(checkpoints: dict[str, list[Path]
 
 def test_checkpoint_tokenizer_needs_checkpoints(tmp_path: Path) -> None:
     path = tmp_path / "study.toml"
-    path.write_text(STUDY.format(out=tmp_path / "out", seq_len=SEQ_LEN)
-                    + '\n[runs.x]\ncorpus = "markov"\ntokenizer = "checkpoint"\n')
+    path.write_text(study_text(tmp_path / "out") + '\n[runs.x]\ncorpus = "markov"\ntokenizer = "checkpoint"\n')
     with pytest.raises(ConfigError, match=r"runs.x.tokenizer = 'checkpoint' needs runs.x.checkpoints.*cannot be trained"):
         load_study(path)
 
@@ -298,8 +279,7 @@ def test_replacing_a_tokenizer_file_makes_the_token_store_stale(tmp_path: Path) 
     folder = tmp_path / "bert"
     _bert(folder, 1)
     path = tmp_path / "study.toml"
-    path.write_text(STUDY.format(out=tmp_path / "out", seq_len=SEQ_LEN).replace("seeds = [1, 2]", "seeds = [1]")
-                    + _run("one", [folder]))
+    path.write_text(study_text(tmp_path / "out", seeds=(1,)) + _run("one", [folder]))
     study = load_study(path)
     key = "markov--checkpoint-one"
     run_unit(study, "prepare", key)
@@ -348,8 +328,7 @@ def test_a_checkpoint_is_checked_by_tokenizer_identity_not_vocabulary_size(
         if spec is not None:
             build_tokenizer(spec, "dna").save_pretrained(folder, model_max_length=512)
     path = tmp_path / "study.toml"
-    path.write_text(STUDY.format(out=tmp_path / "out", seq_len=SEQ_LEN).replace("seeds = [1, 2]", "seeds = [1, 2, 3]")
-                    + '\n[runs.x]\ncorpus = "markov"\ntokenizer = "kmer3"\n'
+    path.write_text(study_text(tmp_path / "out", seeds=(1, 2, 3)) + '\n[runs.x]\ncorpus = "markov"\ntokenizer = "kmer3"\n'
                     + f"checkpoints = {json.dumps([str(f) for f in folders.values()])}\n")
     study = load_study(path)
     run_unit(study, "prepare", "markov--kmer3")

@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
 
+from tests.conftest import (
+    BERT_VOCAB,
+    IGNORE,
+    masked_batches,
+    naive_batch,
+    naive_per_example,
+    per_example_grads,
+    tiny_bert,
+)
 from toolkit.errors import ConfigError, InputError
 from toolkit.fisher import (
     FisherTraces,
@@ -23,88 +31,6 @@ from toolkit.fisher import (
     fisher_traces,
     parameter_group,
 )
-
-VOCAB = 50
-MASK = 4
-IGNORE = -100
-
-
-def make_model(*, layers: int = 2, hidden: int = 32, tied: bool = True, seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden,
-                        max_position_embeddings=32, tie_word_embeddings=tied)
-    model = BertForMaskedLM(config).double()
-    with torch.no_grad():  # HF zero-initialises biases: randomise so none is trivially exact
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-    return model
-
-
-def make_batches(seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Two batches: padding, one sequence with nothing masked, token types in the first,
-    explicit position ids in the second."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for n_seq, length, types in ((6, 16, True), (5, 12, False)):
-        ids = torch.randint(5, VOCAB, (n_seq, length), generator=gen)  # (B, T)
-        attention = torch.ones_like(ids)
-        attention[1, length - 5:] = 0  # padded tail
-        attention[3, length - 2:] = 0
-        chosen = (torch.rand(n_seq, length, generator=gen) < 0.15) & attention.bool()
-        chosen[:, 1] = True  # every sequence has a masked token ...
-        chosen[2] = False  # ... but this one: skipped, not counted
-        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
-        inputs = torch.where(chosen, torch.full_like(ids, MASK), ids)  # MASK repeats: shared rows
-        inputs = torch.where(attention.bool(), inputs, torch.zeros_like(ids))  # PAD = 0
-        inputs[4, 3] = 0  # an attended PAD: nn.Embedding still gives its row no gradient
-        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
-        if types:
-            batch["token_type_ids"] = torch.randint(0, 2, (n_seq, length), generator=gen)
-        else:  # explicit positions, shifted per sequence
-            shift = torch.randint(0, 4, (n_seq, 1), generator=gen)
-            batch["position_ids"] = torch.arange(length).expand(n_seq, length) + shift
-        batches.append(batch)
-    return batches
-
-
-def per_example_grads(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """One backward per sequence with a masked token (the definition, no tricks)."""
-    model.eval()
-    named = list(model.named_parameters())
-    grads = []
-    for batch in batches:
-        for i in range(batch["input_ids"].shape[0]):
-            row = {k: v[i:i + 1] for k, v in batch.items()}
-            if not bool((row["labels"] != IGNORE).any()):
-                continue
-            loss = model(**row).loss  # HF: mean cross-entropy over the masked tokens
-            g = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            grads.append({n: torch.zeros_like(p) if gi is None else gi
-                          for (n, p), gi in zip(named, g, strict=True)})
-    return grads
-
-
-def naive_per_example(model: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    grads = per_example_grads(model, batches)
-    return {n: torch.stack([g[n] ** 2 for g in grads]).mean(0) for n in grads[0]}
-
-
-def naive_batch(model: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The paper's estimator as written: squared batch gradients / masked tokens."""
-    model.eval()
-    named = list(model.named_parameters())
-    sums = {n: torch.zeros_like(p) for n, p in named}
-    tokens = 0
-    for batch in batches:
-        loss = model(**batch).loss
-        g = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        for (n, _), gi in zip(named, g, strict=True):
-            if gi is not None:
-                sums[n] += gi ** 2
-        tokens += int((batch["labels"] != IGNORE).sum())
-    return {n: s / tokens for n, s in sums.items()}
 
 
 def assert_traces_match(got: FisherTraces, want: dict[str, torch.Tensor], rtol: float) -> None:
@@ -134,7 +60,7 @@ def assert_diagonals_match(got: dict[str, torch.Tensor], want: dict[str, torch.T
 
 @pytest.fixture(scope="module")
 def batches() -> list[dict[str, torch.Tensor]]:
-    return make_batches()
+    return masked_batches()
 
 
 # With 16 tokens per sequence the encoder's Linear layers take the per-sequence bmm path
@@ -150,7 +76,7 @@ MODELS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("shape", list(MODELS))
 def test_per_example_matches_naive_loop(shape: str, batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model(**MODELS[shape])
+    model = tiny_bert(**MODELS[shape])
     want = naive_per_example(model, batches)
     traces = fisher_traces(model, batches)
     assert_traces_match(traces, want, rtol=1e-4)
@@ -170,7 +96,7 @@ def test_weight_gradient_chunks(chunk: int, batches: list[dict[str, torch.Tensor
     import toolkit.fisher as fisher
 
     monkeypatch.setattr(fisher, "_CHUNK_ELEMENTS_CPU", chunk)
-    model = make_model(**MODELS["tied-16"])
+    model = tiny_bert(**MODELS["tied-16"])
     want = naive_per_example(model, batches)
     assert_traces_match(fisher_traces(model, batches), want, rtol=1e-4)
     assert_diagonals_match(fisher_diagonal(model, batches), want, rtol=1e-4)
@@ -184,14 +110,14 @@ def test_head_rows_per_sequence_and_padded_agree(loop: bool, monkeypatch: pytest
     import toolkit.fisher as fisher
 
     monkeypatch.setattr(fisher, "_ROW_LOOP_DEVICES", ("cpu",) if loop else ())
-    batch = make_batches(seed=5)[0]
+    batch = masked_batches(seed=5)[0]
     gen = torch.Generator().manual_seed(9)
     dense = (torch.rand(batch["labels"].shape, generator=gen) < 0.8) & batch["attention_mask"].bool()
     dense[2] = False  # still one sequence without a masked token
     dense[0, 0] = True
     batch = {**batch, "labels": torch.where(dense, batch["input_ids"].clamp(min=5), IGNORE)}
     for shape in ("tied-16", "untied-32"):
-        model = make_model(**MODELS[shape])
+        model = tiny_bert(**MODELS[shape])
         want = naive_per_example(model, [batch])
         assert_traces_match(fisher_traces(model, [batch]), want, rtol=1e-4)
         assert_diagonals_match(fisher_diagonal(model, [batch]), want, rtol=1e-4)
@@ -199,7 +125,7 @@ def test_head_rows_per_sequence_and_padded_agree(loop: bool, monkeypatch: pytest
 
 @pytest.mark.parametrize("shape", ["tied-16", "untied-32", "no-layers"])
 def test_batch_estimator_is_the_papers(shape: str, batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model(**MODELS[shape])
+    model = tiny_bert(**MODELS[shape])
     want = naive_batch(model, batches)
     assert_traces_match(fisher_traces(model, batches, "batch"), want, rtol=1e-9)
     assert_diagonals_match(fisher_diagonal(model, batches, "batch"), want, rtol=1e-9)
@@ -207,8 +133,8 @@ def test_batch_estimator_is_the_papers(shape: str, batches: list[dict[str, torch
 
 def test_tied_word_embedding_squares_input_and_decoder_gradients_together(
         batches: list[dict[str, torch.Tensor]]) -> None:
-    tied = make_model(tied=True)
-    untied = make_model(tied=False, seed=7)
+    tied = tiny_bert(tied=True)
+    untied = tiny_bert(tied=False, seed=7)
     with torch.no_grad():  # the same function, with the decoder weight as its own tensor
         for name, p in tied.named_parameters():
             untied.get_parameter(name).copy_(p)
@@ -230,7 +156,7 @@ def test_tied_word_embedding_squares_input_and_decoder_gradients_together(
 
 
 def test_groups_and_public_signatures(batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model()
+    model = tiny_bert()
     traces = fisher_traces(model, batches)
     assert list(traces.groups) == ["embeddings", "layer.0", "layer.1", "head"]
     assert empirical_fisher(model, batches) == traces.groups
@@ -239,7 +165,7 @@ def test_groups_and_public_signatures(batches: list[dict[str, torch.Tensor]]) ->
     assert traces.parameter_groups["bert.encoder.layer.1.output.dense.bias"] == "layer.1"
     assert traces.parameter_groups["cls.predictions.bias"] == "head"
     assert traces.parameter_groups["cls.predictions.transform.LayerNorm.bias"] == "head"
-    assert list(fisher_traces(make_model(layers=0), batches).groups) == ["embeddings", "head"]
+    assert list(fisher_traces(tiny_bert(layers=0), batches).groups) == ["embeddings", "head"]
     sig = inspect.signature(empirical_fisher)
     assert list(sig.parameters) == ["model", "batches", "estimator"]
     assert sig.parameters["estimator"].default == "per-example"
@@ -250,7 +176,7 @@ def test_groups_and_public_signatures(batches: list[dict[str, torch.Tensor]]) ->
 
 
 def test_model_left_as_found(batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model()
+    model = tiny_bert()
     model.train()
     model.bert.embeddings.position_embeddings.weight.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -276,7 +202,7 @@ def test_model_left_as_found(batches: list[dict[str, torch.Tensor]]) -> None:
 
 
 def test_float32_agrees_with_float64(batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model(hidden=64)
+    model = tiny_bert(hidden=64)
     want = fisher_traces(model, batches)
     got = fisher_traces(model.float(), batches)
     for group, value in want.groups.items():
@@ -284,14 +210,14 @@ def test_float32_agrees_with_float64(batches: list[dict[str, torch.Tensor]]) -> 
 
 
 def test_bad_input_raises_one_line_errors(batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model(layers=1)
+    model = tiny_bert(layers=1)
     good = batches[1]
     cases: list[tuple[Any, str]] = [
         ([{k: v for k, v in good.items() if k != "labels"}], "batch 0: missing labels"),
         ([good, {**good, "attention_mask": good["attention_mask"][:, :-1]}], "batch 1: attention_mask"),
         ([{**good, "labels": torch.full_like(good["labels"], IGNORE)}], "no masked token"),
-        ([{**good, "labels": good["labels"].masked_fill(good["labels"] != IGNORE, VOCAB)}], "labels"),
-        ([{**good, "input_ids": good["input_ids"] + VOCAB}], "input_ids outside"),
+        ([{**good, "labels": good["labels"].masked_fill(good["labels"] != IGNORE, BERT_VOCAB)}], "labels"),
+        ([{**good, "input_ids": good["input_ids"] + BERT_VOCAB}], "input_ids outside"),
         ([good["input_ids"]], "expected a dict"),
     ]
     for bad, message in cases:
@@ -307,7 +233,7 @@ def test_bad_input_raises_one_line_errors(batches: list[dict[str, torch.Tensor]]
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(batches: list[dict[str, torch.Tensor]]) -> None:
-    model = make_model(hidden=64)
+    model = tiny_bert(hidden=64)
     want = fisher_traces(model, batches)
     got = fisher_traces(model, batches, device="cuda")
     assert next(model.parameters()).device.type == "cpu"  # moved back

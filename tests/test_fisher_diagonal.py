@@ -19,8 +19,7 @@ import torch
 import zarr
 from scipy import stats
 
-from tests.conftest import TINY_STUDY
-from tests.test_fisher import make_batches, make_model, naive_batch, naive_per_example
+from tests.conftest import TINY_STUDY, masked_batches, naive_batch, naive_per_example, tiny_bert
 from toolkit import store
 from toolkit.config import load_study
 from toolkit.errors import ConfigError
@@ -55,7 +54,7 @@ def fisher_dir(study: Any, seed: int) -> Path:
 
 @pytest.mark.parametrize("estimator", ["per-example", "batch"])
 def test_diagonal_matches_naive_float64_loop(estimator: str) -> None:
-    model, batches = make_model(hidden=32), make_batches()
+    model, batches = tiny_bert(hidden=32), masked_batches()
     got = fisher_traces(model, batches, estimator, diagonal=True)  # type: ignore[arg-type]
     want = (naive_per_example if estimator == "per-example" else naive_batch)(model, batches)
     assert got.diagonal is not None and list(got.diagonal) == list(want)
@@ -67,7 +66,7 @@ def test_diagonal_matches_naive_float64_loop(estimator: str) -> None:
         # the traces are the float64 sums of exactly the returned diagonal
         assert got.parameters[name] == float(np.sum(d, dtype=np.float64))
     # one pass gives the same traces as the traces-only path (float32 model: the real case)
-    model32 = make_model(hidden=32).float()
+    model32 = tiny_bert(hidden=32).float()
     full = fisher_traces(model32, batches, estimator, diagonal=True)  # type: ignore[arg-type]
     plain = fisher_traces(model32, batches, estimator)  # type: ignore[arg-type]
     assert plain.diagonal is None

@@ -123,7 +123,7 @@ def test_flipped_bytes_are_named(study: StudyConfig, kind: str) -> None:
 
 def test_masks_store_damage_says_delete_and_rerun_evaluate(tmp_path: Path) -> None:
     """The shared masks store is only built when absent, so the hint says to delete it."""
-    from tests.test_train import make_study as make_train_study
+    from tests.conftest import make_train_study
     from toolkit.masks import ensure_masks
 
     study = make_train_study(tmp_path)
@@ -138,18 +138,18 @@ def test_masks_store_damage_says_delete_and_rerun_evaluate(tmp_path: Path) -> No
 
 def test_deleted_tokens_chunk_stops_training_before_it_starts(tmp_path: Path) -> None:
     """Today's failure: a deleted token chunk trained on padding and marked training done."""
-    from tests.test_train import M1
-    from tests.test_train import make_study as make_train_study
+    from tests.conftest import make_train_study
     from toolkit.train import train_member
 
+    first = Member("r", 1)
     study = make_train_study(tmp_path)
     path = Layout(study).run_tokens_dir("r") / "tokens.zarr"
     (path / "tokens" / "c" / "0").unlink()
     with pytest.raises(StoreError, match="chunk c/0 is missing") as err:
-        train_member(study, M1)
+        train_member(study, first)
     assert "rerun the prepare stage" in str(err.value)
-    assert not Layout(study).train_marker(M1).exists()
-    assert not (Layout(study).checkpoints_dir(M1) / "final").exists()
+    assert not Layout(study).train_marker(first).exists()
+    assert not (Layout(study).checkpoints_dir(first) / "final").exists()
 
 
 def test_lazy_read_of_a_flipped_chunk_fails_instead_of_decoding_garbage(study: StudyConfig) -> None:

@@ -1,7 +1,8 @@
 """Watching a member train: its live loss curve, resumption, and `toolkit status` meanwhile.
 
 Real training processes (``python -m toolkit train``, the local executor's background
-driver) on the tiny study of tests/test_train.py, read while they run.
+driver) on the tiny training study of tests/conftest.py (``make_train_study``), read
+while they run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import M1, REPO, make_study
+from tests.conftest import REPO
+from tests.conftest import make_train_study as make_study
 from toolkit import checkpoint as ckpt
 from toolkit import store
 from toolkit.config import StudyConfig, study_to_dict
@@ -34,10 +36,11 @@ from toolkit.progress import (
     open_progress,
     parse_lines,
 )
-from toolkit.study import Layout
+from toolkit.study import Layout, Member
 from toolkit.units import unit_states
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+M1 = Member("r", 1)  # the first member of make_train_study's study
 # Slow enough to be watched (about 20 ms a step on one CPU thread), short enough for a test.
 LIVE = {"batch_size": 8, "log_every_steps": 2, "eval_every_steps": 50, "checkpoint_every_steps": 1000,
         "device": "cpu"}

@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, study_toml
 from toolkit.cli import main
 from toolkit.config import study_from_dict
 from toolkit.dispatch import save_study
@@ -403,50 +403,24 @@ def test_cli_submit_with_a_newline_in_out_or_account(queue_snapshot: Any, tmp_pa
 # --------------------------------------------------------------------------- 4. umask
 
 
-TINY_TOML = """\
-[study]
-name = "perm"
-seeds = [1]
-
-[corpora.markov]
-source = "synthetic:markov"
-train_records = 24
-eval_records = 8
-synthetic = { alphabet = "ACGT", order = 2, entropy_rate = 1.2, records = 32, length = 200 }
-
-[runs.markov-3mer]
-corpus = "markov"
-tokenizer = "kmer3"
-
-[model]
-shape = "tiny"
-
-[training]
-steps = 3
-batch_size = 4
-seq_len = 64
-checkpoint_every_steps = 3
-eval_every_steps = 3
-eval_batches = 1
-log_every_steps = 1
-fisher_flow = [0.5]
-
-[analysis]
-eval_records = 8
-batch_size = 8
-fisher_records = 4
-contextual_records = 4
-bootstrap = 10
-top_p = [0.5, 1.0]
-topk = [1, 3, 5]
-"""
+def umask_toml() -> str:
+    """The tiny study cut down further: one member, three steps, fewer and shorter records;
+    no output folder (``--out`` gives it) and the default executor."""
+    return study_toml("perm", seeds=(1,), runs={"markov-3mer": "kmer3"},
+                      corpus={"train_records": 24, "eval_records": 8,
+                              "synthetic": {"records": 32, "length": 200}},
+                      training={"steps": 3, "batch_size": 4, "checkpoint_every_steps": 3,
+                                "eval_every_steps": 3, "log_every_steps": 1},
+                      analysis={"eval_records": 8, "fisher_records": 4, "contextual_records": 4,
+                                "topk": [1, 3, 5]},
+                      dispatch={"executor": None})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_every_file_of_a_study_follows_the_umask(tmp_path: Path, umask: int) -> None:
     """A real tiny study through the local executor: every file 0666 & ~umask, folders 0777 & ~umask."""
-    (tmp_path / "s.toml").write_text(TINY_TOML)
+    (tmp_path / "s.toml").write_text(umask_toml())
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "toolkit", "run", str(tmp_path / "s.toml"),

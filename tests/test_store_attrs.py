@@ -16,19 +16,17 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import TINY_STUDY
+from tests.conftest import study_toml
 from toolkit import store
 from toolkit.config import load_study
 from toolkit.errors import StoreError
 from toolkit.study import Layout
 
 
-def _study_text() -> str:
+def _study_text(out: Path) -> str:
     """The tiny study plus a character-level run: the runs' vocabularies differ (74 and 10),
     so open_results gives one predictions sub-group per run, as in the docstring examples."""
-    # the new run goes before [model], or TOML would nest the tables after it wrongly
-    head, _, tail = TINY_STUDY.replace("{name}", "attrs").partition("[model]")
-    return head + '[runs.c]\ncorpus = "markov"\ntokenizer = "char"\n\n[model]' + tail
+    return study_toml("attrs", out, runs={"r": "kmer3", "c": "char"})
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("attrs")
     path = base / "study.toml"
-    path.write_text(_study_text().format(out=base / "out"))
+    path.write_text(_study_text(base / "out"))
     run_study(load_study(path))
     return base / "out"
 

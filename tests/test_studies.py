@@ -8,7 +8,7 @@
 - The paper study is dry-run exactly as a user would queue it, ``make submit
   STUDY=jobs/paper.toml SET="..."``, against the real single-node SLURM cluster of
   ``tests/slurm_cluster.py`` (fake GPUs), through the stand-in ``apptainer`` of
-  ``tests/test_container.py``, with a tiny budget.
+  ``tests/apptainer_bwrap.py``, with a tiny budget.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def paper_overrides(sif: Path) -> list[str]:
 def test_paper_study_dry_run_through_make_submit(cluster, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`make submit STUDY=jobs/paper.toml SET=...` queues the whole paper study; it completes."""
-    from tests.test_container import write_standin
+    from tests.apptainer_bwrap import write_standin
     from toolkit import open_results
     from toolkit.dispatch import status_table, wait_study
     from toolkit.dispatch.manifest import Manifest

@@ -15,17 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import make_train_study as make_study
+from tests.conftest import write_token_store
 from toolkit import checkpoint as ckpt
 from toolkit import store
 from toolkit import train as train_mod
-from toolkit.config import StudyConfig, TrainingConfig, study_from_dict, study_to_dict
+from toolkit.config import StudyConfig, TrainingConfig, study_to_dict
 from toolkit.errors import CheckpointError, StoreError
 from toolkit.model import build_model, load_model
 from toolkit.sequences import EVAL, MASK, TRAIN, load_sequences
 from toolkit.study import Layout, Member
-from toolkit.tokenizer import build_tokenizer
 from toolkit.train import DataStream, lr_factor, mask_tokens, total_steps, train_member
-from toolkit.units import get_unit, mark_complete, run_unit, unit_inputs, unit_states
+from toolkit.units import run_unit
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
@@ -33,66 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
 MARKER_KEYS = {"member", "final", "best", "best_step", "flow", "final_step", "tokens_seen",
                "tokenizer_hash", "vocab_size", "tokens_per_second"}
-
-
-def make_study(root: Path, *, vocab: int = VOCAB, checkpoints: list[str] | None = None,
-               **training: object) -> StudyConfig:
-    """A one-run, two-seed study with a tiny model, and its token store under ``root``."""
-    train_cfg = {"steps": 12, "batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_ratio": 0.1,
-                 "checkpoint_every_steps": 4, "eval_every_steps": 4, "eval_batches": 2,
-                 "log_every_steps": 2, "fisher_flow": [0.25, 0.5, 0.75], **training}
-    run = {"corpus": "c", "tokenizer": "kmer2",
-           "model": {"shape": "tiny", "hidden_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "intermediate_size": 64}}
-    if checkpoints:
-        run["checkpoints"] = checkpoints
-    raw = {"study": {"name": "t", "seeds": [1, 2], "data_seed": 7, "output_dir": str(root)},
-           "corpora": {"c": {"source": "synthetic:markov", "train_records": 150, "eval_records": 30}},
-           "runs": {"r": run}, "training": train_cfg}
-    study = study_from_dict(raw, where="test")
-    write_token_store(study, vocab)
-    return study
-
-
-def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval: int = 30,
-                      seed: int = 0) -> Path:
-    """A real tokens.zarr (schema storage_schemas/tokens.json) of first-order Markov records."""
-    rng = np.random.default_rng(seed)
-    n = vocab - 5
-    # Sparse transitions: each token is followed by one of 3 successors, so the data is learnable.
-    succ = rng.integers(0, n, size=(n, 3))
-    lengths = rng.integers(10, 60, size=n_train + n_eval)
-    records = []
-    for length in lengths:
-        tok = [int(rng.integers(n))]
-        for _ in range(length - 1):
-            tok.append(int(succ[tok[-1], rng.integers(3)]))
-        records.append(np.array(tok) + 5)
-    tokens = np.concatenate(records).astype(np.uint16)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    split = np.array([0] * n_train + [1] * n_eval, dtype=np.uint8)
-    folder = Layout(study).run_tokens_dir("r")
-    # A real tokenizer of exactly `vocab` ids (a character vocabulary): exported models carry it.
-    tok = build_tokenizer("char", "text", ["".join(chr(0x4E00 + i) for i in range(vocab - 5))])
-    assert tok.vocab_size == vocab
-    attrs = {"corpus": "c", "source": "synthetic:markov", "kind": "dna", "tokenizer": "kmer2",
-             "tokenizer_hash": tok.hash, "vocab_size": vocab,
-             "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
-             "provenance": [], "split": {"method": "sequential", "seed": 0,
-                                         "train_records": n_train, "eval_records": n_eval},
-             "entropy_profile": {}, "toolkit_version": "test"}
-    with store.writing(folder / "tokens.zarr", "tokens", attrs, overwrite=True) as g:
-        store.create_array(g, "tokens", "tokens", data=tokens)
-        store.create_array(g, "tokens", "offsets", data=offsets)
-        store.create_array(g, "tokens", "split", data=split)
-        store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64) * 2)
-    # A tokenizer file and the prepare unit's real marker, so the unit model sees the
-    # prepare unit done and `toolkit train` runs on this store.
-    tok.save(folder / "tokenizer.json")
-    unit = get_unit(study, "prepare", "c--kmer2")
-    unit.marker.unlink(missing_ok=True)
-    mark_complete(study, unit, unit_inputs(study, unit, unit_states(study)), {"tokens": int(tokens.size)})
-    return folder
 
 
 def final_weights(study: StudyConfig, member: Member) -> dict[str, torch.Tensor]:
