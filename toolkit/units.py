@@ -722,14 +722,16 @@ def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Uni
 
         evaluate_member(study, Member.parse(unit.key, study))
     elif unit.stage == "measure":
-        from toolkit.analyse.shards import parse_shard_key, run_shard
+        import contextlib
+
+        from toolkit.analyse.shards import DASK_FAMILIES, parse_shard_key, run_shard
         from toolkit.dispatch.dask_cluster import analysis_scheduler
 
         run, family = parse_shard_key(unit.key)
         done = [m for m in members(study) if m.run == run
                 and states[("evaluate", m.id)].state == "done"]  # in seed order, as the summary lists them
         # dispatch.dask = "slurm": the shard's Dask graphs run on SLURM worker jobs.
-        with analysis_scheduler(study):
+        with analysis_scheduler(study) if family in DASK_FAMILIES else contextlib.nullcontext():
             run_shard(study, run, family, done)
     else:
         from toolkit.analyse import analyse_study

@@ -50,6 +50,10 @@ FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
 reads those: the ddof of its spreads, the top-p rule). Changing a field re-runs only the
 shards that read it; the summary reads them all."""
 
+DASK_FAMILIES = ("distributions", "fisher")
+"""Families whose work is Dask graphs over the members' stores: only their units open the
+study's Dask scheduler (``dispatch.dask = "slurm"`` starts worker jobs for them alone)."""
+
 SHARD_FORMAT = 1
 """Version of the skeleton encoding; a shard of another version is refused when read."""
 
