@@ -185,6 +185,8 @@ def test_a_corpus_linked_into_a_store_is_read_in_the_container(image: Path, runt
                                                                tmp_path: Path) -> None:
     """The real prepare unit, isolated, reads a corpus file that is a chain of links."""
     from toolkit.dispatch import save_study
+    from toolkit.store import open_store
+    from toolkit.study import Layout
     from toolkit.units import get_unit
 
     rng = np.random.default_rng(0)
@@ -203,6 +205,11 @@ def test_a_corpus_linked_into_a_store_is_read_in_the_container(image: Path, runt
     out = subprocess.run(unit_argv(study, "prepare", "markov--kmer3"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert get_unit(study, "prepare", "markov--kmer3").marker.exists()
+    # what the unit read through the links: the records it was asked for, from that file
+    tokens = open_store(Layout(study).run_tokens_dir("r") / "tokens.zarr", "tokens")
+    assert tokens.attrs["source"] == str(tmp_path / "data" / "genome.fa")
+    split = np.asarray(tokens["split"][...])  # 0 train, 1 eval, 2 unused
+    assert ((split == 0).sum(), (split == 1).sum()) == (48, 16) and tokens.attrs["n_tokens"] > 0
     binds = json.loads(runtime.read_text())["binds"]
     assert f"{store / 'v3'}:{store / 'current'}" in binds
 

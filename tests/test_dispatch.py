@@ -543,7 +543,7 @@ def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: 
     text = log_err.read_text() + Path(record.stdout).read_text()
     assert "exiting with code 75" in text and "Requeued job" in text
     assert re.search(r"resuming from .* \(step \d+/40\)", text), text[-3000:]
-    assert (out / "report" / "index.html").exists()
+    assert "markov-3mer" in (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "6 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
     # The member-named link follows the (requeued) job's log; logs hold no tqdm fragments.
     assert (log_err.parent / "markov-3mer-seed1.err").resolve() == log_err.resolve()

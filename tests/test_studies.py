@@ -328,7 +328,8 @@ def test_paper_study_dry_run_through_make_submit(cluster, tmp_path: Path,
     tree = open_results(out)
     summary = tree["summary"].to_dataset()
     assert sorted(summary["run"].values.tolist()) == ["dna-6mer", "dna-bpe", "text-bpe"]
-    assert (out / "report" / "index.html").exists()
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert all(run in page for run in ("dna-6mer", "dna-bpe", "text-bpe"))
     # The tiny budget reached the jobs: every member trained exactly 3 steps.
     for member in ("text-bpe/seed1", "dna-bpe/seed2", "dna-6mer/seed1"):
         done = json.loads((out / "members" / member / "train.complete.json").read_text())
