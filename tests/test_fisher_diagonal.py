@@ -309,7 +309,7 @@ def test_token_and_seed_analyses_match_scipy(finished: Any) -> None:
 
 def test_token_counts_and_nll_across_many_chunks(finished: Any, tmp_path: Path) -> None:
     """Chunk offsets (counts) and block alignment (NLL) on copies with small chunks."""
-    from toolkit.analyse_fisher import token_nll, train_token_counts
+    from toolkit.analyse.fisher import token_nll, train_token_counts
 
     layout = Layout(finished)
     src = zarr.open_group(str(layout.run_tokens_dir("r") / "tokens.zarr"), mode="r")
