@@ -40,10 +40,11 @@ from toolkit.dispatch import (
 )
 from toolkit.dispatch import local as dlocal
 from toolkit.dispatch import slurm as dslurm
-from toolkit.dispatch.job import EXIT_REQUEUE, UnitFailedError, UnitJob
+from toolkit.dispatch.job import UnitFailedError, UnitJob
 from toolkit.dispatch.manifest import JobRecord, Manifest
 from toolkit.dispatch.status import last_error_line, unit_states
 from toolkit.errors import SubmissionError
+from toolkit.plumbing import EXIT_REQUEUE
 from toolkit.study import Layout
 from toolkit.units import get_unit, study_units
 
@@ -210,7 +211,7 @@ def test_last_error_line_prefers_the_units_message(tmp_path: Path) -> None:
 def test_unit_job_resumes_locally_after_exit_75(tmp_path: Path) -> None:
     script = tmp_path / "once.py"
     script.write_text("import os,sys\nf=sys.argv[1]\n"
-                      "if not os.path.exists(f): open(f,'w').write('ckpt'); sys.exit(75)\n"
+                      f"if not os.path.exists(f): open(f,'w').write('ckpt'); sys.exit({EXIT_REQUEUE})\n"
                       "print('resumed from', open(f).read())\n")
     job = UnitJob([sys.executable, str(script), str(tmp_path / "state")], name="train a/seed1")
     assert job() == "train a/seed1: done"
@@ -469,12 +470,6 @@ def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path: Path) -> None:
     assert saved["runs"] == 2 and saved["signals"][0] in (12, 15)  # USR2 (--signal) or forwarded TERM
     logs = job.paths.stdout.read_text() + job.paths.stderr.read_text()
     assert "this job is timed-out" in logs and "Requeued job" in logs
-
-
-def test_exit_requeue_matches_training() -> None:
-    from toolkit.train import EXIT_PREEMPTED
-
-    assert EXIT_REQUEUE == EXIT_PREEMPTED
 
 
 def test_resources_defaults() -> None:

@@ -23,6 +23,7 @@ from toolkit import train as train_mod
 from toolkit.config import StudyConfig, TrainingConfig, study_to_dict
 from toolkit.errors import CheckpointError, StoreError
 from toolkit.model import build_model, load_model
+from toolkit.plumbing import EXIT_REQUEUE
 from toolkit.sequences import EVAL, MASK, TRAIN, load_sequences
 from toolkit.study import Layout, Member
 from toolkit.train import DataStream, lr_factor, mask_tokens, total_steps, train_member
@@ -228,7 +229,7 @@ def test_sigterm_then_corrupt_checkpoint_resumes_bit_identical(
     _record_batches(monkeypatch, seen, lambda n: n == 10 and os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as exc:
         train_member(study, M1)
-    assert exc.value.code == 75
+    assert exc.value.code == EXIT_REQUEUE
     ckdir = Layout(study).checkpoints_dir(M1)
     assert [p.name for p in ckpt.step_folders(ckdir)] == ["step-00000005", "step-00000003"]
     assert not Layout(study).train_marker(M1).exists()
@@ -308,6 +309,48 @@ def test_cli_sigkill_and_sigterm_resume_bit_identical(tmp_path: Path) -> None:
     assert ref.wait(timeout=300) == 0
     ref_study = make_study(tmp_path / "ref", **kw)
     assert_identical(final_weights(cut_study, M1), final_weights(ref_study, M1))
+
+
+@pytest.mark.slow
+def test_preempted_training_unit_is_requeued_by_dispatch(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training and dispatch agree on what a preempted unit means: the real train unit, sent
+    SIGTERM, checkpoints and exits with plumbing's EXIT_REQUEUE, and the dispatcher's job body
+    (locally: resume at once) runs it again until it finishes from that checkpoint."""
+    import threading
+
+    from toolkit.dispatch.job import UnitJob
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)  # not under SLURM: resume locally
+    study = make_study(tmp_path / "s", steps=60, checkpoint_every_steps=1, eval_every_steps=20,
+                       log_every_steps=10, batch_size=4)
+    study_json = tmp_path / "s.json"
+    study_json.write_text(json.dumps(study_to_dict(study)))
+    job = UnitJob([sys.executable, "-m", "toolkit", "train", str(study_json), "--member", M1.id],
+                  name=f"train {M1.id}")
+    codes: list[int] = []  # exit status of each run of the unit's process
+    run_child = job._run_child
+
+    def recording() -> int:
+        codes.append(run_child())
+        return codes[-1]
+
+    monkeypatch.setattr(job, "_run_child", recording)
+    done: list[str] = []
+    thread = threading.Thread(target=lambda: done.append(job()), daemon=True)
+    thread.start()
+    ckdir = Layout(study).checkpoints_dir(M1)
+    t0 = time.monotonic()
+    while not ckpt.step_folders(ckdir):
+        assert thread.is_alive() and time.monotonic() - t0 < 120, "no checkpoint appeared"
+        time.sleep(0.005)
+    job._proc.send_signal(signal.SIGTERM)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert codes == [EXIT_REQUEUE, 0]
+    assert done == [f"train {M1.id}: done"] and job.requeues == 1
+    assert Layout(study).train_marker(M1).exists()
 
 
 # --------------------------------------------------------------------------- failures and externals

@@ -35,10 +35,11 @@ import numpy as np
 from toolkit import store
 from toolkit.config import StudyConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
-from toolkit.masks import CHECKED_ATTRS, IGNORE, ensure_masks
+from toolkit.masks import CHECKED_ATTRS, ensure_masks
 from toolkit.model import last_hidden, load_model, masked_logits, model_positions, pick_device
+from toolkit.plumbing import IGNORE, network_order, write_json_atomic
 from toolkit.progress import format_duration
-from toolkit.study import Layout, Member, write_json_atomic
+from toolkit.study import Layout, Member
 
 log = logging.getLogger(__name__)
 
@@ -286,15 +287,6 @@ def fisher_batches(masks: Any, batch_size: int, device: Any) -> list[dict[str, A
     return batches
 
 
-def _group_order(name: str) -> tuple[int, int, str]:
-    """embeddings, layer.0, layer.1, ..., head, then anything else by name."""
-    if name == "embeddings":
-        return (0, 0, name)
-    if name.startswith("layer.") and name[6:].isdigit():
-        return (1, int(name[6:]), name)
-    return (2 if name == "head" else 3, 0, name)
-
-
 def diagonal_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Chunks of a stored Fisher diagonal (estimator, step, *shape): one estimator and step,
     the whole tensor or blocks of its leading rows of at most ``DIAGONAL_CHUNK`` elements."""
@@ -348,7 +340,7 @@ def write_fisher(snapshots: list[tuple[int, Any]], masks: Any, path: Path, attrs
             log.info("fisher %s: step %d (%d/%d snapshots), %d sequences, %d masked tokens, %.1f s",
                      attrs["member"], step, i + 1, len(snapshots), n_seq, n_masked, time.perf_counter() - t0)
         first = results[(estimators[0], snapshots[0][0])]
-        groups = sorted(first.groups, key=_group_order)
+        groups = sorted(first.groups, key=network_order)
         params = list(first.parameters)
         fisher = np.empty((len(estimators), len(steps), len(groups)), dtype=np.float64)
         per_param = np.empty((len(estimators), len(steps), len(params)), dtype=np.float64)

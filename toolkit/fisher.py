@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from toolkit.errors import ConfigError, InputError
+from toolkit.plumbing import IGNORE, network_order
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 
 Estimator = Literal["per-example", "batch"]
 ESTIMATORS: tuple[str, ...] = ("per-example", "batch")
-IGNORE = -100  # HF label of a position that is not masked
 _REQUIRED = ("input_ids", "attention_mask", "labels")
 _OPTIONAL = ("token_type_ids", "position_ids")
 _LAYER = re.compile(r"(?:^|\.)(?:encoder\.)?layers?\.(\d+)\.")
@@ -144,14 +144,6 @@ def parameter_group(name: str, base_prefix: str | None = None) -> str:
                       "(bert.embeddings.*), layer.<i> (bert.encoder.layer.<i>.*) and head (cls.*)")
 
 
-def _group_key(group: str) -> tuple[int, int]:
-    if group == "embeddings":
-        return (0, 0)
-    if group.startswith("layer."):
-        return (1, int(group[6:]))
-    return (2, 0)
-
-
 def empirical_fisher(model: Any, batches: Iterable[Mapping[str, Any]],
                      estimator: Estimator = "per-example") -> dict[str, float]:
     """Group -> trace of the empirical Fisher information (see :func:`fisher_traces`)."""
@@ -199,7 +191,7 @@ def fisher_traces(model: Any, batches: Iterable[Mapping[str, Any]],
     prefix = getattr(model, "base_model_prefix", None) or None
     parameter_groups = {name: parameter_group(name, prefix) for name in names}
     groups: dict[str, float] = {}
-    for group in sorted(set(parameter_groups.values()), key=_group_key):
+    for group in sorted(set(parameter_groups.values()), key=network_order):
         groups[group] = sum(v for n, v in parameters.items() if parameter_groups[n] == group)
     return FisherTraces(groups=groups, parameters=parameters, parameter_groups=parameter_groups,
                         n_examples=n_examples, n_masked_tokens=n_tokens, diagonal=diag)

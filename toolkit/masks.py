@@ -42,12 +42,12 @@ import numpy as np
 from toolkit import store
 from toolkit.config import N_SPECIALS, StudyConfig
 from toolkit.errors import StoreError
+from toolkit.plumbing import IGNORE
 from toolkit.sequences import EVAL, MASK, load_sequences, never_masked, special_ids
 from toolkit.study import Layout
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of positions that are not predicted (HuggingFace convention)
 _READ_BLOCK = 1024  # sequences materialised at a time while building
 # Attributes that decide the content of the store; an existing store must match all of them.
 CHECKED_ATTRS = ("tokenizer_hash", "seq_len", "mask_seed", "distribution_mask_rate",

@@ -30,7 +30,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -164,7 +163,7 @@ class ProgressWriter:
     def start(self, step: int, logs: dict[str, list], evals: dict[str, list]) -> None:
         """Rewrite the file from a (resumed) state's log: ``logs`` holds ``step``, ``loss``,
         ``lr``, ``tokens_seen`` lists, ``evals`` ``step`` and ``loss`` (all up to ``step``)."""
-        from toolkit.study import file_mode
+        from toolkit.plumbing import write_atomic
 
         lines = [self._line({"event": "start", "member": self.member, "total_steps": self.total,
                              "step": step, "pid": os.getpid(), "host": socket.gethostname(),
@@ -176,16 +175,7 @@ class ProgressWriter:
         lines += [self._line({"event": "eval", "step": s, "loss": loss})
                   for s, loss in zip(evals["step"], evals["loss"], strict=True)]
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    os.fchmod(f.fileno(), file_mode())
-                    f.write("".join(lines))
-                os.replace(tmp, self.path)  # replaces a planted link itself, never its target
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.path, "".join(lines))  # replaces a planted link itself, never its target
         except OSError as e:
             self._fail(e)
         self._last_write = time.monotonic()

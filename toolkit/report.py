@@ -15,8 +15,6 @@ import html
 import io
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,8 @@ import numpy as np
 from toolkit import store
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
-from toolkit.study import Layout, file_mode
+from toolkit.plumbing import write_atomic
+from toolkit.study import Layout
 
 log = logging.getLogger(__name__)
 
@@ -633,14 +632,6 @@ def write_report(study: StudyConfig) -> Path:
     parts += ["<h2>Every measure</h2>", _variable_tables(ds), "<h2>Data-side entropy profile</h2>",
               _profile_table(ds), "</body></html>"]
     # index.html marks the analyse unit complete: write it last, atomically.
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".index.html.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(parts))
-        os.chmod(tmp, file_mode())  # mkstemp creates 0600; the report is meant to be shared
-        os.replace(tmp, out / "index.html")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out / "index.html", "\n".join(parts))  # readable by the group, as shared
     log.info("wrote %s (%d figures)", out / "index.html", len(figures))
     return out / "index.html"

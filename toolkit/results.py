@@ -17,6 +17,7 @@ import numpy as np
 
 from toolkit import store
 from toolkit.errors import StoreError
+from toolkit.plumbing import network_order
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +80,6 @@ def _members(root: Path) -> dict[str, list[int]]:
             log.warning("%s: unreadable (%s); runs in folder order", study_json, e)
     order = [r for r in runs if r in found] + [r for r in found if r not in runs]
     return {r: found[r] for r in order}
-
-
-def _param_key(name: str) -> tuple[int, int]:
-    """Network position of a parameter tensor from its name (bert.encoder.layer.3.* -> (1, 3))."""
-    match = re.search(r"(?:^|\.)layer\.(\d+)\.", name)
-    if match:
-        return (1, int(match.group(1)))
-    return (0, 0) if "embeddings" in name else (2, 0)
-
-
-def _block_key(name: str) -> tuple[int, int, str]:
-    """embeddings, layer.0, layer.1, ..., head: the order of the network."""
-    if name.startswith("layer."):
-        head, _, _ = name[6:].partition(".")
-        return (1, int(head) if head.isdigit() else 0, name)
-    return (0 if name == "embeddings" else 2, 0, name)
 
 
 _MEMBER_ATTRS = {"long_name": "initialisation seed of the member", "units": "1",
@@ -336,11 +321,14 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
         if kind == "fisher" or _combinable(sets):
             nodes[f"/{kind}"] = _combine_runs(sets, kind)
             if kind == "fisher":  # the outer join sorted the labels; back to network order
-                seen = list(dict.fromkeys(str(p) for d in sets.values() for p in d["parameter"].values))
+                # parameters by their stored group, then in model order within it
+                group_of = {str(p): str(g) for d in sets.values()
+                            for p, g in zip(d["parameter"].values, d["parameter_group"].values, strict=True)}
+                seen = list(group_of)
                 ds = nodes[f"/{kind}"]
                 nodes[f"/{kind}"] = ds.reindex(
-                    group=sorted((str(g) for g in ds["group"].values), key=_block_key),
-                    parameter=sorted(seen, key=lambda p: (_param_key(p), seen.index(p))))
+                    group=sorted((str(g) for g in ds["group"].values), key=network_order),
+                    parameter=sorted(seen, key=lambda p: (network_order(group_of[p]), seen.index(p))))
         else:
             nodes[f"/{kind}"] = xr.Dataset()
             for run, ds in sets.items():

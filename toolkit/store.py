@@ -44,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from toolkit.errors import StoreError, ToolkitError
+from toolkit.plumbing import write_atomic
 
 # Zarr warns that consolidated metadata is not in the v3 spec; we rely on it for fast opens.
 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
@@ -324,12 +325,7 @@ def write_inventory(root: str | Path, kind: str) -> None:
         sums = dict(zip(files, pool.map(lambda k: _digest(root / k), files), strict=True))
     doc = {"format": INVENTORY_FORMAT, "store": kind, "checksum": "sha256-128",
            "files": {k: [files[k], sums[k]] for k in sorted(files)}}
-    tmp = root / f".{INVENTORY}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=0, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / INVENTORY)
+    write_atomic(root / INVENTORY, json.dumps(doc, indent=0, separators=(",", ":")))
 
 
 def _threads() -> int:

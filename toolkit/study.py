@@ -25,15 +25,16 @@ exists and what it consumed has not changed since (:mod:`toolkit.units`).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from toolkit.config import CHECKPOINT_TOKENIZER, StudyConfig
 from toolkit.errors import ConfigError
+
+# Imported from here by toolkit.units, toolkit.dispatch and the tests (the marker writer
+# of the study folder); it lives in toolkit.plumbing.
+from toolkit.plumbing import write_json_atomic as write_json_atomic
 
 
 @dataclass(frozen=True, order=True)
@@ -178,28 +179,3 @@ def file_mode() -> int:
     if _UMASK is None:
         _UMASK = _read_umask()
     return 0o666 & ~_UMASK
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file.
-
-    The file gets the mode of any file the user creates (:func:`file_mode`), not
-    mkstemp's 0600, so a study in a shared folder stays readable by its group.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), file_mode())
-            # Insertion order kept: in study.json the order of runs is the report's order.
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # a full disk is one line naming the mount, not a traceback
-            from toolkit.store import raise_if_no_space
-
-            raise_if_no_space(e, path)
-        raise

@@ -49,15 +49,15 @@ from toolkit.model import (
     n_parameters,
     pick_device,
 )
+from toolkit.plumbing import EXIT_REQUEUE, write_json_atomic
 from toolkit.progress import ProgressWriter, format_duration, progress_path
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
-from toolkit.study import Layout, Member, write_json_atomic
+from toolkit.study import Layout, Member
 from toolkit.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 N_SPECIAL = 5  # ids 0..4 (PAD, UNK, CLS, SEP, MASK) are never selected nor drawn as replacements
-EXIT_PREEMPTED = 75
 _MASK_TAG, _EVAL_TAG = 1, 2
 
 
@@ -544,9 +544,9 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
             if preempt.signum:
                 log.warning("%s: signal %d received; checkpoint saved at step %d/%d, exiting with "
                             "code %d (run again to resume)", member.id, preempt.signum, step, total,
-                            EXIT_PREEMPTED)
+                            EXIT_REQUEUE)
                 live.end("preempted", step)
-                raise SystemExit(EXIT_PREEMPTED)
+                raise SystemExit(EXIT_REQUEUE)
 
     if not evals_fixed:
         log.warning("%s: no evaluation records; 'best' is the final model", member.id)

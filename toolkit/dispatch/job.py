@@ -9,9 +9,9 @@ Preemption and time limits: SLURM sends USR2 (``--signal=USR2@N``) before the ti
 limit, and SIGTERM then USR2 on preemption (``job._interrupt()`` does the same).
 submitit calls :meth:`UnitJob.checkpoint`, which forwards SIGTERM to the child and
 waits for it: the training stage finishes its step, saves a checkpoint and exits
-with :data:`EXIT_REQUEUE` (75). The returned DelayedSubmission requeues the job and
-the requeued job resumes from the checkpoint. A child that exits 75 on its own
-(it received the signal directly) also means "requeue me".
+with :data:`~toolkit.plumbing.EXIT_REQUEUE` (75). The returned DelayedSubmission
+requeues the job and the requeued job resumes from the checkpoint. A child that
+exits 75 on its own (it received the signal directly) also means "requeue me".
 
 Outcome: next to submitit's log ``<id>_<task>_log.out`` the job writes
 ``<id>_<task>_outcome.json`` (``{"outcome": "success"|"error"|"requeued",
@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
+from toolkit.plumbing import EXIT_REQUEUE, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-EXIT_REQUEUE = 75
-"""Exit status of a unit that saved its state and wants to be run again (EX_TEMPFAIL)."""
 MAX_REQUEUES = 50
 """Safety net against a unit that asks to be requeued forever."""
 OUTCOMES = ("success", "error", "requeued")
@@ -174,7 +173,6 @@ class UnitJob(_Checkpointable):
     def _report(self, outcome: str, returncode: int | None) -> None:
         """Write this job's outcome file (once per run); a failure to write is only logged."""
         from toolkit.dispatch.manifest import now
-        from toolkit.study import write_json_atomic
 
         path = _own_outcome_path()
         if path is None or getattr(self, "_reported", False):

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolkit.errors import SubmissionError
-from toolkit.study import write_json_atomic
+from toolkit.plumbing import write_json_atomic
 
 log = logging.getLogger(__name__)
 
