@@ -26,6 +26,7 @@ from toolkit.analyse.profile import profile_run
 from toolkit.analyse.shards import FAMILIES, compute_family, read_shard, shard_key, shard_path
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
+from toolkit.plumbing import network_order
 from toolkit.progress import format_duration
 from toolkit.study import Layout, Member, members
 
@@ -72,14 +73,6 @@ def complete_members(study: StudyConfig, done_ids: list[Member] | None = None
 
 
 # --------------------------------------------------------------------------- the summary
-
-
-def _block_order(name: str) -> tuple[int, int]:
-    if name == "embeddings":
-        return (0, 0)
-    if name.startswith("layer."):
-        return (1, int(name.split(".", 1)[1]))
-    return (2, 0)
 
 
 
@@ -190,7 +183,7 @@ def _write_summary(study: StudyConfig, done: dict[str, list[Member]], missing: l
     estimators = list(dict.fromkeys(
         [e for e in a.fisher_estimators] + [e for f in fisher.values() for e in f["shares"]]))
     blocks = sorted({b for f in fisher.values() for mem in next(iter(f["shares"].values()), [])
-                     for b in mem} | {"embeddings", "head"}, key=_block_order)
+                     for b in mem} | {"embeddings", "head"}, key=network_order)
     n_flow = max([len(f["steps"]) for f in fisher.values()] + [1])
     n_order = max([len(p["conditional_entropy_bits"]) for p in profiles.values()] + [1])
 
