@@ -60,3 +60,28 @@ def test_unwritable_folder_warns_once_and_training_goes_on(tmp_path: Path, caplo
     w.eval_point(1, 1.0)
     w.close()
     assert caplog.text.count("cannot write TensorBoard events") == 1
+
+
+def test_a_member_trained_with_tensorboard_writes_the_curves_of_train_zarr(tmp_path: Path) -> None:
+    """A real tiny member (training.tensorboard = true): the event files hold train.zarr's
+    loss curve and evaluation losses, step for step."""
+    import numpy as np
+
+    from tests.conftest import study_doc
+    from toolkit import store
+    from toolkit.config import study_from_dict
+    from toolkit.study import Layout, Member
+    from toolkit.units import run_unit
+
+    study = study_from_dict(study_doc("tb", tmp_path / "out", seeds=(1,), training={"tensorboard": True}),
+                            where="test")
+    run_unit(study, "prepare", "markov--kmer3")
+    run_unit(study, "train", "r/seed1")
+    member_dir = Layout(study).member_dir(Member("r", 1))
+    g = store.open_store(member_dir / "train.zarr", "train")
+    loss = scalars(member_dir / "tensorboard", "train/loss")
+    assert [s for s, _ in loss] == np.asarray(g["step"][...]).tolist()
+    np.testing.assert_allclose([v for _, v in loss], np.asarray(g["loss"][...], np.float64), rtol=1e-6)
+    evals = scalars(member_dir / "tensorboard", "eval/loss")
+    assert [s for s, _ in evals] == np.asarray(g["eval_step"][...]).tolist()
+    np.testing.assert_allclose([v for _, v in evals], np.asarray(g["eval_loss"][...], np.float64), rtol=1e-6)

@@ -231,6 +231,35 @@ class ProgressWriter:
         self._broken = True
 
 
+class CurveSinks:
+    """Several writers of a member's curve (the live curve, TensorBoard events) behind one:
+    each call goes to every sink, in order."""
+
+    def __init__(self, sinks: list[Any]) -> None:
+        self.sinks = sinks
+
+    def start(self, step: int, logs: dict[str, list], evals: dict[str, list]) -> None:
+        for s in self.sinks:
+            s.start(step, logs, evals)
+
+    def log_point(self, step: int, loss: float, lr: float, tokens_seen: int,
+                  tokens_per_second: float, eta_s: float) -> None:
+        for s in self.sinks:
+            s.log_point(step, loss, lr, tokens_seen, tokens_per_second, eta_s)
+
+    def eval_point(self, step: int, loss: float) -> None:
+        for s in self.sinks:
+            s.eval_point(step, loss)
+
+    def end(self, reason: str, step: int) -> None:
+        for s in self.sinks:
+            s.end(reason, step)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
 def parse_lines(lines: list[str]) -> list[dict[str, Any]]:
     """The entries of a progress file's lines; lines that are not JSON objects are skipped
     (the last one may be half-written)."""

@@ -50,7 +50,7 @@ from toolkit.model import (
     pick_device,
 )
 from toolkit.plumbing import EXIT_REQUEUE, write_json_atomic
-from toolkit.progress import ProgressWriter, format_duration, progress_path
+from toolkit.progress import CurveSinks, ProgressWriter, format_duration, progress_path
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member
 from toolkit.tokenizer import Tokenizer, load_tokenizer
@@ -314,6 +314,10 @@ def train_member(study: StudyConfig, member: Member, data_digest: str | None = N
     if run.checkpoints:
         _adopt_external(study, member, vocab_size, tokenizer_hash)
         return
+    if study.training.tensorboard:
+        from toolkit.tensorboard_log import require_tensorboard
+
+        require_tensorboard()  # before any work: the error names the install command
     _run_training(study, member, group, vocab_size, tokenizer_hash, data_digest)
 
 
@@ -473,7 +477,11 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
     step = state["step"]
     # The live curve restarts from the checkpoint's log: steps a killed process logged
     # after its last checkpoint are dropped, not repeated (see toolkit.progress).
-    live = ProgressWriter(progress_path(layout.member_dir(member)), member.id, total)
+    live: Any = ProgressWriter(progress_path(layout.member_dir(member)), member.id, total)
+    if t.tensorboard:
+        from toolkit.tensorboard_log import TensorBoardWriter
+
+        live = CurveSinks([live, TensorBoardWriter(layout.member_dir(member))])
     live.start(step, state["log"], state["eval"])
     last_save = time.monotonic()
     proc_seconds, proc_steps, win_tokens, win_seconds = 0.0, 0, 0, 0.0
