@@ -7,24 +7,30 @@ extrapolated to the paper's setting (issue 12).
    30, 100 and 300 Mbases (``BENCH_SCALE_MAX=3000`` adds 3 Gbases), each size and tokenizer
    through the toolkit's real path (a study TOML with a FASTA corpus, ``toolkit.config.load_study``,
    ``toolkit.prepare.prepare_unit``) in its own process: wall time, peak RSS of that process
-   (``os.wait4``), and the peak RSS while the BPE tokenizer trains (bounded by
-   ``corpora.X.tokenizer_train_records``). A power law ``y = c * size**b`` is fitted to time and
-   memory and extrapolated to 3 Gbases (2,000,000 records of 1-2 kb).
+   (``os.wait4``), and the peak RSS per phase: BPE training (bounded by
+   ``corpora.X.tokenizer_train_records``), encoding, the entropy profile (bounded by
+   ``analysis.entropy_max_tokens``). A power law ``y = c * size**b`` is fitted to time and memory, and
+   an affine law (fixed + per Mbase) to the CPU time of the two largest sizes; both are extrapolated
+   to 3 Gbases (2,000,000 records of 1-2 kb).
 2. **evaluate**: the predictions store writer (``store.writing`` + ``store.create_array`` +
    ``toolkit.evaluate._RowWriter``, as ``write_predictions`` uses them) on synthetic float16
    log-probabilities, vocab 4096: chunk lengths 512 / 2048 / 8192 positions with the schema's
    compressor and the schema's chunking with other compressors, interleaved rounds; write MB/s,
    open (the full SHA-256 verification the analysis does) and Dask read MB/s chunk by chunk, bytes
    on disk. Then one full member store: 10,000 records x 512 tokens x 15% = 768,000 positions.
-3. **analyse**: ``toolkit.analyse_runs.distribution_run`` and ``embedding_run`` over synthetic
-   member stores of 131,072 positions x 4096 (25% of the paper's, 1 GiB float16 per member), with 2
-   and then 3 members (1 and 3 pairs: per-member and per-pair costs separate), each in its own
-   process with its peak RSS against a stated limit (8 GiB per worker); the per-member and
-   per-pair costs are extrapolated to 15 members (105 pairs) x 3 runs at 768,000 positions.
+3. **analyse**: ``distribution_run`` and ``embedding_run`` (``toolkit.analyse_runs``, or their new home
+   in the ``toolkit.analyse`` package) over synthetic member stores of 131,072 positions x 4096 (1 GiB
+   float16 per member: 25% of the paper's 512,000-position distribution set at 10% masking), with 2 and
+   then 3 members (1 and 3 pairs: per-member and per-pair costs separate) and 3 members at 12,288
+   positions (the fixed cost and the exponent), each in its own process with its peak RSS against a
+   stated limit (8 GiB per worker); the costs are extrapolated to 15 members (105 pairs) x 3 runs at
+   768,000 positions (and to jobs/paper.toml's 5 members).
 
 ``BENCH_SCALE_MAX`` (Mbases, default 300) caps the prepare sizes; ``BENCH_SCALE_QUICK=1`` runs
-tiny sizes (the smoke test). Work files go to ``/tmp/bench_scale`` (``BENCH_SCALE_DIR``) and are
-deleted at the end. Never asserts on time.
+tiny sizes (the smoke test); ``BENCH_SCALE_PARTS=prepare,evaluate,analyse`` picks the parts;
+``BENCH_SCALE_RESULTS=FILE`` keeps the prepare processes' raw results (JSON lines, every phase).
+Work files go to ``/tmp/bench_scale`` (``BENCH_SCALE_DIR``) and are deleted at the end. The default
+takes about 25-30 minutes on an idle 2-core machine. Never asserts on time.
 """
 
 from __future__ import annotations
@@ -78,6 +84,13 @@ def fit_power_law(sizes: Any, values: Any) -> tuple[float, float]:
         raise ValueError("a power-law fit needs at least two distinct sizes")
     b, log_c = np.polyfit(x, y, 1)
     return float(b), float(math.exp(log_c))
+
+
+def fit_affine(sizes: Any, values: Any) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``: returns ``(a, b)``. A fixed cost (BPE training on a bounded
+    sample) makes a power law's exponent fall below 1 at small sizes; this extrapolates that case."""
+    b, a = np.polyfit(np.asarray(sizes, dtype=np.float64), np.asarray(values, dtype=np.float64), 1)
+    return float(a), float(b)
 
 
 def extrapolate(sizes: Any, values: Any, at: float) -> tuple[float, float]:
@@ -238,6 +251,7 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
     sampler.enter("imports")
     import zarr
 
+    import toolkit.entropy
     import toolkit.tokenizer
     from toolkit.config import load_study
     from toolkit.prepare import prepare_unit
@@ -258,14 +272,27 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
             sampler.enter("encode")
 
     toolkit.tokenizer.build_tokenizer = build
+    real_profile = toolkit.entropy.entropy_profile
+
+    def profile(*args: Any, **kwargs: Any) -> Any:  # the data-side entropy profile, after encoding
+        sampler.enter("profile")
+        try:
+            return real_profile(*args, **kwargs)
+        finally:
+            sampler.enter("finish")
+
+    toolkit.entropy.entropy_profile = profile
     sampler.enter("count")  # BPE: the counting pass; kmer: goes straight to encode
     t0 = time.perf_counter()
     folder = prepare_unit(study, "dna", tokenizer)
     seconds = time.perf_counter() - t0
     phases = sampler.stop()
     attrs = dict(zarr.open_group(str(folder / "tokens.zarr"), mode="r").attrs)
-    print(json.dumps({"seconds": seconds, **phases, "symbols": attrs["n_symbols"],
-                      "tokens": attrs["n_tokens"], "records": attrs["n_records"]}))
+    line = json.dumps({"seconds": seconds, **phases, "symbols": attrs["n_symbols"], "tokenizer": tokenizer,
+                       "tokens": attrs["n_tokens"], "records": attrs["n_records"]})
+    with open(Path(out).parent / "results.jsonl", "a", encoding="utf-8") as f:  # every phase, raw
+        f.write(line + "\n")
+    print(line)
 
 
 def measure_prepare(fasta: Path, mbases: float, tokenizer: str, out: Path,
@@ -300,6 +327,8 @@ def bench_prepare(sizes: list[float], tokenizers: tuple[str, ...], tok_records: 
                   f"peak RSS {r['max_rss'] / MIB:6.0f} MiB"
                   + (f", BPE training peak {tok_peak / MIB:6.0f} MiB "
                      f"({r['phase_seconds'].get('tokenizer', 0):.1f} s)" if tok_peak else "")
+                  + f"; peak RSS encoding {peaks.get('encode', 0) / MIB:.0f} MiB, entropy profile "
+                  f"{peaks.get('profile', 0) / MIB:.0f} MiB"
                   + f"; {r['records']} records, {r['tokens']} tokens", flush=True)
             results.append(r)
         fasta.unlink()
@@ -319,6 +348,9 @@ def report_prepare(results: list[dict[str, Any]], target: float = PAPER_MBASES) 
         bt, bc, bm = (round(x, 2) + 0.0 for x in (bt, bc, bm))  # no "-0.00"
         line = (f"prepare {tok}: wall ~ size^{bt:.2f}, CPU ~ size^{bc:.2f}, peak RSS ~ size^{bm:.2f}; "
                 f"at {target:g} Mbases: {_fmt_s(t_at)} wall, {_fmt_s(c_at)} CPU, peak RSS {m_at / GIB:.2f} GiB")
+        a, slope = fit_affine(size[-2:], [r["cpu_s"] for r in rs][-2:])
+        line += (f"; affine from the two largest sizes (fixed costs: BPE training, the capped entropy "
+                 f"profile): {a:.0f} s + {slope:.3f} s/Mbase CPU -> {_fmt_s(a + slope * target)} CPU at {target:g}")
         tok_peaks = [r["phase_peak_rss"].get("tokenizer") for r in rs]
         if tok.startswith("bpe") and all(tok_peaks):
             bb, b_at = extrapolate(size, tok_peaks, target)
@@ -562,12 +594,12 @@ def measure_analyse(root: Path, n_pos: int, members: int, which: str) -> dict[st
     return run_child(code, str(root), str(n_pos), str(members), which)
 
 
-def fit_costs(t_small2: float, t_small3: float, t_big3: float, small: int, big: int) -> dict[str, float]:
-    """``t = fixed + positions * (member * n + pair * n(n-1)/2)`` from three runs: 2 and 3 members at
-    ``small`` positions, 3 members at ``big``. Returns seconds per position per member and per pair,
-    and the fixed seconds (costs clamped at 0: noise on a shared machine can make one negative)."""
+def fit_costs(t_small3: float, t_big2: float, t_big3: float, small: int, big: int) -> dict[str, float]:
+    """``t = fixed + positions * (member * n + pair * n(n-1)/2)`` from three runs: 3 members at
+    ``small`` positions, 2 and 3 members at ``big``. Returns seconds per position per member and per
+    pair, and the fixed seconds (clamped at 0: noise on a shared machine can make one negative)."""
     u = (t_big3 - t_small3) / (3 * (big - small))  # member + pair
-    v = (t_small3 - t_small2) / small  # member + 2 pair
+    v = (t_big3 - t_big2) / big  # member + 2 pair
     pair, member = max(v - u, 0.0), max(2 * u - v, 0.0)
     fixed = max(t_small3 - small * 3 * u, 0.0)
     return {"member": member, "pair": pair, "fixed": fixed}
@@ -591,7 +623,7 @@ def _print_analyse(which: str, n: int, n_pos: int, r: dict[str, Any]) -> None:
 
 
 def bench_analyse(root: Path, small: int, big: int, full_pos: int) -> dict[str, Any]:
-    """distribution_run at (2, small), (3, small), (3, big) members x positions; embedding_run with
+    """distribution_run at (3, small), (2, big), (3, big) members x positions; embedding_run with
     2 and 3 members (its cost does not depend on positions). Extrapolated to the paper."""
     for n_pos in (small, big):
         t0 = time.perf_counter()
@@ -600,7 +632,7 @@ def bench_analyse(root: Path, small: int, big: int, full_pos: int) -> dict[str, 
               f"each) and embeddings ({VOCAB} x {PAPER_DIM}) in {time.perf_counter() - t0:.1f} s "
               "(not counted)", flush=True)
     res: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for which, n, n_pos in (("distribution", 2, small), ("distribution", 3, small),
+    for which, n, n_pos in (("distribution", 3, small), ("distribution", 2, big),
                             ("distribution", 3, big), ("embedding", 2, small), ("embedding", 3, small)):
         r = measure_analyse(root / str(n_pos), n_pos, n, which)
         res[(which, n, n_pos)] = r
@@ -610,18 +642,20 @@ def bench_analyse(root: Path, small: int, big: int, full_pos: int) -> dict[str, 
     d3 = [res[("distribution", 3, small)], res[("distribution", 3, big)]]
     for key, label in (("seconds", "wall"), ("cpu_s", "CPU")):
         b, _ = fit_power_law([small, big], [r[key] for r in d3])
-        c = fit_costs(res[("distribution", 2, small)][key], d3[0][key], d3[1][key], small, big)
+        c = fit_costs(d3[0][key], res[("distribution", 2, big)][key], d3[1][key], small, big)
         e2, e3 = res[("embedding", 2, small)][key], res[("embedding", 3, small)][key]
         e_pair = max(e3 - e2, 0.0) / 2  # 3 pairs - 1 pair
         e_fixed = max(e2 - e_pair, 0.0)
         dist_full = PAPER_RUNS * predict_costs(c, PAPER_MEMBERS, full_pos)
         emb_full = PAPER_RUNS * (e_fixed + pairs * e_pair)
+        five = PAPER_RUNS * predict_costs(c, 5, full_pos)  # jobs/paper.toml: 5 seeds, 10 pairs a run
         print(f"  {label}: distribution_run (3 members) ~ positions^{b:.2f} from {small} to {big}; per "
               f"1,000 positions {1000 * c['member']:.2f} s per member + {1000 * c['pair']:.2f} s per pair "
               f"(+ {c['fixed']:.1f} s fixed); embedding_run {e_pair:.1f} s per pair (+ {e_fixed:.1f} s)")
         print(f"  {label}: extrapolated to {PAPER_RUNS} runs x {PAPER_MEMBERS} members ({pairs} pairs) x "
               f"{full_pos} positions, one worker like this one: distribution {_fmt_s(dist_full)}, "
-              f"embedding {_fmt_s(emb_full)}", flush=True)
+              f"embedding {_fmt_s(emb_full)}; with jobs/paper.toml's 5 members a run: distribution "
+              f"{_fmt_s(five)}", flush=True)
         out[label] = {"exponent": b, **c, "embedding_pair": e_pair, "distribution_full_s": dist_full,
                       "embedding_full_s": emb_full}
     print(f"  (the paper's predictions: {PAPER_RUNS * PAPER_MEMBERS * full_pos * VOCAB * 2 / GIB:.0f} GiB "
@@ -681,6 +715,9 @@ def main() -> None:
             bench_analyse(root / "analyse", cfg["analyse_small"], cfg["analyse_big"], PAPER_POSITIONS)
             print(f"  load {os.getloadavg()}", flush=True)
     finally:
+        keep = os.environ.get("BENCH_SCALE_RESULTS")  # the raw per-process results (JSON lines)
+        if keep and (root / "results.jsonl").exists():
+            shutil.copy(root / "results.jsonl", keep)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -22,6 +22,8 @@ def test_fit_power_law_recovers_a_known_exponent() -> None:
     assert b == pytest.approx(0.8, abs=0.02) and c == pytest.approx(2.5, rel=0.1)
     b0, at = bs.extrapolate([30, 300], [1.7e9, 1.7e9], 3000)  # bounded memory: exponent 0
     assert b0 == pytest.approx(0.0, abs=1e-9) and at == pytest.approx(1.7e9)
+    a, b = bs.fit_affine([100, 300], [130.0, 230.0])
+    assert a == pytest.approx(80.0) and b == pytest.approx(0.5)
     with pytest.raises(ValueError):
         bs.fit_power_law([5, 5], [1, 2])
 
@@ -29,8 +31,8 @@ def test_fit_power_law_recovers_a_known_exponent() -> None:
 def test_fit_costs_recovers_member_and_pair_costs() -> None:
     member, pair, fixed = 2e-3, 5e-3, 4.0
     costs = {"member": member, "pair": pair, "fixed": fixed}
-    t = {(n, p): bs.predict_costs(costs, n, p) for n, p in ((2, 1000), (3, 1000), (3, 10_000))}
-    got = bs.fit_costs(t[(2, 1000)], t[(3, 1000)], t[(3, 10_000)], 1000, 10_000)
+    t = {(n, p): bs.predict_costs(costs, n, p) for n, p in ((3, 1000), (2, 10_000), (3, 10_000))}
+    got = bs.fit_costs(t[(3, 1000)], t[(2, 10_000)], t[(3, 10_000)], 1000, 10_000)
     assert got["member"] == pytest.approx(member) and got["pair"] == pytest.approx(pair)
     assert got["fixed"] == pytest.approx(fixed)
     # 15 members, 105 pairs
@@ -64,7 +66,7 @@ def test_markov_fasta_is_read_back_and_prepared_by_the_toolkit(tmp_path: Path) -
         assert r["phase_peak_rss"]["tokenizer"] > 0 and r["phase_seconds"]["tokenizer"] > 0
     lines = bs.report_prepare([{"mbases": m, "tokenizer": "kmer6", "wall_s": m, "cpu_s": m,
                                 "max_rss": 1e9, "phase_peak_rss": {}} for m in (1.0, 10.0)])
-    assert lines and "size^1.00" in lines[0] and "size^0.00" in lines[0]
+    assert lines and "size^1.00" in lines[0] and "size^0.00" in lines[0] and "0 s + 1.000 s/Mbase" in lines[0]
 
 
 @pytest.mark.slow
