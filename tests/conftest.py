@@ -5,18 +5,21 @@ real tiny models. Heavy imports (torch, the toolkit) stay inside the helpers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 if TYPE_CHECKING:
     import torch
 
     from toolkit.config import StudyConfig
+    from toolkit.study import Layout, Member
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -390,3 +393,202 @@ def build_toolkit_wheel(tmp: Path, env: dict[str, str] | None = None) -> Path:
     assert out.returncode == 0, out.stderr
     (wheel,) = dist.glob("toolkit-*.whl")
     return wheel
+
+
+# --------------------------------------------------------------------------- the analysed study
+# Every store analyse reads, written directly (synthetic, seeded): tests of the analysis,
+# the results API and the report share it.
+
+RUNS = {
+    # vocab: tokenizer_vocab_size(bpe64) and (kmer2) = 4**2 + 5 + 5
+    "text-bpe": dict(corpus="wiki", tokenizer="bpe64", kind="text", vocab=64, scale=3.0,
+                     noise=0.3, layers=2, emb_noise=0.3, fisher=(1.0, 4.0, 1.0)),
+    "dna-kmer2": dict(corpus="genome", tokenizer="kmer2", kind="dna", vocab=26, scale=0.3,
+                      noise=1.0, layers=1, emb_noise=1.5, fisher=(6.0, 1.0, 0.5)),
+}
+N_POSITIONS = 300
+DIM = 16
+N_CONTEXTUAL = 24
+FLOW_STEPS = (10, 20, 30)
+
+
+def make_study(root: Path, seeds: tuple[int, ...] = (1, 2, 3),
+               complete: dict[str, tuple[int, ...]] | None = None,
+               runs: dict[str, dict] | None = None) -> StudyConfig:
+    """Write a study folder with every store analyse reads; returns its StudyConfig.
+
+    ``complete`` maps a run to the seeds that get an evaluate marker (default: all);
+    the others get every store but no marker, as a member still being evaluated.
+    ``runs`` defaults to :data:`RUNS` (each run on its own corpus).
+    """
+    import scipy.special
+
+    from toolkit.config import study_from_dict
+    from toolkit.study import Layout, Member
+
+    runs = RUNS if runs is None else runs
+    raw = {
+        "study": {"name": "synthetic", "seeds": list(seeds), "output_dir": str(root)},
+        "corpora": {r["corpus"]: {"source": f"{r['corpus']}.txt", "kind": r["kind"]}
+                    for r in runs.values()},
+        "runs": {name: {"corpus": r["corpus"], "tokenizer": r["tokenizer"]} for name, r in runs.items()},
+        "analysis": {"topk": [1, 3, 5, 10, 40], "top_p": [0.1, 0.5, 0.9, 1.0], "bootstrap": 50},
+    }
+    study = study_from_dict(raw, where="synthetic")
+    layout = Layout(study)
+    rng = np.random.default_rng(1234)
+    for run, spec in runs.items():
+        vocab = spec["vocab"]
+        _write_tokens(layout.run_tokens_dir(run) / "tokens.zarr", run, spec, rng)
+        shared = rng.normal(size=(N_POSITIONS, vocab))  # what every member learnt in common
+        probs = scipy.special.softmax(spec["scale"] * shared, axis=1)
+        target = np.array([rng.choice(vocab, p=p) for p in probs], np.int32)
+        base_emb = rng.normal(size=(vocab, DIM))
+        base_ctx = rng.normal(size=(N_CONTEXTUAL, DIM))
+        for seed in seeds:
+            m = Member(run, seed)
+            done = complete is None or seed in complete.get(run, seeds)
+            _write_member(layout, m, spec, rng, shared, target, base_emb, base_ctx, done)
+    return study
+
+
+def _write_tokens(path: Path, run: str, spec: dict, rng: np.random.Generator) -> None:
+    import scipy.stats
+
+    from toolkit import store
+
+    vocab = spec["vocab"]
+    tokens = rng.integers(5, vocab, size=2000).astype(np.uint16)
+    counts = np.bincount(tokens, minlength=vocab)
+    unigram = float(scipy.stats.entropy(counts, base=2))
+    spt = 2.0 if spec["kind"] == "dna" else 3.7
+    profile = {
+        "tokens": int(tokens.size), "symbols_per_token": spt, "unigram_bits": unigram,
+        "unigram_bits_per_symbol": unigram / spt,
+        "conditional_bits": sorted(rng.uniform(0.5, unigram, size=3).tolist(), reverse=True),
+        "conditional_bits_plugin": [0.0, 0.0, 0.0], "contexts_seen": [10, 100, 1000],
+        # the last order is undersampled (fewer than 10 tokens per context) for the DNA-like run
+        "context_coverage": [200.0, 20.0, 2.0 if spec["kind"] == "dna" else 12.0],
+        "compression_bits_per_symbol": float(rng.uniform(1.5, 2.5)),
+        "analytic_entropy_rate_bits_per_symbol": None, "vocab_size": vocab,
+        "entropy_rate_bits_per_symbol": float(rng.uniform(0.5, 1.0)), "entropy_rate_low": 0.4,
+        "entropy_rate_high": 1.1, "entropy_rate_method": f"test method {run}",
+        "entropy_rate_plateau_order": 2 if spec["kind"] == "dna" else None,
+        "entropy_rate_heldout_bits_per_symbol": 1.05, "entropy_rate_ppmd_bits_per_symbol": 1.2,
+    }
+    attrs = {
+        "corpus": spec["corpus"], "source": "synthetic", "kind": spec["kind"],
+        "tokenizer": spec["tokenizer"], "tokenizer_hash": f"hash-{run}", "vocab_size": vocab,
+        "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
+        "provenance": [], "split": {"method": "sequential", "seed": 0, "train_records": 15,
+                                    "eval_records": 5},
+        "entropy_profile": profile, "toolkit_version": "test",
+    }
+    with store.writing(path, "tokens", attrs) as g:
+        store.create_array(g, "tokens", "tokens", data=tokens)
+        store.create_array(g, "tokens", "offsets", data=np.arange(0, 2001, 100, dtype=np.int64))
+        store.create_array(g, "tokens", "split", data=np.array([0] * 15 + [1] * 5, np.uint8))
+        store.create_array(g, "tokens", "record_symbols", data=np.full(20, int(100 * spt), np.int64))
+
+
+def _write_member(layout: Layout, m: Member, spec: dict, rng: np.random.Generator,
+                  shared: np.ndarray, target: np.ndarray, base_emb: np.ndarray,
+                  base_ctx: np.ndarray, complete: bool) -> None:
+    import scipy.special
+    from safetensors.numpy import save_file
+
+    from toolkit import store
+    from toolkit.study import write_json_atomic
+
+    d = layout.member_dir(m)
+    vocab = spec["vocab"]
+    common = {"member": m.id, "run": m.run, "seed": m.seed, "tokenizer_hash": f"hash-{m.run}"}
+    logits = spec["scale"] * (shared + spec["noise"] * rng.normal(size=shared.shape))
+    lp = scipy.special.log_softmax(logits, axis=1).astype(np.float16)  # (P, V)
+    with store.writing(d / "predictions.zarr", "predictions",
+                       {**common, "checkpoint": "final", "vocab_size": vocab}) as g:
+        # small chunks so that the lazy reduction really runs over several blocks
+        store.create_array(g, "predictions", "log_probs", data=lp, chunks=(64, vocab))
+        store.create_array(g, "predictions", "target", data=target)
+    word = (base_emb + spec["emb_noise"] * rng.normal(size=base_emb.shape)).astype(np.float32)
+    ctx = (base_ctx + spec["emb_noise"] * rng.normal(size=base_ctx.shape)).astype(np.float32)
+    with store.writing(d / "embeddings.zarr", "embeddings", {**common, "checkpoint": "final"}) as g:
+        store.create_array(g, "embeddings", "word_embeddings", data=word)
+        store.create_array(g, "embeddings", "contextual", data=ctx)
+    groups = ["embeddings", *[f"layer.{i}" for i in range(spec["layers"])], "head"]
+    weight = np.array([spec["fisher"][0]] + [spec["fisher"][1]] * spec["layers"] + [spec["fisher"][2]])
+    trace = rng.gamma(2.0, size=(2, len(FLOW_STEPS), len(groups))) * weight  # (E, S, G)
+    params = [f"param.{g}" for g in groups]
+    with store.writing(d / "fisher.zarr", "fisher",
+                       {**common, "n_sequences": 8, "n_masked_tokens": 40}) as g:
+        store.create_array(g, "fisher", "estimator", data=np.array(["batch", "per-example"]))
+        store.create_array(g, "fisher", "step", data=np.array(FLOW_STEPS, np.int64))
+        store.create_array(g, "fisher", "group", data=np.array(groups))
+        store.create_array(g, "fisher", "parameter", data=np.array(params))
+        store.create_array(g, "fisher", "parameter_group", data=np.array(groups))
+        store.create_array(g, "fisher", "fisher_trace", data=trace)
+        store.create_array(g, "fisher", "parameter_trace", data=trace)
+    steps = np.arange(0, 31, 5, dtype=np.int64)
+    loss = (math.log(vocab) * np.exp(-steps / 20) + rng.uniform(0, 0.2, steps.size)).astype(np.float32)
+    with store.writing(d / "train.zarr", "train", {
+            **common, "data_seed": 0, "model_config": {}, "n_parameters": 100, "final_step": 30,
+            "tokens_seen": 1000, "tokens_per_second": 10.0, "device": "cpu",
+            "best_eval_loss": float(loss.min())}) as g:
+        store.create_array(g, "train", "step", data=steps)
+        store.create_array(g, "train", "loss", data=loss)
+        store.create_array(g, "train", "lr", data=np.full(steps.size, 1e-3, np.float32))
+        store.create_array(g, "train", "tokens_seen", data=steps * 10)
+        store.create_array(g, "train", "eval_step", data=np.array([30], np.int64))
+        store.create_array(g, "train", "eval_loss", data=loss[-1:])
+    final = d / "checkpoints" / "final"
+    final.mkdir(parents=True)
+    save_file({"bert.embeddings.word_embeddings.weight": word,
+               "cls.predictions.bias": rng.normal(size=vocab).astype(np.float32)},
+              str(final / "model.safetensors"))
+    write_json_atomic(layout.train_marker(m), {"member": m.id, "final": "checkpoints/final",
+                                               "best": "checkpoints/final", "flow": [],
+                                               "final_step": 30})
+    if complete:
+        write_json_atomic(layout.evaluate_marker(m), {"member": m.id})
+
+
+
+
+def marked(study: StudyConfig) -> list[Member]:
+    """The members :func:`make_study` gave an evaluate marker. Its stores are written
+    directly, not by units, so the unit model would call them stale: analyse is told
+    which members are complete instead."""
+    from toolkit.study import Layout, members
+
+    layout = Layout(study)
+    return [m for m in members(study) if layout.evaluate_marker(m).exists()]
+
+
+def summary(study: StudyConfig):
+    from toolkit import store
+    from toolkit.study import Layout
+
+    return store.open_dataset(Layout(study).summary, "summary", chunks={}).compute()
+
+
+def stored(study: StudyConfig, run: str, seed: int, kind: str):
+    from toolkit import store
+    from toolkit.study import Layout, Member
+
+    return store.open_store(Layout(study).member_dir(Member(run, seed)) / f"{kind}.zarr", kind)
+
+
+_SHARED: dict[str, StudyConfig] = {}
+
+
+def shared_study(factory: pytest.TempPathFactory) -> StudyConfig:
+    """One analysed study (every member complete) per session, shared by the analyse, results
+    and report tests, which only read it."""
+    from toolkit.analyse import analyse_study
+    from toolkit.study import Layout
+
+    if "study" not in _SHARED:
+        study = make_study(factory.mktemp("study"))
+        assert analyse_study(study, marked(study)) == Layout(study).summary
+        _SHARED["study"] = study
+    return _SHARED["study"]

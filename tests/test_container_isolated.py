@@ -248,9 +248,10 @@ def test_study_runs_on_slurm_in_isolated_containers(slurm_cluster, image: Path, 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     study = study_from_dict(tiny_doc(weird_tmp_path, image), where="test")
     run_study(study, executor="slurm", wait=True)
-    assert "6 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
+    assert "10 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
     calls = [json.loads(line) for line in runtime.read_text().splitlines()]
-    assert sorted(c["argv"][-2] for c in calls) == ["analyse", "evaluate", "evaluate", "prepare", "train", "train"]
+    assert sorted(c["argv"][-2] for c in calls) == ["analyse", "evaluate", "evaluate", *["measure"] * 4,
+                                                    "prepare", "train", "train"]
     assert all(c["nv"] == (c["argv"][-2] == "train") and "--containall" in c["argv"] for c in calls)
     # The same study on the host, without a container, in this process: the same results.
     monkeypatch.delenv("TOOLKIT_SCHEMAS")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_analyse import make_study, marked
+from tests.conftest import make_study, marked
 from toolkit.config import StudyConfig, study_from_dict, study_to_dict
 from toolkit.dispatch import dask_cluster
 from toolkit.dispatch.container import bind_paths

@@ -25,8 +25,7 @@ import pytest
 import scipy.special
 from scipy.spatial.distance import jensenshannon
 
-from tests.conftest import study_toml
-from tests.test_analyse import make_study, marked
+from tests.conftest import make_study, marked, study_toml
 from toolkit import store
 from toolkit.config import PAPER_TOP_P, StudyConfig, load_study, study_from_dict
 from toolkit.errors import ConfigError
@@ -266,7 +265,7 @@ def test_default_matches_float64_reach_rule(synthetic: tuple[StudyConfig, Path])
 
 
 def test_individual_settings_override_definitions(synthetic: tuple[StudyConfig, Path]) -> None:
-    from toolkit.analyse_runs import resolve_definitions
+    from toolkit.analyse.common import resolve_definitions
 
     study, _ = synthetic
     a = _with(study, definitions="authors", spread_ddof=0, kl_headline="model_to_uniform").analysis

@@ -136,7 +136,7 @@ def markers(study) -> dict[tuple[str, str], dict]:
 def assert_stage_order(study) -> None:
     """Every unit of a stage started after every unit of the previous stage ended."""
     done = markers(study)
-    stages = ["prepare", "train", "evaluate", "analyse"]
+    stages = ["prepare", "train", "evaluate", "measure", "analyse"]
     for before, after in zip(stages, stages[1:], strict=False):
         ends = [v["end"] for (s, _), v in done.items() if s == before]
         starts = [v["start"] for (s, _), v in done.items() if s == after]
@@ -154,6 +154,8 @@ def test_save_study_round_trips_overrides(tmp_path: Path) -> None:
     pending = pending_units(study)
     assert pending["prepare"] == ["m1--kmer3", "m2--kmer3"]
     assert pending["train"] == ["r1/seed1", "r1/seed2", "r2/seed1", "r2/seed2"]
+    assert pending["measure"] == [f"{r}/{f}" for r in ("r1", "r2")
+                                  for f in ("distributions", "embeddings", "fisher", "training")]
     assert pending["analyse"] == ["summary"]
 
 
@@ -285,9 +287,10 @@ def test_local_executor_stages_progress_and_failure(tmp_path: Path, payload_unit
     run_study(study, executor="local")
     assert_stage_order(study)
     lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
-    assert len(lines) == 7 and "[7/7," in lines[-1]
-    assert re.search(r"\[7/7, elapsed \d+ (s|min \d\d s), ETA 0 s\]$", lines[-1]), lines[-1]
-    assert "7 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
+    # 2 prepare, 2 train, 2 evaluate, 8 measure (2 runs x 4 families), 1 analyse
+    assert len(lines) == 15 and "[15/15," in lines[-1]
+    assert re.search(r"\[15/15, elapsed \d+ (s|min \d\d s), ETA 0 s\]$", lines[-1]), lines[-1]
+    assert "15 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
     # Every unit's logs are also reachable by its name: relative links to the job's logs.
     latest = Manifest.load(Layout(study).manifest).latest()
     for (stage, key), rec in latest.items():
@@ -361,7 +364,7 @@ def test_chain_arrays_resubmit_kill_and_status(slurm_cluster, tmp_path: Path, pa
     run_study(study, executor="slurm", wait=False)
     assert time.monotonic() - t0 < 20  # returns once queued
     manifest = Manifest.load(Layout(study).manifest)
-    assert len(manifest.records) == 2 + 6 + 6 + 1
+    assert len(manifest.records) == 2 + 6 + 6 + 8 + 1
     arrays = {r.job_id.split("_")[0] for r in manifest.records if r.stage == "train"}
     assert len(arrays) == 2  # 6 members > MaxArraySize 4: split into two arrays
     slow = manifest.latest()[("train", "r1/seed2")].job_id
@@ -369,10 +372,10 @@ def test_chain_arrays_resubmit_kill_and_status(slurm_cluster, tmp_path: Path, pa
              == {"r1/seed1", "r1/seed3", "r2/seed1", "r2/seed2", "r2/seed3"}, 90, "the fast members")
     table = status_table(study)
     assert re.search(rf"^train\s+r1/seed2\s+running\s+{slow}\s", table, re.M), table
-    assert all(r.state == "pending" for r in unit_states(study) if r.stage in ("evaluate", "analyse"))
+    assert all(r.state == "pending" for r in unit_states(study) if r.stage in ("evaluate", "measure", "analyse"))
     # Resubmitting while the member runs and its dependents wait queues nothing new.
     run_study(study, executor="slurm", wait=False)
-    assert len(Manifest.load(Layout(study).manifest).records) == 15
+    assert len(Manifest.load(Layout(study).manifest).records) == 23
     # Kill the member: its dependents are cancelled too (kill-on-invalid-dep), status says so.
     subprocess.run(["scancel", slow], check=True)
     wait_for(lambda: {r.key for r in unit_states(study) if r.state == "failed"} >= {"r1/seed2", "summary"},
@@ -384,16 +387,17 @@ def test_chain_arrays_resubmit_kill_and_status(slurm_cluster, tmp_path: Path, pa
     # Resubmit: only the killed member, the evaluations and the analysis run again.
     payload_units.write_text("{}")
     run_study(study, executor="slurm", wait=False)
-    again = Manifest.load(Layout(study).manifest).records[15:]
-    assert sorted((r.stage, r.key) for r in again if r.stage != "evaluate") == [
+    again = Manifest.load(Layout(study).manifest).records[23:]
+    assert sorted((r.stage, r.key) for r in again if r.stage not in ("evaluate", "measure")) == [
         ("analyse", "summary"), ("train", "r1/seed2")]
     assert len([r for r in again if r.stage == "evaluate"]) == 6
+    assert len([r for r in again if r.stage == "measure"]) == 8
     wait_study(study, poll_s=0.5, timeout_s=120)
     assert_stage_order(study)
     done = markers(study)
     assert done[("train", "r1/seed1")]["gpus"] in ("0", "1")  # one fake GPU each
     assert done[("evaluate", "r2/seed3")]["gpus"] in ("0", "1")
-    assert "15 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
+    assert "23 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
 
 
 @pytest.mark.slurm
@@ -417,7 +421,7 @@ def test_cancel_study_and_bad_requests(slurm_cluster, tmp_path: Path, payload_un
     wait_for(lambda: not (set(ids) & {i for i, s in dslurm.job_states(ids).items() if s in dslurm.ACTIVE}),
              30, "every job to leave the queue")
     assert all(r.state == "failed" for r in unit_states(study))
-    assert "0 stale, 0 running, 0 pending, 7 failed" in status_table(study)
+    assert "0 stale, 0 running, 0 pending, 15 failed" in status_table(study)
 
 
 def _submit_payload(tmp_path: Path, control: dict, **params) -> tuple:
@@ -539,7 +543,7 @@ def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: 
     assert "exiting with code 75" in text and "Requeued job" in text
     assert re.search(r"resuming from .* \(step \d+/40\)", text), text[-3000:]
     assert "markov-3mer" in (out / "report" / "index.html").read_text(encoding="utf-8")
-    assert "6 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
+    assert "10 done, 0 stale, 0 running, 0 pending, 0 failed" in status_table(study)
     # The member-named link follows the (requeued) job's log; logs hold no tqdm fragments.
     assert (log_err.parent / "markov-3mer-seed1.err").resolve() == log_err.resolve()
     for path in Layout(study).logs_dir.rglob("*_log.*"):
@@ -548,7 +552,7 @@ def test_real_study_submit_preempt_resume_report(slurm_cluster, weird_tmp_path: 
     units = [c["argv"][-3:] for c in seen]
     assert [str(out / "study.json"), "train", "markov-3mer/seed1"] in units
     assert all(c["nv"] == (c["argv"][-2] == "train") for c in seen)  # GPUs asked for train only
-    assert len(seen) == 7  # 6 units + the requeued training run
+    assert len(seen) == 11  # 10 units (4 of them measure shards) + the requeued training run
 
 
 def test_unit_command_parses_with_the_real_cli(tmp_path: Path) -> None:
@@ -598,9 +602,10 @@ def test_local_real_study_logs_hold_plain_progress_lines(tmp_path: Path,
     for path in files:
         text = path.read_bytes().decode("utf-8", "replace")
         assert "\r" not in text and "|█" not in text and "it/s]" not in text, path
-    analyse = (logs / "analyse" / "summary.err").read_text()
-    assert re.search(r"r: distributions: (\d+)/\1 task in \d+ s \(\d+\.\d task/s\)", analyse), analyse[-2000:]
-    assert re.search(r"r: embedding pairs: 1/1 pair in \d+ s", analyse), analyse[-2000:]
+    dist = (logs / "measure" / "r-distributions.err").read_text()  # the shards' job logs
+    assert re.search(r"r: distributions: (\d+)/\1 task in \d+ s \(\d+\.\d task/s\)", dist), dist[-2000:]
+    emb = (logs / "measure" / "r-embeddings.err").read_text()
+    assert re.search(r"r: embedding pairs: 1/1 pair in \d+ s", emb), emb[-2000:]
     etas = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
-    assert len(etas) == 6
+    assert len(etas) == 10  # a line per unit: 1 prepare, 2 train, 2 evaluate, 4 measure, 1 analyse
     assert all(re.search(r"elapsed \d+ (s|min \d\d s), ETA (\d+ (s|min \d\d s)|\?)\]$", m) for m in etas), etas

@@ -133,7 +133,7 @@ def test_planned_unit_seconds_falls_back_to_nothing(monkeypatch: pytest.MonkeyPa
 
 
 def test_planned_unit_seconds_of_a_real_study(tmp_path) -> None:
-    from tests.test_dispatch import tiny_study
+    from tests.conftest import tiny_study
 
     prior = dlocal.planned_unit_seconds(tiny_study(tmp_path / "out", seeds=1))
     assert set(prior) == {"prepare", "train", "evaluate", "measure", "analyse"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_analyse import make_study as make_analysis_study
+from tests.conftest import make_study as make_analysis_study
 from toolkit import store
 from toolkit.cli import main
 from toolkit.config import StudyConfig, study_to_dict

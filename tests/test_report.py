@@ -1,4 +1,4 @@
-"""write_report and summary_table on a really analysed study (stores from tests/test_analyse.py)."""
+"""write_report and summary_table on a really analysed study (stores from tests/conftest.py make_study)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_analyse import RUNS, make_study, marked, shared_study, summary
+from tests.conftest import RUNS, make_study, marked, shared_study, summary
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 from toolkit.study import Layout

@@ -8,7 +8,7 @@ import dask.array
 import numpy as np
 import pytest
 
-from tests.test_analyse import RUNS, make_study, marked, shared_study, stored
+from tests.conftest import RUNS, make_study, marked, shared_study, stored
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 

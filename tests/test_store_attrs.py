@@ -61,7 +61,7 @@ def _arrays(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]
 
 def test_every_array_of_every_store_has_units_and_long_name(finished: Path) -> None:
     stores = _stores(finished)
-    assert set(stores) == {"tokens", "masks", "train", "predictions", "embeddings", "fisher", "summary"}
+    assert set(stores) == {"tokens", "masks", "train", "predictions", "embeddings", "fisher", "shard", "summary"}
     n = 0
     for paths in stores.values():
         for path in paths:

@@ -227,8 +227,8 @@ def test_entropy_sweep_runs_on_one_machine(tmp_path: Path) -> None:
     status = subprocess.run([*TOOLKIT, "status", str(tmp_path / "out" / "study.json")],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    # 2 prepare (one per level), 4 train, 4 evaluate, 1 analyse.
-    assert "11 units: 11 done, 0 stale, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
+    # 2 prepare (one per level), 4 train, 4 evaluate, 8 measure (2 runs x 4 families), 1 analyse.
+    assert "19 units: 19 done, 0 stale, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
     summary = open_results(tmp_path / "out")["summary"].to_dataset()
     rates = dict(zip(summary["run"].values.tolist(),
                      summary["analytic_entropy_rate_bits_per_symbol"].values.tolist(), strict=True))
@@ -317,14 +317,14 @@ def test_paper_study_dry_run_through_make_submit(cluster, tmp_path: Path,
     study = load_study(out / "study.json")
     assert study.name == "paper" and study.training.steps == 3 and study.seeds == (1, 2)
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
-    wait_study(study, poll_s=1.0, timeout_s=240)
+    wait_study(study, poll_s=1.0, timeout_s=480)  # 28 jobs on the 2-core test cluster
 
     status = subprocess.run([*TOOLKIT, "status", str(out / "study.json")], env=env,
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    # 3 prepare (2 corpora x tokenizers), 6 train, 6 evaluate, 1 analyse.
-    assert "16 units: 16 done, 0 stale, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
-    assert "16 units: 16 done" in status_table(study)
+    # 3 prepare (2 corpora x tokenizers), 6 train, 6 evaluate, 12 measure (3 runs x 4), 1 analyse.
+    assert "28 units: 28 done, 0 stale, 0 running, 0 pending, 0 failed" in status.stdout, status.stdout
+    assert "28 units: 28 done" in status_table(study)
     tree = open_results(out)
     summary = tree["summary"].to_dataset()
     assert sorted(summary["run"].values.tolist()) == ["dna-6mer", "dna-bpe", "text-bpe"]
@@ -336,7 +336,7 @@ def test_paper_study_dry_run_through_make_submit(cluster, tmp_path: Path,
         assert done["final_step"] == 3, member
     # GPU requests: one per node on the gpu partition for train and evaluate, none elsewhere.
     folders = {r.stage: Path(r.stderr).parent for r in Manifest.load(Layout(study).manifest).records}
-    assert set(folders) == {"prepare", "train", "evaluate", "analyse"}
+    assert set(folders) == {"prepare", "train", "evaluate", "measure", "analyse"}
     for stage, folder in folders.items():
         scripts = sorted(folder.glob("*_submission.sh"))
         assert scripts, stage
@@ -348,5 +348,6 @@ def test_paper_study_dry_run_through_make_submit(cluster, tmp_path: Path,
     # Every unit ran through the container runtime, GPUs (--nv) for train and evaluate.
     seen = [json.loads(line) for line in calls.read_text().splitlines()]
     stages = [c["argv"][-2] for c in seen]
-    assert sorted(stages) == sorted(["prepare"] * 3 + ["train"] * 6 + ["evaluate"] * 6 + ["analyse"])
+    assert sorted(stages) == sorted(["prepare"] * 3 + ["train"] * 6 + ["evaluate"] * 6 + ["measure"] * 12
+                                    + ["analyse"])
     assert all(c["nv"] == (c["argv"][-2] in ("train", "evaluate")) for c in seen)
