@@ -592,3 +592,17 @@ def shared_study(factory: pytest.TempPathFactory) -> StudyConfig:
         assert analyse_study(study, marked(study)) == Layout(study).summary
         _SHARED["study"] = study
     return _SHARED["study"]
+
+
+def assert_same_summary(a_path: Path, b_path: Path) -> None:
+    """Two summary stores hold the same variables and attributes, bit for bit (NaN where NaN)."""
+    from toolkit import store
+
+    a = store.open_dataset(a_path, "summary", chunks={}).compute()
+    b = store.open_dataset(b_path, "summary", chunks={}).compute()
+    assert set(a.variables) == set(b.variables) and len(a.variables) > 60
+    for name in a.variables:
+        x, y = a[name].values, b[name].values
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+    assert dict(a.attrs) == dict(b.attrs)
