@@ -332,7 +332,6 @@ def test_summary_from_shards_equals_the_single_process_summary_bit_for_bit(
     """Every (run, family) shard written as a measure unit writes it, then reduced: the same
     summary as computing every family in one process; a shard of other members is refused."""
     from toolkit.analyse import FAMILIES, analyse_study, run_shard
-    from toolkit.analyse.shards import shard_path
 
     done = marked(analysed)
     for run in analysed.runs:
@@ -343,7 +342,7 @@ def test_summary_from_shards_equals_the_single_process_summary_bit_for_bit(
     # A shard computed from two of the run's three members is refused by name.
     run = next(iter(analysed.runs))
     run_shard(analysed, run, "embeddings", [m for m in done if m.run == run][:2])
-    with pytest.raises(StoreError, match=f"{shard_path(Layout(analysed), run, 'embeddings')}.*computed from members"):
+    with pytest.raises(StoreError, match=f"{Layout(analysed).shard(run, 'embeddings')}.*computed from members"):
         analyse_study(analysed, done, from_shards=True, path=tmp_path / "refused.zarr")
     assert not (tmp_path / "refused.zarr").exists()
     run_shard(analysed, run, "embeddings", [m for m in done if m.run == run])  # leave it as found

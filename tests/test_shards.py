@@ -20,7 +20,7 @@ from tests.conftest import assert_same_summary, study_doc
 def test_sharded_analyse_on_slurm_equals_the_single_process_analyse(slurm_cluster, tmp_path: Path) -> None:
     from toolkit import store
     from toolkit.analyse import FAMILIES, analyse_study
-    from toolkit.analyse.shards import parse_shard_key, shard_path
+    from toolkit.analyse.shards import parse_shard_key
     from toolkit.config import study_from_dict
     from toolkit.dispatch import run_study, status_table
     from toolkit.dispatch.manifest import Manifest
@@ -38,7 +38,7 @@ def test_sharded_analyse_on_slurm_equals_the_single_process_analyse(slurm_cluste
     assert len({j.split("_")[1] for j in jobs.values()}) == len(FAMILIES)  # ... a task per shard
     for key in jobs:
         run, family = parse_shard_key(key)
-        attrs = store.open_store(shard_path(layout, run, family), "shard").attrs
+        attrs = store.open_store(layout.shard(run, family), "shard").attrs
         assert attrs["members"] == ["r/seed1", "r/seed2"] and attrs["family"] == family
 
     single = analyse_study(study, done_members(study), path=tmp_path / "single.zarr")

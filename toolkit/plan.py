@@ -65,8 +65,10 @@ imported; measured RSS of a tiny unit on the development machine)."""
 CUDA_CONTEXT_BYTES = int(0.8 * GIB)
 """GPU memory a CUDA context and the caching allocator's slack take (assumed)."""
 
-WRITE_BYTES_PER_S = 200e6
-"""Assumed sustained write rate of a unit to the study folder (parallel file system)."""
+WRITE_BYTES_PER_S = 84e6
+"""Rate at which a unit writes a store (raw bytes per second): the predictions writer measured
+end to end, zstd compression and the SHA-256 inventory included, on one core of the
+development machine (``python -m benchmarks scale``: 84 MB/s; the disk was not the limit)."""
 
 # CPU rates, per core, measured on the 2-core development machine (logs of `make demo`).
 PREPARE_SYMBOLS_PER_S = 2.5e6

@@ -124,6 +124,13 @@ class Layout:
     def prepare_marker(self, corpus: str, tokenizer: str) -> Path:
         return self.tokens_dir(corpus, tokenizer) / "complete.json"
 
+    def shard(self, run: str, family: str) -> Path:
+        """The analysis shard of one run and measure family (a ``measure`` unit's store)."""
+        return self.root / "analysis" / run / f"{family}.zarr"
+
+    def measure_marker(self, run: str, family: str) -> Path:
+        return self.shard(run, family).parent / f".{family}.complete.json"
+
     @property
     def analyse_marker(self) -> Path:
         return self.root / "analyse.complete.json"

@@ -151,16 +151,16 @@ def study_units(study: StudyConfig) -> list[Unit]:
         out.append(Unit("evaluate", m.id, layout.evaluate_marker(m), d / ".evaluate.lock",
                         (d / "predictions.zarr", d / "embeddings.zarr", d / "fisher.zarr"),
                         (("prepare", token_key(run.corpus, run_tokenizer(study, m.run))), ("train", m.id))))
-    from toolkit.analyse.shards import FAMILIES, shard_key, shard_path
+    from toolkit.analyse.shards import FAMILIES, shard_key
 
     shards: list[tuple[str, str]] = []
     for name, run in study.runs.items():
         up = [("prepare", token_key(run.corpus, run_tokenizer(study, name)))]
         up += [(stage, m.id) for m in ms if m.run == name for stage in ("train", "evaluate")]
         for family in FAMILIES:
-            path = shard_path(layout, name, family)
+            path = layout.shard(name, family)
             key = shard_key(name, family)
-            out.append(Unit("measure", key, path.parent / f".{family}.complete.json",
+            out.append(Unit("measure", key, layout.measure_marker(name, family),
                             path.parent / f".{family}.lock", (path,), tuple(up)))
             shards.append(("measure", key))
     up = [("prepare", token_key(c, t)) for c, t in prepare_keys(study)] + shards

@@ -69,11 +69,6 @@ def parse_shard_key(key: str) -> tuple[str, str]:
     return run, family
 
 
-def shard_path(layout: Layout, run: str, family: str) -> Path:
-    """Where the shard of ``run`` and ``family`` is written."""
-    return layout.root / "analysis" / run / f"{family}.zarr"
-
-
 def family_settings(study: StudyConfig, family: str) -> dict[str, Any]:
     """The analysis settings a family's shard reads, as dotted keys (its unit's settings)."""
     a = study.analysis
@@ -120,7 +115,7 @@ def run_shard(study: StudyConfig, run: str, family: str, ms: list[Member]) -> Pa
     Returns
     -------
     Path
-        The shard store (:func:`shard_path`).
+        The shard store (:meth:`toolkit.study.Layout.shard`).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown measure family {family!r}; families: {', '.join(FAMILIES)}")
@@ -190,7 +185,7 @@ def write_shard(layout: Layout, study_name: str, run: str, family: str, ms: list
     """Write one shard's results (atomically: nothing appears at the path on an error)."""
     arrays: dict[str, np.ndarray] = {}
     skeleton = json.dumps(_encode(result, arrays), allow_nan=True)
-    path = shard_path(layout, run, family)
+    path = layout.shard(run, family)
     attrs = {"study": study_name, "run": run, "family": family, "members": [m.id for m in ms],
              "definitions": definitions, "shard_format": SHARD_FORMAT, "skeleton": skeleton,
              "toolkit_version": __version__}
@@ -211,7 +206,7 @@ def read_shard(layout: Layout, run: str, family: str) -> tuple[list[str], dict[s
     StoreError
         The shard is missing, damaged (checksums), or of another format.
     """
-    path = shard_path(layout, run, family)
+    path = layout.shard(run, family)
     if not path.exists():
         raise StoreError(f"{path}: the {family} shard of run {run} is missing; run "
                          f"`toolkit run {store.study_ref(path)}` (its measure unit is pending)")

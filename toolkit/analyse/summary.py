@@ -23,7 +23,7 @@ from toolkit import __version__, store
 from toolkit.analyse.common import NAN, log, resolve_definitions, spread_ddof
 from toolkit.analyse.fisher import PAPER_GROUPS, fisher_arrays, fisher_diagonal_arrays
 from toolkit.analyse.profile import profile_run
-from toolkit.analyse.shards import FAMILIES, compute_family, read_shard, shard_key, shard_path
+from toolkit.analyse.shards import FAMILIES, compute_family, read_shard, shard_key
 from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 from toolkit.plumbing import network_order
@@ -148,7 +148,7 @@ def _read_families(study: StudyConfig, done: dict[str, list[Member]]) -> dict[st
             ids, result = read_shard(layout, run, family)
             if ids != want:
                 raise StoreError(
-                    f"{shard_path(layout, run, family)}: computed from members "
+                    f"{layout.shard(run, family)}: computed from members "
                     f"[{', '.join(ids)}], but run {run}'s done members are [{', '.join(want)}]; "
                     f"rerun its measure unit (`toolkit run STUDY`, or --force measure:{shard_key(run, family)})")
             out[run][family] = result
