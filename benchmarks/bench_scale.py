@@ -30,7 +30,7 @@ extrapolated to the paper's setting (issue 12).
 tiny sizes (the smoke test); ``BENCH_SCALE_PARTS=prepare,evaluate,analyse`` picks the parts;
 ``BENCH_SCALE_RESULTS=FILE`` keeps the prepare processes' raw results (JSON lines, every phase).
 Work files go to ``/tmp/bench_scale`` (``BENCH_SCALE_DIR``) and are deleted at the end. The default
-takes about 25-30 minutes on an idle 2-core machine. Never asserts on time.
+took 19.5 minutes at load average 2-3 on a 2-core machine. Never asserts on time.
 """
 
 from __future__ import annotations
