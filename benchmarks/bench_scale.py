@@ -18,8 +18,8 @@ extrapolated to the paper's setting (issue 12).
    compressor and the schema's chunking with other compressors, interleaved rounds; write MB/s,
    open (the full SHA-256 verification the analysis does) and Dask read MB/s chunk by chunk, bytes
    on disk. Then one full member store: 10,000 records x 512 tokens x 15% = 768,000 positions.
-3. **analyse**: ``distribution_run`` and ``embedding_run`` (``toolkit.analyse_runs``, or their new home
-   in the ``toolkit.analyse`` package) over synthetic member stores of 131,072 positions x 4096 (1 GiB
+3. **analyse**: ``distribution_run`` and ``embedding_run`` (``toolkit.analyse.distributions`` and
+   ``.embeddings``: the work of the distributions and embeddings shards) over synthetic member stores of 131,072 positions x 4096 (1 GiB
    float16 per member: 25% of the paper's 512,000-position distribution set at 10% masking), with 2 and
    then 3 members (1 and 3 pairs: per-member and per-pair costs separate) and 3 members at 12,288
    positions (the fixed cost and the exponent), each in its own process with its peak RSS against a
@@ -555,13 +555,10 @@ def build_analysis_study(root: Path, n_pos: int, members: int, vocab: int = VOCA
 
 
 def analysis_functions() -> tuple[Any, Any]:
-    """``distribution_run`` and ``embedding_run`` (``toolkit.analyse_runs``, or the
-    ``toolkit.analyse`` package's modules once that refactoring has landed; same signatures)."""
-    try:
-        from toolkit.analyse_runs import distribution_run, embedding_run
-    except ImportError:
-        from toolkit.analyse.distributions import distribution_run
-        from toolkit.analyse.embeddings import embedding_run
+    """``distribution_run`` and ``embedding_run``: the work of the distributions and embeddings shards."""
+    from toolkit.analyse.distributions import distribution_run
+    from toolkit.analyse.embeddings import embedding_run
+
     return distribution_run, embedding_run
 
 
