@@ -159,7 +159,7 @@ def _checkpoint_step(study: StudyConfig, member: Member, marker: dict[str, Any],
         return int(marker["best_step"])
     from toolkit.train import best_eval_step
 
-    path = Layout(study).member_dir(member) / "train.zarr"
+    path = Layout(study).member_store(member, "train")
     if not path.exists():
         log.warning("%s: no train.zarr to find the step of 'best'; labelling it with the final step %d",
                     member.id, final_step)
@@ -405,7 +405,7 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     layout = Layout(study)
     a = study.analysis
     marker = read_train_marker(study, member)
-    tokens = store.open_store(layout.run_tokens_dir(member.run) / "tokens.zarr", "tokens",
+    tokens = store.open_store(layout.run_tokens_store(member.run), "tokens",
                               verify="size")  # attributes only; ensure_masks checks the bytes
     token_hash = tokens.attrs.get("tokenizer_hash")
     if marker["tokenizer_hash"] != token_hash:
@@ -441,15 +441,15 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
         return model
 
     pred_attrs = {**base, "prediction_dtype": a.prediction_dtype}
-    pred = _reusable(member_dir / "predictions.zarr", "predictions", pred_attrs)
+    pred = _reusable(layout.member_store(member, "predictions"), "predictions", pred_attrs)
     if pred is not None and all(k in pred.attrs for k in ("n_positions", "mean_nll", "top1_accuracy")):
         summary = {k: pred.attrs[k] for k in ("n_positions", "mean_nll", "top1_accuracy")}
         log.info("predictions %s: kept the existing store", member.id)
     else:
-        summary = write_predictions(analysis_model(), masks, member_dir / "predictions.zarr", pred_attrs,
+        summary = write_predictions(analysis_model(), masks, layout.member_store(member, "predictions"), pred_attrs,
                                     dtype=a.prediction_dtype, batch_size=a.batch_size)
-    if _reusable(member_dir / "embeddings.zarr", "embeddings", base) is None:
-        write_embeddings(analysis_model(), masks, member_dir / "embeddings.zarr", base,
+    if _reusable(layout.member_store(member, "embeddings"), "embeddings", base) is None:
+        write_embeddings(analysis_model(), masks, layout.member_store(member, "embeddings"), base,
                          batch_size=a.batch_size)
     # The evaluated checkpoint comes last, labelled with the step its weights are from (for
     # 'best' that can precede the last flow snapshots); a flow snapshot of that step holds the
@@ -460,10 +460,10 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     diagonal = a.fisher_diagonal if isinstance(a.fisher_diagonal, str) else list(a.fisher_diagonal)
     fisher_attrs = {**base, "estimators": list(a.fisher_estimators), "steps": steps, "diagonal": diagonal,
                     "checkpoint_step": ckpt_step}
-    if _reusable(member_dir / "fisher.zarr", "fisher", fisher_attrs) is None:
+    if _reusable(layout.member_store(member, "fisher"), "fisher", fisher_attrs) is None:
         snapshots: list[tuple[int, Any]] = [(s, p) for s, p in flow if s != ckpt_step]
         snapshots.append((ckpt_step, analysis_model()))
-        write_fisher(snapshots, masks, member_dir / "fisher.zarr", fisher_attrs,
+        write_fisher(snapshots, masks, layout.member_store(member, "fisher"), fisher_attrs,
                      estimators=tuple(a.fisher_estimators), batch_size=a.batch_size, device=device,
                      diagonal=diagonal)
     summary = {**summary, "perplexity": math.exp(summary["mean_nll"]), "member": member.id,

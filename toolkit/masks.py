@@ -224,7 +224,7 @@ def ensure_masks(study: StudyConfig, run: str) -> Path:
         The token store is missing, or an existing masks store was built with other
         settings (the message names the attribute).
     """
-    tokens_path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
+    tokens_path = Layout(study).run_tokens_store(run)
     tokens = store.open_store(tokens_path, "tokens", verify="size")  # attributes; bytes checked below
     expected = expected_attrs(study, run, dict(tokens.attrs))
     path = masks_path(study, run)

@@ -310,7 +310,7 @@ def run_shape(study: StudyConfig, run: str, sample_seconds: float = 3.0,
     """The data side of ``run``: records, symbols and tokens per record."""
     cfg = study.runs[run]
     tok = run_tokenizer(study, run)
-    measured = _from_store(Layout(study).tokens_dir(cfg.corpus, tok) / "tokens.zarr")
+    measured = _from_store(Layout(study).tokens_store(cfg.corpus, tok))
     if measured is not None:
         return measured
     cache = _cache if _cache is not None else {}

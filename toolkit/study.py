@@ -115,6 +115,20 @@ class Layout:
     def checkpoints_dir(self, member: Member) -> Path:
         return self.member_dir(member) / "checkpoints"
 
+    def member_store(self, member: Member, kind: str) -> Path:
+        """A member's store of ``kind``: ``train``, ``predictions``, ``embeddings`` or ``fisher``."""
+        return self.member_dir(member) / f"{kind}.zarr"
+
+    def tokens_store(self, corpus: str, tokenizer: str) -> Path:
+        return self.tokens_dir(corpus, tokenizer) / "tokens.zarr"
+
+    def run_tokens_store(self, run: str) -> Path:
+        """The token store a run reads (its corpus and resolved tokenizer)."""
+        return self.run_tokens_dir(run) / "tokens.zarr"
+
+    def tokenizer_file(self, corpus: str, tokenizer: str) -> Path:
+        return self.tokens_dir(corpus, tokenizer) / "tokenizer.json"
+
     def train_marker(self, member: Member) -> Path:
         return self.member_dir(member) / "train.complete.json"
 

@@ -136,20 +136,20 @@ def study_units(study: StudyConfig) -> list[Unit]:
         folder = layout.tokens_dir(corpus, tok)
         out.append(Unit("prepare", token_key(corpus, tok), layout.prepare_marker(corpus, tok),
                         folder.parent / f".{folder.name}.lock",
-                        (folder / "tokens.zarr", folder / "tokenizer.json"), ()))
+                        (layout.tokens_store(corpus, tok), layout.tokenizer_file(corpus, tok)), ()))
     ms = members(study)
     for m in ms:
         run = study.runs[m.run]
         d = layout.member_dir(m)
         out.append(Unit("train", m.id, layout.train_marker(m), d / ".train.lock",
-                        (d / "train.zarr", layout.checkpoints_dir(m) / "final",
+                        (layout.member_store(m, "train"), layout.checkpoints_dir(m) / "final",
                          layout.checkpoints_dir(m) / "best"),
                         (("prepare", token_key(run.corpus, run_tokenizer(study, m.run))),)))
     for m in ms:
         run = study.runs[m.run]
         d = layout.member_dir(m)
         out.append(Unit("evaluate", m.id, layout.evaluate_marker(m), d / ".evaluate.lock",
-                        (d / "predictions.zarr", d / "embeddings.zarr", d / "fisher.zarr"),
+                        tuple(layout.member_store(m, k) for k in ("predictions", "embeddings", "fisher")),
                         (("prepare", token_key(run.corpus, run_tokenizer(study, m.run))), ("train", m.id))))
     from toolkit.analyse.shards import FAMILIES, shard_key
 

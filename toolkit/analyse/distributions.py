@@ -25,7 +25,7 @@ from toolkit.study import Layout, Member
 def _open_predictions(layout: Layout, ms: list[Member]) -> list[Any]:
     sets: list[Any] = []
     for m in ms:
-        ds = store.open_dataset(layout.member_dir(m) / "predictions.zarr", "predictions", chunks={})
+        ds = store.open_dataset(layout.member_store(m, "predictions"), "predictions", chunks={})
         if sets and ds.sizes != sets[0].sizes:
             raise StoreError(
                 f"{layout.member_dir(m) / 'predictions.zarr'}: shape {dict(ds.sizes)} differs from "
@@ -140,7 +140,7 @@ def counting_run(study: StudyConfig, run: str, model_bits: float, model_bits_std
     from toolkit.sequences import TRAIN, load_sequences, special_ids
 
     layout = Layout(study)
-    tokens_path = layout.run_tokens_dir(run) / "tokens.zarr"
+    tokens_path = layout.run_tokens_store(run)
     mpath = masks_path(study, run)
     if not (tokens_path.exists() and mpath.exists()):
         return {}

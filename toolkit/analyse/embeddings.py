@@ -26,7 +26,7 @@ def embedding_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, A
     layout = Layout(study)
     word, ctx = [], []
     for m in ms:
-        g = store.open_store(layout.member_dir(m) / "embeddings.zarr", "embeddings")
+        g = store.open_store(layout.member_store(m, "embeddings"), "embeddings")
         word.append(np.asarray(g["word_embeddings"][...]))  # (V, d)
         ctx.append(np.asarray(g["contextual"][...]))  # (S, d)
     vocab = word[0].shape[0]

@@ -125,7 +125,7 @@ def fisher_diagonal_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[
                            "seed_spearman": {}}
     stores = []
     for m in ms:
-        g = store.open_store(layout.member_dir(m) / "fisher.zarr", "fisher", verify="none")  # fisher_run verified it
+        g = store.open_store(layout.member_store(m, "fisher"), "fisher", verify="none")  # fisher_run verified it
         if g.attrs.get("diagonal_parameters"):
             stores.append((m, g))
     if not stores:
@@ -142,10 +142,10 @@ def fisher_diagonal_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[
             words = da.from_zarr(g[f"diagonal/{WORDS}"])  # (E, S, V, d), chunks of token rows
             vocab = int(words.shape[2])
             if counts is None:
-                tokens = store.open_store(layout.run_tokens_dir(run) / "tokens.zarr", "tokens",
+                tokens = store.open_store(layout.run_tokens_store(run), "tokens",
                                           verify="size")  # chunks carry crc32c
                 counts = train_token_counts(tokens, vocab)
-            pred = store.open_store(layout.member_dir(m) / "predictions.zarr", "predictions",
+            pred = store.open_store(layout.member_store(m, "predictions"), "predictions",
                                     verify="none")  # distribution_run verified it
             n_pos, nll = token_nll(pred, vocab)
             rows = np.asarray(words[:, last].sum(axis=-1, dtype=np.float64).compute())  # (E, V)
@@ -239,7 +239,7 @@ def fisher_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str, Any]
     shares: dict[str, list[dict[str, np.ndarray]]] = {}  # estimator -> per member {block: (S,)}
     steps: list[np.ndarray] = []
     for m in ms:
-        g = store.open_store(layout.member_dir(m) / "fisher.zarr", "fisher")
+        g = store.open_store(layout.member_store(m, "fisher"), "fisher")
         est = [str(e) for e in g["estimator"][...]]
         step = np.asarray(g["step"][...], dtype=np.int64)
         groups = [str(x) for x in g["group"][...]]

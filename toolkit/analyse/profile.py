@@ -14,7 +14,7 @@ from toolkit.study import Layout
 
 def profile_run(study: StudyConfig, run: str) -> dict[str, Any]:
     """The data-side entropy profile of the run's token store (NaN if it was never prepared)."""
-    path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
+    path = Layout(study).run_tokens_store(run)
     if path.exists():
         attrs = dict(store.open_store(path, "tokens", verify="size").attrs)  # attributes only
     else:

@@ -70,7 +70,7 @@ def loss_run(study: StudyConfig, ms: list[Member]) -> dict[int, tuple[np.ndarray
     layout = Layout(study)
     curves = {}
     for m in ms:
-        path = layout.member_dir(m) / "train.zarr"
+        path = layout.member_store(m, "train")
         if not path.exists():
             log.warning("%s: no train.zarr; its loss curve is left out", m.id)
             continue
