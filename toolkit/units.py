@@ -266,8 +266,8 @@ def unit_settings(study: StudyConfig, unit: Unit) -> dict[str, Any]:
     elif unit.stage == "measure":
         from toolkit.analyse.shards import family_settings, parse_shard_key
 
-        run, family = parse_shard_key(unit.key)
-        s[f"runs.{run}"] = f"{study.runs[run].corpus} x {study.runs[run].tokenizer}"
+        name, family = parse_shard_key(unit.key)
+        s[f"runs.{name}"] = f"{study.runs[name].corpus} x {study.runs[name].tokenizer}"
         s.update(family_settings(study, family))
     elif unit.stage == "analyse":
         s.update(_analysis(study, "analyse"))
@@ -727,12 +727,12 @@ def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], Uni
         from toolkit.analyse.shards import DASK_FAMILIES, parse_shard_key, run_shard
         from toolkit.dispatch.dask_cluster import analysis_scheduler
 
-        run, family = parse_shard_key(unit.key)
-        done = [m for m in members(study) if m.run == run
+        name, family = parse_shard_key(unit.key)
+        done = [m for m in members(study) if m.run == name
                 and states[("evaluate", m.id)].state == "done"]  # in seed order, as the summary lists them
         # dispatch.dask = "slurm": the shard's Dask graphs run on SLURM worker jobs.
         with analysis_scheduler(study) if family in DASK_FAMILIES else contextlib.nullcontext():
-            run_shard(study, run, family, done)
+            run_shard(study, name, family, done)
     else:
         from toolkit.analyse import analyse_study
         from toolkit.report import write_report
