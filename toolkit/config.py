@@ -29,11 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from toolkit.errors import ConfigError
+from toolkit.tokenizers.spec import CHECKPOINT_TOKENIZER, TOKENIZER_PATTERN, vocabulary_problem
 
-TOKENIZER_PATTERN = re.compile(r"^(char|kmer(?P<k>[1-9]\d*)(?P<overlap>-overlap)?|bpe(?P<v>[1-9]\d*))$")
-N_SPECIALS = 5  # UNK, PAD, CLS, SEP, MASK
-CHECKPOINT_TOKENIZER = "checkpoint"
-"""``runs.X.tokenizer`` value: tokenize with the tokenizer saved in the run's checkpoints."""
 PAPER_TOP_P = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PAPER_TOPK = (1, 3, 5, 10, 20, 50, 100, 1000, 4000)
 STAGES = ("prepare", "train", "evaluate", "measure", "analyse")
@@ -745,18 +742,6 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return study_from_dict(raw, where=str(path), source_file=str(path.resolve()))
 
 
-def tokenizer_vocab_size(spec: str) -> int:
-    """Vocabulary size (specials included) implied by a tokenizer name, before training."""
-    m = TOKENIZER_PATTERN.match(spec)
-    if not m:
-        raise ConfigError(f"unknown tokenizer '{spec}'; use char, kmer<k>, kmer<k>-overlap or bpe<V>")
-    if m.group("v"):
-        return int(m.group("v"))
-    if m.group("k"):
-        return 4 ** int(m.group("k")) + 5 + N_SPECIALS
-    return -1  # char: depends on the corpus
-
-
 _HEADER = ("name", "seeds", "data_seed", "output_dir", "description")
 
 
@@ -936,18 +921,12 @@ def validate_study(study: StudyConfig, where: str) -> None:
             if not m:
                 raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' is not valid; use char, kmer<k> "
                           "(e.g. kmer6), kmer<k>-overlap, bpe<V> (e.g. bpe4096) or checkpoint")
-        if m is not None and m.group("v") and int(m.group("v")) <= N_SPECIALS:
-            raise err(f"runs.{name}.tokenizer: vocabulary {m.group('v')} is not larger than the "
-                      f"{N_SPECIALS} special tokens; use e.g. bpe4096")
-        if m is not None and m.group("k"):
-            from toolkit.tokenizer import MAX_K  # imports this module: not at the top
-
-            if int(m.group("k")) > MAX_K:
-                raise err(f"runs.{name}.tokenizer: '{run.tokenizer}': k = {m.group('k')} gives "
-                          f"4^{m.group('k')} tokens; use k <= {MAX_K} (e.g. kmer6)")
-            if _corpus_kind(study, run.corpus) == "text":
-                raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' needs DNA but corpus "
-                          f"'{run.corpus}' is text; use char or bpe<V>")
+        problem = vocabulary_problem(run.tokenizer) if m is not None else None
+        if problem:
+            raise err(f"runs.{name}.tokenizer: '{run.tokenizer}': {problem}")
+        if m is not None and m.group("k") and _corpus_kind(study, run.corpus) == "text":
+            raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' needs DNA but corpus "
+                      f"'{run.corpus}' is text; use char or bpe<V>")
         if run.checkpoints and len(run.checkpoints) < len(study.seeds):
             raise err(f"runs.{name}.checkpoints: {len(run.checkpoints)} checkpoint folders for "
                       f"{len(study.seeds)} seeds; give one folder per seed or fewer seeds")

@@ -181,7 +181,7 @@ def rate_view(spec: str, token_texts: list[str]) -> tuple[np.ndarray | None, flo
     symbols; ``kmer<k>-overlap``: the same split, one new symbol per token. Other
     tokenizers (char, bpe, a checkpoint's): ``(None, None)``, use the measured mean.
     """
-    from toolkit.config import N_SPECIALS, TOKENIZER_PATTERN
+    from toolkit.tokenizers.spec import N_SPECIALS, TOKENIZER_PATTERN
 
     m = TOKENIZER_PATTERN.match(spec)
     if m is None or not m.group("k"):

@@ -40,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from toolkit import store
-from toolkit.config import N_SPECIALS, StudyConfig
+from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 from toolkit.plumbing import IGNORE
 from toolkit.sequences import EVAL, MASK, load_sequences, never_masked, special_ids
 from toolkit.study import Layout
+from toolkit.tokenizers.spec import N_SPECIALS
 
 log = logging.getLogger(__name__)
 

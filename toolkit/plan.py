@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
+from toolkit.config import StudyConfig
 from toolkit.errors import ConfigError, CorpusError
 from toolkit.masks import eval_seq_len
 from toolkit.study import Layout, prepare_keys, run_tokenizer
+from toolkit.tokenizers.spec import TOKENIZER_PATTERN, tokenizer_vocab_size
 from toolkit.train import iter_flow_steps, total_steps
 
 GIB = 1024 ** 3

@@ -36,12 +36,13 @@ from typing import Any
 import numpy as np
 
 from toolkit import store
-from toolkit.config import TOKENIZER_PATTERN, StudyConfig, tokenizer_vocab_size
+from toolkit.config import StudyConfig
 from toolkit.errors import ConfigError, StoreError
 from toolkit.plumbing import write_json_atomic
 from toolkit.progress import format_duration
 from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
 from toolkit.study import Layout, checkpoint_run, prepare_keys, token_key
+from toolkit.tokenizers.spec import TOKENIZER_PATTERN, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.config import CHECKPOINT_TOKENIZER, StudyConfig
+from toolkit.config import StudyConfig
 from toolkit.errors import ConfigError
 
 # Imported from here by toolkit.units, toolkit.dispatch and the tests (the marker writer
 # of the study folder); it lives in toolkit.plumbing.
 from toolkit.plumbing import write_json_atomic as write_json_atomic
+from toolkit.tokenizers.spec import CHECKPOINT_TOKENIZER
 
 
 @dataclass(frozen=True, order=True)

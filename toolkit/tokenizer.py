@@ -74,14 +74,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from toolkit.config import N_SPECIALS, TOKENIZER_PATTERN
 from toolkit.errors import ConfigError, StoreError
 from toolkit.sequences import CLS, SEP, SPECIAL_TOKENS, UNK
+from toolkit.tokenizers.spec import MAX_K, N_SPECIALS, TOKENIZER_PATTERN
 
 log = logging.getLogger(__name__)
 
 BASES = "ACGTN"
-MAX_K = 10  # 4**10 + 10 ids: a million-token vocabulary is already far beyond a BERT
 _KMER_REGEX = "[ACGT]{{{k}}}|(?m:.)"  # Oniguruma: (?m) makes '.' match newlines too
 _CHAR_REGEX = "(?m:.)"
 _KMER_REGEX_RE = re.compile(r"^\[ACGT\]\{(\d+)\}\|\(\?m:\.\)$")

@@ -38,7 +38,7 @@ import numpy as np
 
 from toolkit import checkpoint as ckpt
 from toolkit import store
-from toolkit.config import CHECKPOINT_TOKENIZER, StudyConfig, TrainingConfig
+from toolkit.config import StudyConfig, TrainingConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
 from toolkit.hf_tokenizer import exported_identity, has_tokenizer, load_checkpoint_tokenizer
 from toolkit.model import (
@@ -54,6 +54,7 @@ from toolkit.progress import CurveSinks, ProgressWriter, format_duration, progre
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member
 from toolkit.tokenizer import Tokenizer, load_tokenizer
+from toolkit.tokenizers.spec import CHECKPOINT_TOKENIZER
 
 log = logging.getLogger(__name__)
 

@@ -172,9 +172,9 @@ def counting_run(study: StudyConfig, run: str, model_bits: float, model_bits_std
 def _markov_optimal(study: StudyConfig, run: str, group: Any, masks: Any, specials: np.ndarray) -> float | None:
     """The optimal predictor's cross-entropy (bits/token) where the toolkit knows the source:
     a ``synthetic:markov`` corpus read with char or k-mer tokens; None elsewhere."""
-    from toolkit.config import TOKENIZER_PATTERN
     from toolkit.corpora.synthetic import markov_transitions
     from toolkit.counting import markov_optimal_bits
+    from toolkit.tokenizers.spec import TOKENIZER_PATTERN
 
     cfg = study.corpora[study.runs[run].corpus]
     m = TOKENIZER_PATTERN.match(study.runs[run].tokenizer)

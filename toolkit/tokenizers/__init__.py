@@ -1,0 +1,1 @@
+"""Tokenizers of the toolkit; :mod:`toolkit.tokenizers.spec` knows their specs."""
