@@ -61,7 +61,7 @@ def run_source(alphabet: str, order: int, rate: float, spec: str, symbols: int =
     from toolkit.config import CorpusConfig, SyntheticConfig
     from toolkit.corpora.synthetic import MarkovCorpus
     from toolkit.entropy_rate import entropy_rate, rate_view
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
 
     cfg = CorpusConfig(source="synthetic:markov", synthetic=SyntheticConfig(
         alphabet=alphabet, order=order, entropy_rate=rate, records=symbols // record_length,

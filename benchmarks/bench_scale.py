@@ -252,7 +252,7 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
     import zarr
 
     import toolkit.entropy
-    import toolkit.tokenizer
+    import toolkit.tokenizers
     from toolkit.config import load_study
     from toolkit.prepare import prepare_unit
 
@@ -262,7 +262,7 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
         out=json.dumps(out), fasta=json.dumps(fasta), train=max(1, records - eval_records),
         eval=eval_records, tok_records=tok_records, tokenizer=tokenizer))
     study = load_study(path)
-    real_build = toolkit.tokenizer.build_tokenizer
+    real_build = toolkit.tokenizers.build_tokenizer
 
     def build(*args: Any, **kwargs: Any) -> Any:  # the real builder, with phase marks around it
         sampler.enter("tokenizer")
@@ -271,7 +271,7 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
         finally:
             sampler.enter("encode")
 
-    toolkit.tokenizer.build_tokenizer = build
+    toolkit.tokenizers.build_tokenizer = build
     real_profile = toolkit.entropy.entropy_profile
 
     def profile(*args: Any, **kwargs: Any) -> Any:  # the data-side entropy profile, after encoding

@@ -128,7 +128,7 @@ def main() -> None:
     import numpy as np
 
     from toolkit.corpora import open_source
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
 
     t0 = time.perf_counter()
     seqs = [r.seq for r in open_source(SOURCE).records()]

@@ -330,7 +330,7 @@ def matmul_rate(device: Any, smoke: bool) -> dict[str, float | None]:
 def kmer6() -> Any:
     """The toolkit's kmer6 tokenizer (the paper's DNA-6mer run), or None if it will not build."""
     try:
-        from toolkit.tokenizer import build_tokenizer
+        from toolkit.tokenizers import build_tokenizer
 
         return build_tokenizer("kmer6", "dna")
     except Exception as e:  # the measurements do not need it: a placeholder hash then

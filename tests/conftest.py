@@ -182,7 +182,7 @@ def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval
 
     from toolkit import store
     from toolkit.study import Layout
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
     from toolkit.units import get_unit, mark_complete, unit_inputs, unit_states
 
     rng = np.random.default_rng(seed)

@@ -295,8 +295,8 @@ def test_adopted_members_export_the_checkpoints_own_tokenizer(finished: Any) -> 
     """An adopted member's exported folders carry the tokenizer its token store was built
     with: AutoTokenizer loads it from the folder alone, with the same identity."""
     from toolkit.checkpoint import verify_export
-    from toolkit.hf_tokenizer import load_checkpoint_tokenizer
     from toolkit.store import open_store
+    from toolkit.tokenizers import load_checkpoint_tokenizer
 
     layout = Layout(finished)
     for arch in BUILDERS:
@@ -317,7 +317,7 @@ def test_a_checkpoint_is_checked_by_tokenizer_identity_not_vocabulary_size(
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     from toolkit.errors import CheckpointError
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
     from toolkit.train import train_member
 
     folders = {}

@@ -30,7 +30,7 @@ from toolkit.model import model_positions
 from toolkit.sequences import CLS, MASK, SEP, TRAIN, UNK, load_sequences
 from toolkit.store import open_store
 from toolkit.study import Layout, Member
-from toolkit.tokenizer import Tokenizer, build_tokenizer
+from toolkit.tokenizers import Tokenizer, build_tokenizer
 from toolkit.units import run_unit
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}

@@ -22,7 +22,7 @@ from toolkit.corpora import open_corpus, split_assignment
 from toolkit.entropy import entropy_profile
 from toolkit.sequences import SPECIAL_TOKENS, TRAIN
 from toolkit.study import Layout
-from toolkit.tokenizer import load_tokenizer
+from toolkit.tokenizers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -325,7 +325,7 @@ def test_bpe_trains_on_an_even_sample_of_the_training_records(tmp_path: Path) ->
     from toolkit.corpora import open_corpus, split_assignment
     from toolkit.prepare import prepare_study, tokenizer_sample
     from toolkit.study import Layout
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
 
     split = np.array([0, 0, 1, 0, 0, 0, 2, 0, 0, 0], dtype=np.uint8)
     chosen = tokenizer_sample(split, 3)

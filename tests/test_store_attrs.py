@@ -133,7 +133,7 @@ def test_store_of_an_older_toolkit_gets_the_schema_attributes_when_opened(finish
 
 def test_token_text_is_a_coordinate_that_matches_the_tokenizer(finished: Path) -> None:
     import toolkit
-    from toolkit.tokenizer import load_tokenizer
+    from toolkit.tokenizers import load_tokenizer
 
     study = load_study(finished / "study.json")
     tree = toolkit.open_results(finished)

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from toolkit.errors import ConfigError, StoreError
 from toolkit.sequences import SPECIAL_TOKENS, UNK
-from toolkit.tokenizer import build_tokenizer, load_tokenizer
+from toolkit.tokenizers import build_tokenizer, load_tokenizer
 
 
 def _random_dna(rng: np.random.Generator, n: int) -> str:
@@ -101,7 +101,7 @@ def test_kmer_spans_cover_the_record() -> None:
 
 def test_kmer_large_batch_is_blocked_consistently(monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny block size forces the multi-block path; results must not change.
-    import toolkit.kmer as tk
+    import toolkit.tokenizers.kmer as tk
 
     tok = build_tokenizer("kmer5", "dna")
     seqs = _dna_batch(11)
@@ -124,7 +124,7 @@ _LOOKALIKES = "@BDEFHIJKLMOPQRSUVWacgtn?\x00\x7f\xc1\xc3"
 def test_kmer_fast_rows_equal_run_encoder_and_naive(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # The row-hash fast path (encode_flat) against the run-based encoder (which encode_spans
     # uses) and the naive loop, on clean and dirty records, several blocks and chunks.
-    import toolkit.kmer as tk
+    import toolkit.tokenizers.kmer as tk
 
     rng = np.random.default_rng(100 + k)
     seqs = _dna_batch(k)
@@ -155,7 +155,7 @@ def test_kmer_fast_rows_equal_run_encoder_and_naive(k: int, monkeypatch: pytest.
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_kmer_row_hash_tables(k: int) -> None:
     # The hash is injective on the 4^k k-mers and its tables map each k-mer's bytes back to it.
-    from toolkit.tokenizer import _row_lut
+    from toolkit.tokenizers.kmer import _row_lut
 
     lut, word, full, mask, magic, shift = _row_lut(k)
     rng = np.random.default_rng(k)

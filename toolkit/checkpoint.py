@@ -116,7 +116,7 @@ def save_hf(model: Any, dest: Path, tokenizer: Any = None) -> None:
     tokenizer
         Written next to the weights, in the same temporary folder, so that
         ``AutoTokenizer.from_pretrained(dest)`` and ``pipeline("fill-mask", model=dest)``
-        work on the folder alone: a toolkit :class:`~toolkit.tokenizer.Tokenizer` (its
+        work on the folder alone: a toolkit :class:`~toolkit.tokenizers.Tokenizer` (its
         ``save_pretrained``, ``model_max_length`` = the model's positions) or a
         ``transformers`` tokenizer (an adopted checkpoint's own). None: weights only.
 
@@ -158,7 +158,7 @@ def save_hf(model: Any, dest: Path, tokenizer: Any = None) -> None:
 
 def _save_tokenizer(tokenizer: Any, model: Any, folder: Path) -> None:
     from toolkit.model import model_positions
-    from toolkit.tokenizer import Tokenizer
+    from toolkit.tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
         tokenizer.save_pretrained(folder, model_max_length=model_positions(model))

@@ -3,7 +3,7 @@
 One prepare unit is one (corpus, tokenizer) pair of the study. It writes the folder
 ``tokens/<corpus>--<tokenizer>/`` all-or-nothing (``<tokenizer>`` is ``checkpoint-<run>``
 for a run with ``tokenizer = "checkpoint"``: the corpus is encoded with its
-checkpoints' own tokenizer, :mod:`toolkit.hf_tokenizer`, whose identity document is
+checkpoints' own tokenizer, :mod:`toolkit.tokenizers.hf`, whose identity document is
 saved as ``tokenizer.json`` and whose special ids are recorded in the store)::
 
     tokens.zarr      tokens, record offsets, split, symbols per record, the token text of every
@@ -313,7 +313,7 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
 
 def _checkpoint_tokenizer(study: StudyConfig, run: str) -> Any:
     """The tokenizer shared by every checkpoint of ``run``; a run mixing two is refused."""
-    from toolkit.hf_tokenizer import load_checkpoint_tokenizer
+    from toolkit.tokenizers import load_checkpoint_tokenizer
 
     if run not in study.runs or not study.runs[run].checkpoints:
         raise ConfigError(f"tokenizer 'checkpoint-{run}': no run '{run}' with checkpoints in this study; "
@@ -355,7 +355,7 @@ def _checkpoint_vocab_size(study: StudyConfig, run: str, tok: Any) -> int:
 def _make_tokenizer(spec: str, src: Any, cfg: Any, what: str) -> tuple[Any, np.ndarray | None]:
     """The unit's tokenizer and, for trainable ones, the split (needed first to train on it)."""
     from toolkit.corpora import split_assignment
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
 
     if not _needs_training(spec):
         return build_tokenizer(spec, src.kind), None
@@ -532,7 +532,7 @@ def corpus_stats(source: str, *, tokenizer: str = "char", kind: str = "auto",
     """
     from toolkit.corpora import open_source
     from toolkit.entropy import entropy_profile
-    from toolkit.tokenizer import build_tokenizer
+    from toolkit.tokenizers import build_tokenizer
 
     _check_spec(tokenizer)
     if orders < 0:

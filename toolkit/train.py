@@ -40,7 +40,6 @@ from toolkit import checkpoint as ckpt
 from toolkit import store
 from toolkit.config import StudyConfig, TrainingConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
-from toolkit.hf_tokenizer import exported_identity, has_tokenizer, load_checkpoint_tokenizer
 from toolkit.model import (
     build_model,
     load_model,
@@ -53,8 +52,14 @@ from toolkit.plumbing import EXIT_REQUEUE, write_json_atomic
 from toolkit.progress import CurveSinks, ProgressWriter, format_duration, progress_path
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member
-from toolkit.tokenizer import Tokenizer, load_tokenizer
-from toolkit.tokenizers.spec import CHECKPOINT_TOKENIZER
+from toolkit.tokenizers import (
+    CHECKPOINT_TOKENIZER,
+    Tokenizer,
+    exported_identity,
+    has_tokenizer,
+    load_checkpoint_tokenizer,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +388,7 @@ def _run_tokenizer(study: StudyConfig, run: str, tokenizer_hash: str) -> Tokeniz
 def _check_checkpoint_tokenizer(source: Path, tokenizer: Tokenizer, run: str) -> None:
     """Refuse an adopted checkpoint whose saved tokenizer is not the run's toolkit tokenizer.
 
-    The identities (:mod:`toolkit.hf_tokenizer`: vocabulary, rules, specials) are compared,
+    The identities (:mod:`toolkit.tokenizers.hf`: vocabulary, rules, specials) are compared,
     not vocabulary sizes. A checkpoint saved without a tokenizer can only be checked by
     its vocabulary size (done by the caller), which a warning says.
     """

@@ -381,7 +381,7 @@ def _source_files(study: StudyConfig, unit: Unit) -> list[Path]:
     if ckpt_run in study.runs:
         # tokenizer = "checkpoint": the tokenizer files of every checkpoint (all are compared
         # when preparing) are sources, so replacing one re-prepares and re-checks them.
-        from toolkit.hf_tokenizer import tokenizer_files
+        from toolkit.tokenizers import tokenizer_files
 
         for given in study.runs[ckpt_run].checkpoints:
             files += tokenizer_files(study.resolve_path(given), f"runs.{ckpt_run}.checkpoints")

@@ -1,24 +1,55 @@
-"""The ``kmer<k>`` and ``kmer<k>-overlap`` tokenizers: :class:`KmerTokenizer` and its
-vectorised numpy encoders.
+"""The ``kmer<k>`` and ``kmer<k>-overlap`` tokenizers: :class:`KmerTokenizer`, its
+vectorised numpy encoders and the k-mer vocabulary.
 
-The rules and the vocabulary are described in :mod:`toolkit.tokenizer`, which builds and
-loads these tokenizers. Here: the byte -> symbol code tables, the run-based encoder
-(``KmerTokenizer._nonoverlap``: spans, k > 8, records holding N or other symbols), the
-row-hash fast path of ``kmer<k>`` for k <= 8 (``_ROW_MAGIC``, :func:`_row_lut`,
-:func:`_hash_rows`) and the stride-1 windows of ``kmer<k>-overlap``.
+``kmer<k>`` (paper's 6-mer tokenizer)
+    ids 0..4 specials, 5..9 the single bases ``A C G T N``, then the ``4**k`` k-mers in
+    lexicographic order (``AA..A`` = 10). Scanning left to right, the regex
+    ``[ACGT]{k}|.`` decides the tokens: within each maximal ACGT run of length L,
+    ``L // k`` k-mers from the run start, then ``L % k`` single bases; every ``N`` is a
+    single base and any other character is one ``[UNK]``. Encoding is vectorised
+    with numpy, no per-base Python loop: ids without spans (``encode``, ``encode_flat``)
+    for k <= 8 hash each k-byte row of the padded records with one multiply and a lookup
+    table (about 1 Gbase/s on one core, see ``_ROW_MAGIC``); spans, k > 8 and records
+    holding N or other symbols work per run of ACGT.
+``kmer<k>-overlap``
+    Same vocabulary. Every window of k symbols (stride 1) is one token, so a record of
+    length L gives ``L - k + 1`` tokens; a window that contains anything other than
+    ``ACGT`` (e.g. an ``N``) is ``[UNK]``. A record shorter than k falls back to single
+    bases. The token store's ``tokenizer.json`` carries the vocabulary, but its
+    pre-tokenizer cannot produce overlapping windows: loaded with
+    ``tokenizers.Tokenizer.from_file`` it encodes non-overlapping k-mers. Use
+    :func:`toolkit.tokenizers.load_tokenizer`, or the exported tokenizer
+    (:meth:`~toolkit.tokenizers.base.Tokenizer.to_hf`), whose normaliser writes the
+    windows out (:func:`_overlap_rules`), for the exact ids.
+
+Here: the byte -> symbol code tables, the run-based encoder (``KmerTokenizer._nonoverlap``:
+spans, k > 8, records holding N or other symbols), the row-hash fast path of ``kmer<k>``
+for k <= 8 (``_ROW_MAGIC``, :func:`_row_lut`, :func:`_hash_rows`), the stride-1 windows of
+``kmer<k>-overlap`` and the HuggingFace normaliser of the overlap windows.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from toolkit.sequences import UNK
-from toolkit.tokenizer import Tokenizer, _model_vocab, _record_index
+from toolkit.tokenizers.base import (
+    BASES,
+    Tokenizer,
+    _model_vocab,
+    _record_index,
+    _specials,
+    _word_level_json,
+)
+
+_KMER_REGEX = "[ACGT]{{{k}}}|(?m:.)"  # Oniguruma: (?m) makes '.' match newlines too
+_KMER_REGEX_RE = re.compile(r"^\[ACGT\]\{(\d+)\}\|\(\?m:\.\)$")  # recognises _KMER_REGEX in a file
 
 _ENCODE_BLOCK = 1 << 22  # symbols per vectorised block: bounds the temporaries (~100 MB)
 
@@ -354,6 +385,24 @@ class KmerTokenizer(Tokenizer):
         ids[is_win] = wid.astype(np.int32)
         tend = tpos + np.where(is_win, k, 1)
         return ids, tpos, tend
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def _kmer_vocab(k: int) -> dict[str, int]:
+    vocab = {t: i for i, t in enumerate(_specials())}
+    for b in BASES:
+        # k = 1: the 1-mers A C G T own those strings; their single-base twins are unreachable.
+        vocab[f"[single-{b}]" if k == 1 and b != "N" else b] = len(vocab)
+    for t in itertools.product("ACGT", repeat=k):
+        vocab["".join(t)] = len(vocab)
+    return vocab
+
+
+def kmer_tokenizer(k: int, overlap: bool) -> KmerTokenizer:
+    """``kmer<k>`` (or ``kmer<k>-overlap``): its vocabulary and ``tokenizer.json``, no training."""
+    return KmerTokenizer(k, overlap, _word_level_json(_kmer_vocab(k), _KMER_REGEX.format(k=k), wrap=overlap))
 
 
 # --------------------------------------------------------------------------- HuggingFace overlap

@@ -39,7 +39,7 @@ import numpy as np
 from toolkit.errors import ConfigError, CorpusError
 
 if TYPE_CHECKING:
-    from toolkit.tokenizer import Tokenizer
+    from toolkit.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def has_tokenizer(folder: Path) -> bool:
 
 def exported_identity(tokenizer: Tokenizer, model_max_length: int = 512) -> str:
     """The :attr:`CheckpointTokenizer.hash` that a folder exported with ``tokenizer``
-    (:meth:`~toolkit.tokenizer.Tokenizer.save_pretrained`) has when loaded back.
+    (:meth:`~toolkit.tokenizers.base.Tokenizer.save_pretrained`) has when loaded back.
 
     Comparing it with a checkpoint's own hash tells whether the checkpoint reads exactly
     the ids of a toolkit tokenizer (identity, not vocabulary size).
@@ -111,7 +111,7 @@ def load_checkpoint_tokenizer(folder: Path) -> CheckpointTokenizer:
 
 
 class CheckpointTokenizer:
-    """A HuggingFace tokenizer with the interface of :class:`toolkit.tokenizer.Tokenizer`.
+    """A HuggingFace tokenizer with the interface of :class:`toolkit.tokenizers.base.Tokenizer`.
 
     Attributes
     ----------
