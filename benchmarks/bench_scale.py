@@ -242,6 +242,21 @@ tokenizer = "{tokenizer}"
 """
 
 
+def _mark_phases(sampler: Any, module: Any, name: str, during: str, after: str) -> None:
+    """Replace ``module.name`` by the same function that marks phase ``during`` while it runs
+    and ``after`` once it returns (or raises)."""
+    real = getattr(module, name)
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        sampler.enter(during)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            sampler.enter(after)
+
+    setattr(module, name, marked)
+
+
 def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_records: int) -> None:
     """In a fresh process: one prepare unit of the FASTA; prints JSON (phases, tokens, records)."""
     import logging
@@ -262,26 +277,10 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
         out=json.dumps(out), fasta=json.dumps(fasta), train=max(1, records - eval_records),
         eval=eval_records, tok_records=tok_records, tokenizer=tokenizer))
     study = load_study(path)
-    real_build = toolkit.tokenizers.build_tokenizer
-
-    def build(*args: Any, **kwargs: Any) -> Any:  # the real builder, with phase marks around it
-        sampler.enter("tokenizer")
-        try:
-            return real_build(*args, **kwargs)
-        finally:
-            sampler.enter("encode")
-
-    toolkit.tokenizers.build_tokenizer = build
-    real_profile = toolkit.entropy.entropy_profile
-
-    def profile(*args: Any, **kwargs: Any) -> Any:  # the data-side entropy profile, after encoding
-        sampler.enter("profile")
-        try:
-            return real_profile(*args, **kwargs)
-        finally:
-            sampler.enter("finish")
-
-    toolkit.entropy.entropy_profile = profile
+    # Phase marks around the real functions: tokenizer training, then encoding; the data-side
+    # entropy profile after encoding.
+    _mark_phases(sampler, toolkit.tokenizers, "build_tokenizer", "tokenizer", "encode")
+    _mark_phases(sampler, toolkit.entropy, "entropy_profile", "profile", "finish")
     sampler.enter("count")  # BPE: the counting pass; kmer: goes straight to encode
     t0 = time.perf_counter()
     folder = prepare_unit(study, "dna", tokenizer)

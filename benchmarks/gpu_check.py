@@ -365,10 +365,10 @@ def synthetic_records(n: int, seq_len: int, seed: int = 0) -> list[Any]:
     """Random-token records of seq_len - 2 tokens (plus [CLS]/[SEP]: exactly seq_len, no padding)."""
     import numpy as np
 
-    from toolkit.train import N_SPECIAL
+    from toolkit.tokenizers.spec import N_SPECIALS
 
     rng = np.random.default_rng(seed)
-    return list(rng.integers(N_SPECIAL, vocab_size(), size=(n, seq_len - 2), dtype=np.int64))
+    return list(rng.integers(N_SPECIALS, vocab_size(), size=(n, seq_len - 2), dtype=np.int64))
 
 
 def bench_study(root: Path, shape: str, precision: str, batch: int, seq_len: int, n_records: int,

@@ -54,6 +54,7 @@ from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member
 from toolkit.tokenizers import (
     CHECKPOINT_TOKENIZER,
+    N_SPECIALS,
     Tokenizer,
     exported_identity,
     has_tokenizer,
@@ -63,7 +64,6 @@ from toolkit.tokenizers import (
 
 log = logging.getLogger(__name__)
 
-N_SPECIAL = 5  # ids 0..4 (PAD, UNK, CLS, SEP, MASK) are never selected nor drawn as replacements
 _MASK_TAG, _EVAL_TAG = 1, 2
 
 
@@ -115,7 +115,7 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, vocab_size: int,
     inputs, selected, labels
         (B, T) masked ids, (B, T) bool selection, (M,) original ids at the selection.
     """
-    eligible = ids >= N_SPECIAL  # (B, T)
+    eligible = ids >= N_SPECIALS  # (B, T): the specials (PAD, UNK, CLS, SEP, MASK) are never selected
     selected = eligible & (rng.random(ids.shape) < probability)
     if not selected.any() and eligible.any():
         # A micro-batch with no target would give a NaN loss; take one eligible token.
@@ -124,7 +124,7 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, vocab_size: int,
     inputs = ids.copy()
     inputs[selected & (action < 0.8)] = MASK
     rand = selected & (action >= 0.8) & (action < 0.9)
-    inputs[rand] = rng.integers(N_SPECIAL, vocab_size, size=int(rand.sum()))
+    inputs[rand] = rng.integers(N_SPECIALS, vocab_size, size=int(rand.sum()))  # nor drawn as replacements
     return inputs, selected, ids[selected]
 
 
