@@ -282,6 +282,7 @@ def paper_overrides(sif: Path) -> list[str]:
         "analysis.top_p=[0.5, 1.0]",
         f'dispatch.container.image="{sif}"',
         f"dispatch.resources.prepare={small}", f"dispatch.resources.analyse={small}",
+        f"dispatch.resources.measure={small}",
         f"dispatch.resources.train={gpu}", f"dispatch.resources.evaluate={gpu}",
     ]
 
