@@ -85,6 +85,8 @@ def compute_family(study: StudyConfig, run: str, family: str, ms: list[Member]) 
 
     The caller sets the spread's ddof (:func:`toolkit.analyse.common.spread_ddof`).
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown measure family {family!r}; families: {', '.join(FAMILIES)}")
     if not ms:
         return {}
     if family == "distributions":
@@ -106,7 +108,7 @@ def compute_family(study: StudyConfig, run: str, family: str, ms: list[Member]) 
         from toolkit.analyse.training import loss_run, weights_run
 
         return {"weight_distance": weights_run(study, run, ms), "losses": loss_run(study, ms)}
-    raise ValueError(f"unknown measure family {family!r}; families: {', '.join(FAMILIES)}")
+    raise AssertionError(family)  # every family of FAMILIES is handled above
 
 
 def run_shard(study: StudyConfig, run: str, family: str, ms: list[Member]) -> Path:
@@ -117,13 +119,11 @@ def run_shard(study: StudyConfig, run: str, family: str, ms: list[Member]) -> Pa
     Path
         The shard store (:meth:`toolkit.study.Layout.shard`).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown measure family {family!r}; families: {', '.join(FAMILIES)}")
     t0 = time.perf_counter()
-    with spread_ddof(resolve_definitions(study.analysis)["spread_ddof"]):
+    definitions = resolve_definitions(study.analysis)
+    with spread_ddof(definitions["spread_ddof"]):
         result = compute_family(study, run, family, ms)
-    path = write_shard(Layout(study), study.name, run, family, ms, result,
-                       resolve_definitions(study.analysis))
+    path = write_shard(Layout(study), study.name, run, family, ms, result, definitions)
     log.info("measured %s of run %s (%d members) in %s: %s", family, run, len(ms),
              format_duration(time.perf_counter() - t0), path)
     return path
