@@ -60,7 +60,7 @@ def run_source(alphabet: str, order: int, rate: float, spec: str, symbols: int =
     """Generate a Markov source of known rate, tokenize it, estimate its rate."""
     from toolkit.config import CorpusConfig, SyntheticConfig
     from toolkit.corpora.synthetic import MarkovCorpus
-    from toolkit.entropy_rate import entropy_rate, rate_view
+    from toolkit.entropy.rate import entropy_rate, rate_view
     from toolkit.tokenizers import build_tokenizer
 
     cfg = CorpusConfig(source="synthetic:markov", synthetic=SyntheticConfig(

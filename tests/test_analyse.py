@@ -199,7 +199,7 @@ def test_entropy_profile_and_loss_curves_come_from_the_stores(analysed: StudyCon
         np.testing.assert_allclose(r.conditional_entropy_bits_per_symbol.values,
                                    np.array(profile["conditional_bits"]) / profile["symbols_per_token"])
         assert np.isnan(float(r.analytic_entropy_rate_bits_per_symbol))
-        # the rate and its interval are the profile's (toolkit/entropy_rate.py), not re-derived
+        # the rate and its interval are the profile's (toolkit/entropy/rate.py), not re-derived
         assert int(r.entropy_rate_order) == (2 if RUNS[run]["kind"] == "dna" else -1)
         for key in ("entropy_rate_bits_per_symbol", "entropy_rate_low", "entropy_rate_high",
                     "entropy_rate_heldout_bits_per_symbol", "entropy_rate_ppmd_bits_per_symbol"):

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.bench_entropy_rate import DNA, PROTEIN, run_source
 from toolkit.entropy import conditional_entropies
-from toolkit.entropy_rate import rate_view, split_runs, witten_bell_cross_entropy
+from toolkit.entropy.rate import rate_view, split_runs, witten_bell_cross_entropy
 
 
 def _naive_witten_bell(tokens: list[int], lengths: list[int], vocab: int, order: int,

@@ -32,7 +32,7 @@ def profile_run(study: StudyConfig, run: str) -> dict[str, Any]:
     plateau = p.get("entropy_rate_plateau_order")
     return {
         "context_coverage": coverage,
-        # The rate with its interval (toolkit/entropy_rate.py); NaN for a store prepared
+        # The rate with its interval (toolkit/entropy/rate.py); NaN for a store prepared
         # before the profile had one (the prepare unit is then stale and re-run).
         "entropy_rate_bits_per_symbol": num("entropy_rate_bits_per_symbol"),
         "entropy_rate_low": num("entropy_rate_low"),

@@ -3,7 +3,7 @@
 Three kinds of evidence, each with what it can and cannot say:
 
 - **Conditional entropies** ``H_j = H(X_t | j previous tokens)`` (Miller-Madow corrected
-  plug-in, :func:`toolkit.entropy.conditional_entropies`) decrease with ``j`` towards the
+  plug-in, :func:`toolkit.entropy.estimators.conditional_entropies`) decrease with ``j`` towards the
   rate and equal it from the source's memory on. Where the data suffice (every context
   seen about 10 times per possible next token, "reliable" orders) the estimate has a small
   bias. A *plateau* is the first reliable order from which the estimate stops falling (the
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.entropy import RELIABLE_SAMPLES_PER_OUTCOME, conditional_entropies
+from toolkit.entropy.estimators import RELIABLE_SAMPLES_PER_OUTCOME, conditional_entropies
 
 _LN2 = math.log(2.0)
 HELD_OUT_FRACTION = 0.2
