@@ -22,11 +22,10 @@ import pytest
 import torch
 
 from tests.conftest import TINY_STUDY
-from toolkit.checkpoint import EXPORT_META, verify_export
+from toolkit.checkpoint import EXPORT_META, model_positions, verify_export
 from toolkit.config import load_study
 from toolkit.corpora import open_corpus
 from toolkit.errors import CheckpointError
-from toolkit.model import model_positions
 from toolkit.sequences import CLS, MASK, SEP, TRAIN, UNK, load_sequences
 from toolkit.store import open_store
 from toolkit.study import Layout, Member

@@ -143,7 +143,7 @@ def save_hf(model: Any, dest: Path, tokenizer: Any = None) -> None:
             _fsync_file(f)
         _install(tmp, dest)
     except Exception as e:  # safetensors reports a full disk as its own SafetensorError
-        from toolkit.store import raise_if_no_space
+        from toolkit.plumbing import raise_if_no_space
 
         raise_if_no_space(e, dest, error=CheckpointError)
         if not isinstance(e, OSError):
@@ -156,8 +156,23 @@ def save_hf(model: Any, dest: Path, tokenizer: Any = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_positions(model: Any) -> int:
+    """The longest input (tokens, specials included) the model's position table takes.
+
+    RoBERTa-style absolute positions start after the padding index (ids ``padding_idx +
+    1 ...``), so they take ``num_embeddings - padding_idx - 1`` tokens; rotary models
+    (ESM-2) have no table and report ``max_position_embeddings``.
+    """
+    emb = getattr(model.base_model, "embeddings", None)
+    table = getattr(emb, "position_embeddings", None)
+    if table is None or not hasattr(table, "num_embeddings"):
+        return int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    if getattr(model.config, "model_type", None) != "bert" and table.padding_idx is not None:
+        return int(table.num_embeddings) - int(table.padding_idx) - 1
+    return int(table.num_embeddings)
+
+
 def _save_tokenizer(tokenizer: Any, model: Any, folder: Path) -> None:
-    from toolkit.model import model_positions
     from toolkit.tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
@@ -247,7 +262,7 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, schedul
         _fsync_file(tmp / "meta.json")
         _install(tmp, dest)
     except Exception as e:  # safetensors reports a full disk as its own SafetensorError
-        from toolkit.store import raise_if_no_space
+        from toolkit.plumbing import raise_if_no_space
 
         raise_if_no_space(e, dest, error=CheckpointError)
         if not isinstance(e, OSError):

@@ -205,11 +205,11 @@ class ModelConfig:
     """A named shape plus optional overrides of any of its fields (None: the shape's value).
 
     The effective shape (named shape plus overrides) must have hidden_size divisible by
-    num_attention_heads; see ``toolkit.model.SHAPES`` for the named shapes.
+    num_attention_heads; see :data:`SHAPES` for the named shapes.
     """
 
     shape: Literal["bert-base", "20M", "4M", "tiny", "no-transformer"] = "tiny"
-    """Named BERT shape (toolkit.model.SHAPES). Default ``tiny`` (2 x 128, about 1 M parameters):
+    """Named BERT shape (:data:`SHAPES`). Default ``tiny`` (2 x 128, about 1 M parameters):
     a toolkit choice for quick runs; the paper's is ``bert-base`` (12 x 768, 89 M)."""
     num_hidden_layers: int | None = _f(None, ge=0)
     """Transformer blocks (>= 0; 0 = embeddings and MLM head only)."""
@@ -812,10 +812,22 @@ def _check_fields(obj: Any, prefix: str, where: str) -> None:
                     _check_fields(v, f"{key}.{k}", where)
 
 
+SHAPES: dict[str, dict[str, Any]] = {
+    "bert-base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
+                  "intermediate_size": 3072, "max_position_embeddings": 512},
+    "20M": {"num_hidden_layers": 6, "hidden_size": 512, "num_attention_heads": 8,
+            "intermediate_size": 2048, "max_position_embeddings": 512},
+    "4M": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+           "intermediate_size": 1024, "max_position_embeddings": 512},
+    "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2,
+             "intermediate_size": 512, "max_position_embeddings": 512},
+    "no-transformer": {"num_hidden_layers": 0, "hidden_size": 768, "num_attention_heads": 12,
+                       "intermediate_size": 3072, "max_position_embeddings": 512},
+}
+"""BertConfig fields of every named shape; non-None ModelConfig fields override them."""
+
 def effective_shape(model: ModelConfig) -> dict[str, Any]:
     """The named shape with the non-None overrides of ``model`` applied (no torch needed)."""
-    from toolkit.model import SHAPES  # toolkit.model imports this module; it imports no torch
-
     out = dict(SHAPES[model.shape])
     for name in out:
         value = getattr(model, name, None)

@@ -19,7 +19,7 @@ Parameter counts at vocabulary 4096 (tied embeddings counted once; measured with
 
 Adopted external checkpoints (``runs.X.checkpoints``) may be any ``AutoModelForMaskedLM``
 (RoBERTa, ESM / Nucleotide Transformer, ...): :func:`load_model` loads them from local
-files, and :func:`masked_logits`, :func:`last_hidden` and :func:`model_positions` work on
+files, and :func:`masked_logits`, :func:`last_hidden` (and :func:`toolkit.checkpoint.model_positions`) work on
 the generic base model and MLM head instead of BERT's ``.bert`` / ``.cls``.
 """
 
@@ -30,7 +30,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.config import ModelConfig
+from toolkit.checkpoint import verify_export
+from toolkit.config import SHAPES, ModelConfig
 from toolkit.errors import CheckpointError, ConfigError
 from toolkit.sequences import PAD
 
@@ -39,20 +40,6 @@ if TYPE_CHECKING:
     from transformers import BertConfig, BertForMaskedLM
 
 log = logging.getLogger(__name__)
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "bert-base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
-                  "intermediate_size": 3072, "max_position_embeddings": 512},
-    "20M": {"num_hidden_layers": 6, "hidden_size": 512, "num_attention_heads": 8,
-            "intermediate_size": 2048, "max_position_embeddings": 512},
-    "4M": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
-           "intermediate_size": 1024, "max_position_embeddings": 512},
-    "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2,
-             "intermediate_size": 512, "max_position_embeddings": 512},
-    "no-transformer": {"num_hidden_layers": 0, "hidden_size": 768, "num_attention_heads": 12,
-                       "intermediate_size": 3072, "max_position_embeddings": 512},
-}
-"""BertConfig fields of every named shape; non-None ModelConfig fields override them."""
 
 _COMMON: dict[str, Any] = {
     "hidden_dropout_prob": 0.1,
@@ -152,7 +139,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Any:
         return _load_other(path, model_type, device)
     from safetensors import SafetensorError
 
-    from toolkit.checkpoint import verify_export
     from toolkit.store import study_ref
 
     verified = verify_export(path)  # the toolkit's own exports: a damaged file is named, not parsed
@@ -219,22 +205,6 @@ def mlm_head(model: Any) -> Any:
     base = model.base_model
     others = [m for _, m in model.named_children() if m is not base]
     return others[0] if len(others) == 1 else None
-
-
-def model_positions(model: Any) -> int:
-    """The longest input (tokens, specials included) the model's position table takes.
-
-    RoBERTa-style absolute positions start after the padding index (ids ``padding_idx +
-    1 ...``), so they take ``num_embeddings - padding_idx - 1`` tokens; rotary models
-    (ESM-2) have no table and report ``max_position_embeddings``.
-    """
-    emb = getattr(model.base_model, "embeddings", None)
-    table = getattr(emb, "position_embeddings", None)
-    if table is None or not hasattr(table, "num_embeddings"):
-        return int(getattr(model.config, "max_position_embeddings", 1 << 30))
-    if getattr(model.config, "model_type", None) != "bert" and table.padding_idx is not None:
-        return int(table.num_embeddings) - int(table.padding_idx) - 1
-    return int(table.num_embeddings)
 
 
 def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,7 @@ def load_calibration(path: Path) -> dict[str, Device]:
 
 def model_shape(study: StudyConfig, run: str) -> dict[str, int]:
     """Layers, hidden size, heads, FFN size and positions of ``run``'s model."""
-    from toolkit.model import SHAPES
+    from toolkit.config import SHAPES
 
     cfg = study.runs[run].model
     shape = dict(SHAPES[cfg.shape])

@@ -5,17 +5,26 @@
 - :func:`network_order`: the sort key that puts Fisher groups in the order of the network.
 - :func:`write_atomic` / :func:`write_json_atomic`: replace a file so that no reader
   ever sees it half written.
+- :func:`raise_if_no_space`: a full disk or quota as one line naming the mount.
+- :func:`open_regular`, :func:`read_small_file`, :func:`tail_lines`: reading files of a
+  folder others may write to (never blocking on a planted FIFO or device).
 
-Nothing here imports the rest of the toolkit at module level, so any module may import it.
+Nothing here imports the rest of the toolkit but :mod:`toolkit.errors`, so any module may
+import it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from toolkit.errors import StoreError, ToolkitError
 
 IGNORE = -100
 """Label of a position that is not predicted (masks, losses, Fisher). -100 is the
@@ -82,7 +91,126 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     try:
         write_atomic(path, text)
     except OSError as e:
-        from toolkit.store import raise_if_no_space
-
         raise_if_no_space(e, path)
         raise
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _no_space_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError inside ``exc`` (its causes, contexts or group), if any."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if not isinstance(e, OSError) and "(os error 28)" in str(e):  # Rust I/O (safetensors)
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        todo.extend(getattr(e, "exceptions", ()) or ())
+    return None
+
+
+def raise_if_no_space(exc: BaseException, target: str | Path, *, needed: int | None = None,
+                      error: type[ToolkitError] = StoreError) -> None:
+    """Turn a full disk (ENOSPC, or a full quota) met while writing ``target`` into one line.
+
+    Does nothing when ``exc`` is not about space, so callers re-raise it afterwards.
+
+    Parameters
+    ----------
+    needed
+        Bytes the write needed, when the caller knows.
+    error
+        The :class:`ToolkitError` subclass to raise.
+    """
+    cause = _no_space_cause(exc)
+    if cause is None:
+        return
+    mount = mount_point(target)
+    try:
+        free = f"{_human(shutil.disk_usage(mount).free)} free"
+    except OSError:
+        free = "free space unknown"
+    if needed is not None:
+        free += f", {_human(needed)} needed"
+    what = "quota exceeded" if cause.errno == errno.EDQUOT else "no space left"
+    raise error(f"{what} on {mount} ({free}) while writing {target}; free space or choose "
+                "another output_dir (--out); the previous results there are unchanged") from exc
+
+
+# --------------------------------------------------------------------------- reading shared folders
+
+
+def open_regular(path: str | Path, *, follow: bool = True) -> int | None:
+    """A read-only descriptor of ``path`` if it is a regular file, else None.
+
+    Study folders may be shared and writable by others: a FIFO or device planted
+    under a log's name must not block or flood ``toolkit status``, so the file is
+    opened without blocking and checked before anything is read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # absent, a link (follow=False), unreadable: nothing to read
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_small_file(path: str | Path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes; None if absent, odd or larger.
+
+    Symbolic links are not followed: the files read this way are written by the
+    toolkit itself, never through a link.
+    """
+    try:
+        fd = open_regular(path, follow=False)
+        if fd is None:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
+
+
+def tail_lines(path: str | Path, tail_bytes: int) -> list[str]:
+    """The lines of the last ``tail_bytes`` of a log file ([] if it is not there yet)."""
+    try:
+        fd = open_regular(path)
+        if fd is None:
+            return []
+        with os.fdopen(fd, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - tail_bytes))
+            return f.read(tail_bytes).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []

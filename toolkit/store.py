@@ -25,7 +25,6 @@ instead of decoding to garbage.
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import json
@@ -43,8 +42,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from toolkit.errors import StoreError, ToolkitError
-from toolkit.plumbing import write_atomic
+from toolkit.errors import StoreError
+from toolkit.plumbing import raise_if_no_space, write_atomic
 
 # Zarr warns that consolidated metadata is not in the v3 spec; we rely on it for fast opens.
 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
@@ -434,73 +433,6 @@ def verify_store(path: str | Path, kind: str, level: Verify = "size",
             if got != want[key][1]:
                 raise StoreError(f"{path}: {_describe(key)} does not match its recorded checksum "
                                  f"(corrupt bytes); {fix}")
-
-
-# --------------------------------------------------------------------------- disk full
-
-
-def mount_point(path: str | Path) -> Path:
-    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
-    p = Path(os.path.abspath(path))
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    while not os.path.ismount(p) and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _no_space_cause(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT OSError inside ``exc`` (its causes, contexts or group), if any."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
-        if not isinstance(e, OSError) and "(os error 28)" in str(e):  # Rust I/O (safetensors)
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-        todo.extend(getattr(e, "exceptions", ()) or ())
-    return None
-
-
-def raise_if_no_space(exc: BaseException, target: str | Path, *, needed: int | None = None,
-                      error: type[ToolkitError] = StoreError) -> None:
-    """Turn a full disk (ENOSPC, or a full quota) met while writing ``target`` into one line.
-
-    Does nothing when ``exc`` is not about space, so callers re-raise it afterwards.
-
-    Parameters
-    ----------
-    needed
-        Bytes the write needed, when the caller knows.
-    error
-        The :class:`ToolkitError` subclass to raise.
-    """
-    cause = _no_space_cause(exc)
-    if cause is None:
-        return
-    mount = mount_point(target)
-    try:
-        free = f"{_human(shutil.disk_usage(mount).free)} free"
-    except OSError:
-        free = "free space unknown"
-    if needed is not None:
-        free += f", {_human(needed)} needed"
-    what = "quota exceeded" if cause.errno == errno.EDQUOT else "no space left"
-    raise error(f"{what} on {mount} ({free}) while writing {target}; free space or choose "
-                "another output_dir (--out); the previous results there are unchanged") from exc
 
 
 # --------------------------------------------------------------------------- write / open

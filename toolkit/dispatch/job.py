@@ -63,7 +63,7 @@ def read_outcome(stdout: str | Path) -> str | None:
     that others can write would run their code as whoever reads it. A missing,
     oversized, non-regular (FIFO, device, link) or malformed file reads as None (unknown).
     """
-    from toolkit.dispatch.manifest import read_small_file
+    from toolkit.plumbing import read_small_file
 
     path = outcome_path(stdout)
     data = read_small_file(path, _OUTCOME_LIMIT) if path is not None else None

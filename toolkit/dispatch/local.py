@@ -32,9 +32,9 @@ from toolkit.dispatch.manifest import (
     link_member_logs,
     member_log,
     now,
-    tail_lines,
 )
 from toolkit.errors import SubmissionError
+from toolkit.plumbing import tail_lines
 from toolkit.progress import format_duration
 from toolkit.study import Layout
 

@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import logging
 import os
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,52 +132,3 @@ def member_log(record: JobRecord) -> str:
     return record.stderr
 
 
-def _open_regular(path: str | Path, *, follow: bool = True) -> int | None:
-    """A read-only descriptor of ``path`` if it is a regular file, else None.
-
-    Study folders may be shared and writable by others: a FIFO or device planted
-    under a log's name must not block or flood ``toolkit status``, so the file is
-    opened without blocking and checked before anything is read.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if not follow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # absent, a link (follow=False), unreadable: nothing to read
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
-def read_small_file(path: str | Path, limit: int) -> bytes | None:
-    """The bytes of a regular file of at most ``limit`` bytes; None if absent, odd or larger.
-
-    Symbolic links are not followed: the files read this way are written by the
-    toolkit itself, never through a link.
-    """
-    try:
-        fd = _open_regular(path, follow=False)
-        if fd is None:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError:
-        return None
-    return data if len(data) <= limit else None
-
-
-def tail_lines(path: str | Path, tail_bytes: int) -> list[str]:
-    """The lines of the last ``tail_bytes`` of a log file ([] if it is not there yet)."""
-    try:
-        fd = _open_regular(path)
-        if fd is None:
-            return []
-        with os.fdopen(fd, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - tail_bytes))
-            return f.read(tail_bytes).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return []

@@ -18,8 +18,9 @@ from pathlib import Path
 from toolkit.config import StudyConfig
 from toolkit.dispatch.job import read_outcome
 from toolkit.dispatch.local import pid_alive
-from toolkit.dispatch.manifest import JobRecord, Manifest, member_log, tail_lines
+from toolkit.dispatch.manifest import JobRecord, Manifest, member_log
 from toolkit.dispatch.slurm import ACTIVE, job_states
+from toolkit.plumbing import tail_lines
 from toolkit.progress import format_duration, last_entries, progress_path
 from toolkit.study import Layout, Member
 
