@@ -93,6 +93,58 @@ def test_format_duration() -> None:
     assert format_duration(None) == format_duration(float("nan")) == format_duration(float("inf")) == "?"
 
 
+def test_log_progress_lines_against_the_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one progress line: count, rate and ETA follow from the clock (a controlled
+    monotonic clock, checked against the arithmetic); a line at most every ``every_s``;
+    positions (moveto), named counts, scaled units, a growing total and the closing line."""
+    import logging
+
+    from toolkit import progress as progress_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    lines: list[str] = []
+
+    class Sink(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test.progress")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Sink())
+    try:
+        p = progress_mod.LogProgress(desc="encode", total=400, unit="records", every_s=10.0, logger=logger)
+        clock[0] += 5
+        p.update(50)  # 5 s < every_s: no line
+        assert lines == []
+        clock[0] += 5
+        p.update(50, {"tokens": 2_500_000})
+        # 100 records in 10 s: 10/s, 300 left: 30 s; 2.5 M tokens in 10 s: 250000/s
+        assert lines == ["encode: 100/400 records (10.0 records/s, ETA 30 s), 2.50 M tokens (250000 tokens/s)"]
+        clock[0] += 30
+        p.moveto(400, counts={"tokens": 9_000_000})
+        p.close()
+        p.close()  # a second close adds nothing
+        assert lines[1:] == ["encode: 400/400 records (10.0 records/s, ETA 0 s), 9.00 M tokens (225000 tokens/s)",
+                             "encode: 400/400 records in 40 s (10.0 records/s), 9.00 M tokens (225000 tokens/s)"]
+        lines.clear()
+        b = progress_mod.LogProgress(desc="reading g.fa", total=30e6, unit="MB", scale=1e6, every_s=0, logger=logger)
+        clock[0] += 4
+        b.moveto(12e6, note="2 worker(s)")
+        # 12 MB in 4 s: 3 MB/s, 18 MB left: 6 s
+        assert lines == ["reading g.fa: 12/30 MB (3.0 MB/s, ETA 6 s); 2 worker(s)"]
+        b.moveto(20e6, total=50e6)  # a total that grows (a Dask graph): ETA from the new total
+        assert lines[-1] == "reading g.fa: 20/50 MB (5.0 MB/s, ETA 6 s); 2 worker(s)"
+        unknown = progress_mod.LogProgress(desc="count", unit="records", every_s=0, logger=logger)
+        clock[0] += 2
+        unknown.update(7)
+        assert lines[-1] == "count: 7 records (3.5 records/s, ETA ?)"
+    finally:
+        logger.handlers.clear()
+    assert progress_mod.remaining_s(0, 10, 5.0) is None and progress_mod.remaining_s(5, None, 5.0) is None
+    assert progress_mod.remaining_s(12, 10, 3.0) == 0  # past the total: nothing left, never negative
+
+
 def test_reader_skips_half_written_lines_and_writer_never_fails_training(tmp_path: Path) -> None:
     path = tmp_path / PROGRESS_FILE
     w = ProgressWriter(path, "r/seed1", 10)

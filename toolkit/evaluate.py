@@ -33,12 +33,13 @@ from typing import Any
 import numpy as np
 
 from toolkit import store
+from toolkit.checkpoint import model_positions
 from toolkit.config import StudyConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
 from toolkit.masks import CHECKED_ATTRS, ensure_masks
-from toolkit.model import last_hidden, load_model, masked_logits, model_positions, pick_device
+from toolkit.model import last_hidden, load_model, masked_logits, pick_device
 from toolkit.plumbing import IGNORE, network_order, write_json_atomic
-from toolkit.progress import format_duration
+from toolkit.progress import LogProgress
 from toolkit.study import Layout, Member
 
 log = logging.getLogger(__name__)
@@ -47,28 +48,10 @@ _ROWS = 1024  # mask rows read from Zarr at a time (the masks store's chunk leng
 # Elements of one chunk of a stored Fisher diagonal (4 MiB of float32): a tensor reads
 # alone, and bert-base's 4096 x 768 word embeddings are 3 blocks of 1365 token rows.
 DIAGONAL_CHUNK = 1 << 20
+_LOG_EVERY_S = 15.0  # progress lines of the prediction and embedding loops
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _Progress:
-    """Periodic log lines with rate and ETA (readable in SLURM logs, unlike a bar)."""
-
-    def __init__(self, what: str, total: int, unit: str, every_s: float = 15.0) -> None:
-        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
-        self.done = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d %s (%.0f %s/s, ETA %s)", self.what, self.done, self.total,
-                     self.unit, rate, self.unit, format_duration(eta))
 
 
 class _RowWriter:
@@ -209,7 +192,8 @@ def write_predictions(model: Any, masks: Any, path: Path, attrs: dict[str, Any],
                          "the evaluation split); use a larger evaluation split")
     targets = np.empty(n_pos, dtype=np.int32)
     nll_sum, correct, done = 0.0, 0, 0
-    progress = _Progress(f"predictions {attrs['member']}", n_pos, "positions")
+    progress = LogProgress(desc=f"predictions {attrs['member']}", total=n_pos, unit="positions",
+                           every_s=_LOG_EVERY_S, logger=log)
     with store.writing(path, "predictions", attrs, overwrite=True) as g:
         log_probs = store.create_array(g, "predictions", "log_probs", shape=(n_pos, vocab), dtype=dtype)
         writer = _RowWriter(log_probs)
@@ -238,6 +222,7 @@ def write_predictions(model: Any, masks: Any, path: Path, attrs: dict[str, Any],
                 targets[done:done + m] = lab[sel]
                 done += m
                 progress.update(m)
+        progress.close()
         writer.flush()
         assert done == n_pos, (done, n_pos)
         store.create_array(g, "predictions", "target", data=targets)
@@ -256,7 +241,8 @@ def write_embeddings(model: Any, masks: Any, path: Path, attrs: dict[str, Any], 
     words = model.get_input_embeddings().weight.detach().float().cpu().numpy()  # (V, d)
     ids_a, att_a = masks["contextual/input_ids"], masks["contextual/attention_mask"]
     pooled = np.empty((ids_a.shape[0], words.shape[1]), dtype=np.float32)  # (C, d)
-    progress = _Progress(f"contextual {attrs['member']}", ids_a.shape[0], "sequences")
+    progress = LogProgress(desc=f"contextual {attrs['member']}", total=ids_a.shape[0], unit="sequences",
+                           every_s=_LOG_EVERY_S, logger=log)
     with torch.inference_mode():
         for lo, hi, (ids, att) in _row_blocks([ids_a, att_a], batch_size):
             input_ids = torch.from_numpy(ids.astype(np.int64)).to(device)  # (B, T)
@@ -267,6 +253,7 @@ def write_embeddings(model: Any, masks: Any, path: Path, attrs: dict[str, Any], 
             mean = (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # (B, d)
             pooled[lo:hi] = mean.float().cpu().numpy()
             progress.update(hi - lo)
+    progress.close()
     with store.writing(path, "embeddings", attrs, overwrite=True) as g:
         store.create_array(g, "embeddings", "word_embeddings", data=words)
         store.create_array(g, "embeddings", "contextual", data=pooled)

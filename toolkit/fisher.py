@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import numpy as np
 
 from toolkit.errors import ConfigError, InputError
 from toolkit.plumbing import IGNORE, network_order
+from toolkit.progress import LogProgress
 
 if TYPE_CHECKING:
     import torch
@@ -216,7 +216,7 @@ def diagonal_bytes(shape: str | Mapping[str, Any], vocab: int, *, estimators: in
     Parameters
     ----------
     shape
-        A named shape (``"bert-base"``, ``"4M"``, ... of ``toolkit.model.SHAPES``) or a dict
+        A named shape (``"bert-base"``, ``"4M"``, ... of ``toolkit.config.SHAPES``) or a dict
         of its BertConfig fields (``toolkit.config.effective_shape(model)``); the toolkit's
         tied embeddings and ``type_vocab_size`` 1 unless the dict says otherwise.
     vocab
@@ -229,7 +229,7 @@ def diagonal_bytes(shape: str | Mapping[str, Any], vocab: int, *, estimators: in
     >>> diagonal_bytes("bert-base", 4096)  # 89,191,936 parameters: about 0.36 GB
     356767744
     """
-    from toolkit.model import SHAPES  # imports no torch
+    from toolkit.config import SHAPES
 
     f = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
     h, n_layers, inner = int(f["hidden_size"]), int(f["num_hidden_layers"]), int(f["intermediate_size"])
@@ -257,8 +257,9 @@ def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, devic
     named = list(model.named_parameters())  # tied parameters appear once, under their first name
     names = [n for n, _ in named]
     n_examples = n_tokens = 0
-    t0 = last_log = time.perf_counter()
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    progress = LogProgress(desc=f"Fisher ({estimator})", total=total, unit="batch", every_s=_LOG_EVERY_S,
+                           logger=log)
     with _fisher_mode(model, device) as dev:
         if diagonal:
             sums: dict[int, Any] = {id(p): torch.zeros_like(p) for _, p in named}
@@ -281,21 +282,14 @@ def _run(model: Any, batches: Iterable[Mapping[str, Any]], estimator: str, devic
                     _batch_step(model, named, batch, sums, diagonal)
                 n_examples += int((counts > 0).sum())
                 n_tokens += n_masked
-                now = time.perf_counter()
-                if now - last_log > _LOG_EVERY_S:
-                    last_log = now
-                    rate = n_examples / (now - t0)
-                    eta = f", ETA {(total - k - 1) * (now - t0) / (k + 1):.0f} s" if total else ""
-                    log.info("Fisher (%s): batch %d%s, %.1f sequences/s%s", estimator, k + 1,
-                             f"/{total}" if total else "", rate, eta)
+                progress.moveto(k + 1, counts={"sequences": n_examples, "masked tokens": n_tokens})
         finally:
             if engine is not None:
                 engine.close()
     if n_tokens == 0:
         raise InputError("Fisher batches hold no masked token (every label is -100); "
                           "give batches whose labels mark the masked positions")
-    log.info("Fisher (%s): %d sequences, %d masked tokens in %.1f s", estimator, n_examples,
-             n_tokens, time.perf_counter() - t0)
+    progress.close()
     return {n: sums[id(p)] for n, p in named}, names, n_examples, n_tokens
 
 

@@ -39,7 +39,7 @@ from toolkit import store
 from toolkit.config import StudyConfig
 from toolkit.errors import ConfigError, StoreError
 from toolkit.plumbing import write_json_atomic
-from toolkit.progress import format_duration
+from toolkit.progress import LogProgress
 from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
 from toolkit.study import Layout, checkpoint_run, prepare_keys, token_key
 from toolkit.tokenizers.spec import TOKENIZER_PATTERN, tokenizer_vocab_size
@@ -53,26 +53,6 @@ LOG_EVERY_S = 10.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _Progress:
-    """Periodic log lines with records/s and tokens/s."""
-
-    def __init__(self, what: str, total: int | None = None) -> None:
-        self.what, self.total = what, total
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, records: int, tokens: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < LOG_EVERY_S:
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        eta = ""
-        if self.total and records:
-            eta = f", ETA {format_duration((self.total - records) * dt / records)}"
-        log.info("%s: %d records (%.0f records/s), %d tokens (%.2f M tokens/s)%s",
-                 self.what, records, records / dt, tokens, tokens / dt / 1e6, eta)
 
 
 def _check_spec(spec: str) -> None:
@@ -296,7 +276,7 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
         raw = ("" if src.kind == "dna" else "\n").join(s for i, s in sample if split[i] == TRAIN)
         which = _profile_records(offsets, split, study.analysis.entropy_max_tokens)
         from toolkit.entropy import entropy_profile
-        from toolkit.entropy_rate import rate_view
+        from toolkit.entropy.rate import rate_view
 
         rate_split, rate_spt = rate_view(spec, [str(t) for t in texts])
         profile = entropy_profile(
@@ -360,12 +340,15 @@ def _make_tokenizer(spec: str, src: Any, cfg: Any, what: str) -> tuple[Any, np.n
     if not _needs_training(spec):
         return build_tokenizer(spec, src.kind), None
     # The split depends on the number of records: count them first.
-    progress = _Progress(f"{what}: counting records")
+    progress = LogProgress(desc=f"{what}: counting records", unit="records", every_s=LOG_EVERY_S,
+                           logger=log)
     n = 0
     for _ in src.records():
         n += 1
         if n % 4096 == 0:
-            progress.update(n, 0)
+            progress.moveto(n)
+    progress.moveto(n)
+    progress.close()
     split = split_assignment(n, cfg)
     chosen = tokenizer_sample(split, cfg.tokenizer_train_records)
     log.info("%s: %d records; training the %s tokenizer on %d of the %d training records", what, n, spec,
@@ -438,7 +421,7 @@ def _write_tokens(group: Any, tok: Any, src: Any, keep_mask: bool, what: str,
     starts: list[np.ndarray] = []
     sample: list[tuple[int, str]] = []
     sample_size = n_rec = n_tok = 0
-    progress = _Progress(what, total)
+    progress = LogProgress(desc=what, total=total, unit="records", every_s=LOG_EVERY_S, logger=log)
     for batch in _batches(src.records()):
         seqs = [r.seq for r in batch]
         if masks is None and spans is None:
@@ -461,8 +444,8 @@ def _write_tokens(group: Any, tok: Any, src: Any, keep_mask: bool, what: str,
                 sample_size += len(s)
             n_rec += 1
         n_tok += len(ids)
-        progress.update(n_rec, n_tok)
-    progress.update(n_rec, n_tok, force=True)
+        progress.moveto(n_rec, counts={"tokens": n_tok})
+    progress.close()
     written = tokens.close()
     for extra in (masks, *(spans or ())):
         if extra is not None:
@@ -557,7 +540,7 @@ def corpus_stats(source: str, *, tokenizer: str = "char", kind: str = "auto",
         raw.append(s)
         raw_size += len(s)
     raw_text = ("" if src.kind == "dna" else "\n").join(raw)
-    from toolkit.entropy_rate import rate_view
+    from toolkit.entropy.rate import rate_view
 
     rate_split, rate_spt = rate_view(tok.spec, [str(t) for t in token_texts(tok, tok.vocab_size)])
     profile = entropy_profile(records, n_symbols=size, vocab_size=tok.vocab_size, orders=orders,

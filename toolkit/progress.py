@@ -1,5 +1,6 @@
-"""Watching a member train: its live loss curve, one way of writing durations, and
-progress that reads well in a log file (:func:`progress_bar`).
+"""Progress, written once: durations for people (:func:`format_duration`), the one
+progress line of long loops (:class:`LogProgress`, :func:`progress_bar`) and a member's
+live loss curve while it trains.
 
 ``train.zarr`` is written once, when a member finishes (its inventory, digests and the
 unit model see only complete stores). While the member trains, the same curve grows in
@@ -61,30 +62,78 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 86400} d {s // 3600 % 24:02d} h"
 
 
+def remaining_s(done: float, total: float | None, elapsed: float) -> float | None:
+    """Seconds left at the average rate so far: ``(total - done) * elapsed / done``; None when
+    it cannot be told (no total, nothing done yet)."""
+    if total is None or done <= 0 or elapsed <= 0:
+        return None
+    return max(total - done, 0) * elapsed / done
+
+
+def _amount(x: float) -> str:
+    """A count for a progress line: integers as they are, large rates with a suffix."""
+    if x >= 1e9:
+        return f"{x / 1e9:.2f} G"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    if x == int(x):
+        return f"{int(x)}"
+    return f"{x:.1f}"
+
+
 class LogProgress:
     """Progress as plain log lines: ``what: 40/95 task (12.3 task/s, ETA 4 s)``.
 
-    A line at most every ``every_s`` seconds while it runs and one when it is closed
-    (count, rate, time taken), so even a short loop leaves its rate in the log. What
-    :func:`progress_bar` gives when stderr is not a terminal: a job's log file would
-    otherwise collect a tqdm bar's carriage-return fragments.
+    The toolkit's one progress line, for every long loop that is not a training step
+    (reading a corpus, encoding it, writing predictions, accumulating Fisher information,
+    a Dask computation): a line at most every ``every_s`` seconds while it runs and one
+    when it is closed (count, rate, time taken), so even a short loop leaves its rate in
+    the log. What :func:`progress_bar` gives when stderr is not a terminal: a job's log
+    file would otherwise collect a tqdm bar's carriage-return fragments.
 
     Used like a tqdm bar: :meth:`update`, :meth:`close`, a context manager, or iterated
-    when made with an ``iterable``.
+    when made with an ``iterable``. Beyond a bar it takes
+
+    - :meth:`moveto`: the count as a position (bytes read so far, records generated) and
+      a total that grows (a Dask graph);
+    - further counts by name, shown with their own rate (``update(1, {"tokens": 512})`` ->
+      ``..., 512 tokens (1.2 M tokens/s)``);
+    - ``scale`` and ``unit``: a count shown in other units (bytes as ``MB``: ``scale=1e6``);
+    - ``note``: a text appended to every line (``3 worker(s)``).
     """
 
-    def __init__(self, iterable: Any = None, *, total: int | None = None, desc: str = "",
-                 unit: str = "it", every_s: float = 10.0, logger: logging.Logger | None = None) -> None:
+    def __init__(self, iterable: Any = None, *, total: float | None = None, desc: str = "",
+                 unit: str = "it", every_s: float = 10.0, logger: logging.Logger | None = None,
+                 scale: float = 1.0) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.every_s, self.log = every_s, logger or log
-        self.n = 0
+        self.every_s, self.log, self.scale = every_s, logger or log, scale
+        self.n: float = 0
+        self.counts: dict[str, float] = {}
+        self.note = ""
         self.t0 = self.last = time.monotonic()
         self.closed = False
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: float = 1, counts: dict[str, float] | None = None) -> None:
+        """Add ``n`` to the count (and each named count to its own)."""
         self.n += n
+        for k, v in (counts or {}).items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self._tick()
+
+    def moveto(self, n: float, *, total: float | None = None, note: str | None = None,
+               counts: dict[str, float] | None = None) -> None:
+        """Set the count (and named counts, total, note) to where the work is now."""
+        self.n = n
+        self.counts.update(counts or {})
+        if total is not None:
+            self.total = total
+        if note is not None:
+            self.note = note
+        self._tick()
+
+    def _tick(self) -> None:
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
@@ -93,12 +142,18 @@ class LogProgress:
     def line(self, now: float | None = None) -> str:
         """The current progress line (what :meth:`update` logs)."""
         elapsed = max((time.monotonic() if now is None else now) - self.t0, 1e-9)
-        rate = self.n / elapsed
-        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        rate = self.n / self.scale / elapsed
+        count = _amount(self.n / self.scale)
+        if self.total is not None:
+            count += f"/{_amount(self.total / self.scale)}"
+        extra = "".join(f", {_amount(v)} {k} ({_amount(round(v / elapsed, 1))} {k}/s)"
+                        for k, v in self.counts.items())
+        note = f"; {self.note}" if self.note else ""
         if self.closed:
-            return f"{self.desc}: {count} {self.unit} in {format_duration(elapsed)} ({rate:.1f} {self.unit}/s)"
-        eta = (self.total - self.n) / rate if self.total is not None and rate > 0 else None
-        return f"{self.desc}: {count} {self.unit} ({rate:.1f} {self.unit}/s, ETA {format_duration(eta)})"
+            return (f"{self.desc}: {count} {self.unit} in {format_duration(elapsed)} "
+                    f"({rate:.1f} {self.unit}/s){extra}{note}")
+        eta = remaining_s(self.n, self.total, elapsed)
+        return f"{self.desc}: {count} {self.unit} ({rate:.1f} {self.unit}/s, ETA {format_duration(eta)}){extra}{note}"
 
     def close(self) -> None:
         if not self.closed:
@@ -280,7 +335,7 @@ def last_entries(path: Path, tail_bytes: int = 8192) -> list[dict[str, Any]]:
     Reads only the tail, never a FIFO or device planted under the name (a study folder
     may be writable by others): cheap enough for ``toolkit status`` on every member.
     """
-    from toolkit.dispatch.manifest import tail_lines
+    from toolkit.plumbing import tail_lines
 
     # A line cut at the start of the tail is not a JSON object (the entries hold none) and
     # is skipped like a half-written last line.

@@ -38,18 +38,18 @@ import numpy as np
 
 from toolkit import checkpoint as ckpt
 from toolkit import store
+from toolkit.checkpoint import model_positions
 from toolkit.config import StudyConfig, TrainingConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
 from toolkit.model import (
     build_model,
     load_model,
     masked_logits,
-    model_positions,
     n_parameters,
     pick_device,
 )
 from toolkit.plumbing import EXIT_REQUEUE, write_json_atomic
-from toolkit.progress import CurveSinks, ProgressWriter, format_duration, progress_path
+from toolkit.progress import CurveSinks, ProgressWriter, format_duration, progress_path, remaining_s
 from toolkit.sequences import EVAL, MASK, TRAIN, SequenceSet, load_sequences
 from toolkit.study import Layout, Member
 from toolkit.tokenizers import (
@@ -530,7 +530,7 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
                                    ("tokens_seen", state["tokens_seen"])):
                     state["log"][key].append(value)
                 state["window"] = [0.0, 0]
-                eta = (total - step) * proc_seconds / proc_steps
+                eta = remaining_s(proc_steps, proc_steps + total - step, proc_seconds) or 0.0
                 rate = win_tokens / max(win_seconds, 1e-9)
                 log.info("%s step %d/%d loss %.4f lr %.3g %.0f tok/s ETA %s", member.id, step, total,
                          mean, lr, rate, format_duration(eta))

@@ -10,14 +10,13 @@ import hashlib
 import io
 import logging
 import os
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import CorpusError
-from toolkit.progress import format_duration
+from toolkit.progress import LogProgress
 
 # One logger for the whole package: log lines name "toolkit.corpora", whichever
 # module of it writes them.
@@ -28,26 +27,9 @@ _BLOCK = 1 << 22  # bytes read at a time from a FASTA file (then extended to a l
 _LOG_EVERY_S = 10.0
 
 
-class _Progress:
-    """INFO log line every ~10 s with rate and ETA, for long reads."""
-
-    def __init__(self, what: str, total: int | None, unit: str = "MB", scale: float = 1e6) -> None:
-        self.what, self.total, self.unit, self.scale = what, total, unit, scale
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < _LOG_EVERY_S:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        if self.total:
-            eta = (self.total - done) / max(rate, 1e-9)
-            log.info("%s: %.1f%% (%.1f %s/s, ETA %s)", self.what, 100 * done / self.total,
-                     rate / self.scale, self.unit, format_duration(eta))
-        else:
-            log.info("%s: %.1f %s (%.1f %s/s)", self.what, done / self.scale, self.unit,
-                     rate / self.scale, self.unit)
+def byte_progress(what: str, total: int | None) -> LogProgress:
+    """The progress line of reading ``total`` bytes (MB, MB/s, ETA)."""
+    return LogProgress(desc=what, total=total, unit="MB", scale=1e6, every_s=_LOG_EVERY_S, logger=log)
 
 
 class _Reader:
@@ -65,7 +47,7 @@ class _Reader:
         self.gz = self.raw.read(2) == b"\x1f\x8b"
         self.raw.seek(0)
         self.f: io.BufferedIOBase = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gz else self.raw
-        self.progress = _Progress(f"reading {path.name}", self.size)
+        self.progress = byte_progress(f"reading {path.name}", self.size)
 
     def _guard(self, call: Any) -> bytes:
         try:
@@ -84,7 +66,7 @@ class _Reader:
                 return
             if not block.endswith(b"\n"):
                 block += self._guard(self.f.readline)
-            self.progress.update(self.raw.tell())
+            self.progress.moveto(self.raw.tell())
             yield block
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
@@ -96,7 +78,7 @@ class _Reader:
                 return
             lineno += 1
             if lineno % 4096 == 0:
-                self.progress.update(self.raw.tell())
+                self.progress.moveto(self.raw.tell())
             yield lineno, line
 
     def read_all(self) -> bytes:

@@ -10,8 +10,9 @@ import numpy as np
 
 from toolkit.config import CorpusConfig, SyntheticConfig
 from toolkit.corpora.base import Corpus, Record
-from toolkit.corpora.files import _Progress
+from toolkit.corpora.files import log
 from toolkit.errors import CorpusError
+from toolkit.progress import LogProgress
 
 
 def _row_entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -127,7 +128,7 @@ def _markov_records(cfg: SyntheticConfig, p: np.ndarray, pi: np.ndarray) -> Iter
     powers = a ** np.arange(k - 1, -1, -1)  # (k,) digit weights, oldest first
     # Up to 4096 records at a time, at most ~16M symbols in memory.
     batch = max(1, min(4096, (1 << 24) // cfg.length))
-    progress = _Progress("generating synthetic:markov", cfg.records, "records", 1.0)
+    progress = LogProgress(desc="generating synthetic:markov", total=cfg.records, unit="records", logger=log)
     for b in range(math.ceil(cfg.records / batch)):
         rng = np.random.default_rng([cfg.seed, 1 + b])
         m = min(batch, cfg.records - b * batch)
@@ -144,7 +145,7 @@ def _markov_records(cfg: SyntheticConfig, p: np.ndarray, pi: np.ndarray) -> Iter
         text = lut[out]  # (R, L) code points
         for i in range(m):
             yield Record(f"markov:{b * batch + i}", text[i].tobytes().decode("utf-32-le"))
-        progress.update(b * batch + m)
+        progress.moveto(b * batch + m)
 
 
 class MarkovCorpus(Corpus):

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.config import StudyConfig
 from toolkit.dispatch.container import shell_line, unit_argv
 from toolkit.errors import SubmissionError, ToolkitError
-from toolkit.progress import format_duration
+from toolkit.progress import LogProgress
 from toolkit.study import Layout
 
 if TYPE_CHECKING:
@@ -219,8 +219,11 @@ def _progress_log(client: Client, every_s: float) -> Iterator[None]:
     """
     stop = threading.Event()
 
+    # The poll sets the pace; the line says it at every poll where something is left or moved.
+    progress = LogProgress(desc="Dask on SLURM", unit="task", every_s=0.0, logger=log)
+
     def loop() -> None:
-        last_done, last_t = 0, time.perf_counter()
+        last_done = -1
         while not stop.wait(every_s):
             try:
                 counts = client.run_on_scheduler(_task_counts)
@@ -230,13 +233,9 @@ def _progress_log(client: Client, every_s: float) -> Iterator[None]:
                 continue
             done = counts.get("memory", 0) + counts.get("released", 0) + counts.get("forgotten", 0)
             left = sum(counts.values()) - done
-            now = time.perf_counter()
-            rate = (done - last_done) / max(now - last_t, 1e-9)
-            eta = format_duration(left / rate if rate > 0 else None)
             if left or done != last_done:
-                log.info("Dask on SLURM: %d task(s) in memory, %d to go, %.1f task/s, ETA %s; "
-                         "%d worker(s)", done, left, rate, eta, n_workers)
-            last_done, last_t = done, now
+                progress.moveto(done, total=done + left, note=f"{n_workers} worker(s)")
+            last_done = done
 
     thread = threading.Thread(target=loop, name="dask-progress", daemon=True)
     thread.start()
