@@ -37,22 +37,20 @@ Scheduler = Callable[[StudyConfig], contextlib.AbstractContextManager[Any]]
 # --------------------------------------------------------------------------- members
 
 
-def complete_members(study: StudyConfig, done_ids: list[Member] | None = None
+def complete_members(study: StudyConfig, done_ids: list[Member]
                      ) -> tuple[dict[str, list[Member]], list[Member]]:
     """Done members per run (in seed order) and the members left out.
 
-    A member counts when its evaluate unit is done (:mod:`toolkit.units`): marker
-    present and nothing it consumed changed since. A member whose outputs are stale
-    is left out, never analysed.
+    ``done_ids`` are the members whose evaluate unit is done (the caller asks the unit
+    model, :func:`toolkit.units.done_members`: marker present and nothing it consumed
+    changed since). A member whose outputs are stale is left out, never analysed.
 
     Raises
     ------
     StoreError
         When no member of the study is done: nothing can be analysed.
     """
-    from toolkit.units import done_members
-
-    ok = set(done_members(study) if done_ids is None else done_ids)
+    ok = set(done_ids)
     done: dict[str, list[Member]] = {run: [] for run in study.runs}
     missing: list[Member] = []
     for m in members(study):
@@ -76,7 +74,7 @@ def complete_members(study: StudyConfig, done_ids: list[Member] | None = None
 
 
 
-def analyse_study(study: StudyConfig, done_members: list[Member] | None = None, *,
+def analyse_study(study: StudyConfig, done_members: list[Member], *,
                   from_shards: bool = False, scheduler: Scheduler | None = None,
                   path: Path | None = None) -> Path:
     """Analyse every done member of a study and write ``summary.zarr``.
@@ -89,7 +87,8 @@ def analyse_study(study: StudyConfig, done_members: list[Member] | None = None, 
     study
         The study; its stores are read from ``Layout(study)``.
     done_members
-        The members to analyse (default: those whose evaluate unit is done).
+        The members to analyse: those whose evaluate unit is done
+        (:func:`toolkit.units.done_members`; the analysis does not ask the unit model itself).
     from_shards
         Read each run's measure families from their shards (written by the ``measure``
         units) instead of computing them here; a shard computed from other members than
