@@ -269,6 +269,35 @@ def test_parse_gpus_and_check_resources(tmp_path: Path) -> None:
     with pytest.raises(SubmissionError, match="'big' is not a partition .* cpu, gpu"):
         dslurm.check_resources(tiny_study(tmp_path, resources={"evaluate": {"partition": "big"}}),
                                ["evaluate"], info)
+    # CPUs and memory per node: asking more than any node has would pend for ever.
+    sized = dslurm.ClusterInfo({"cpu": 0, "gpu": 2}, "cpu", 4, cpus={"cpu": 8, "gpu": 32},
+                               memory_mb={"cpu": 16384})
+    dslurm.check_resources(tiny_study(tmp_path, resources={"train": {"cpus_per_task": 8, "mem_gb": 16}}),
+                           ["train"], sized)
+    with pytest.raises(SubmissionError, match=r"resources.train.cpus_per_task: 9 CPUs .* 'cpu' have at most 8"):
+        dslurm.check_resources(tiny_study(tmp_path, resources={"train": {"cpus_per_task": 9}}), ["train"], sized)
+    with pytest.raises(SubmissionError, match=r"resources.measure.mem_gb: 16.5 GB .* at most 16.0 GB"):
+        dslurm.check_resources(tiny_study(tmp_path, resources={"measure": {"mem_gb": 16.5}}), ["measure"], sized)
+    # partition 'gpu': CPUs known, memory not (a node line with '4096+'): not refused on a guess
+    dslurm.check_resources(tiny_study(tmp_path, resources={"train": {"partition": "gpu", "mem_gb": 999,
+                                                                     "cpus_per_task": 32}}), ["train"], sized)
+    assert dslurm._node_count("16") == 16 and dslurm._node_count("16+") is None and dslurm._node_count("") is None
+
+
+def test_probe_reads_cpus_and_memory_and_refuses_an_oversized_study(slurm_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The real test cluster (one node: this machine's CPUs, RealMemory 4096 MB): the probe
+    reads both, and a study asking more is refused before anything is written or queued."""
+    info = dslurm.probe_cluster()
+    assert info.cpus == {p: os.cpu_count() for p in info.partitions}
+    assert info.memory_mb == dict.fromkeys(info.partitions, 4096)
+    study = tiny_study(tmp_path / "out", resources={"prepare": {"cpus_per_task": (os.cpu_count() or 2) + 1}})
+    with pytest.raises(SubmissionError, match="resources.prepare.cpus_per_task"):
+        run_study(study, executor="slurm", wait=False)
+    assert not study.root.exists()
+    study = tiny_study(tmp_path / "out2", resources={"train": {"mem_gb": 5}})
+    with pytest.raises(SubmissionError, match="resources.train.mem_gb: 5 GB .* at most 4.0 GB"):
+        run_study(study, executor="slurm", wait=False)
+    assert not study.root.exists()
 
 
 def test_submit_without_sbatch_fails_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from toolkit.config import ResourceConfig, StudyConfig
@@ -63,6 +63,11 @@ class ClusterInfo:
     """Partition name -> most GPUs on one of its nodes."""
     default_partition: str | None
     max_array_size: int
+    cpus: dict[str, int] = field(default_factory=dict)
+    """Partition name -> most CPUs on one of its nodes (absent: not known)."""
+    memory_mb: dict[str, int] = field(default_factory=dict)
+    """Partition name -> most memory (MB, SLURM's ``RealMemory``) on one of its nodes
+    (absent: not known)."""
 
 
 def parse_gpus(gres: str) -> int:
@@ -75,23 +80,40 @@ def parse_gpus(gres: str) -> int:
     return total
 
 
+def _node_count(field: str) -> int | None:
+    """A per-node number of ``sinfo`` (``%c`` CPUs, ``%m`` MB): None when it is not one
+    plain number (``16+``: nodes of that line differ, the largest is not shown)."""
+    field = field.strip()
+    return int(field) if field.isdigit() else None
+
+
 def probe_cluster() -> ClusterInfo:
-    """Partitions, GPUs per node and ``MaxArraySize`` from ``sinfo`` and ``scontrol``."""
+    """Partitions, GPUs, CPUs and memory per node and ``MaxArraySize`` from ``sinfo``
+    and ``scontrol``."""
     partitions: dict[str, int] = {}
+    cpus: dict[str, int | None] = {}
+    memory: dict[str, int | None] = {}
     default = None
-    for line in _cmd(["sinfo", "-h", "-o", "%P|%G"], "reading partitions").splitlines():
-        name, _, gres = line.partition("|")
+    for line in _cmd(["sinfo", "-h", "-o", "%P|%G|%c|%m"], "reading partitions").splitlines():
+        name, gres, ncpu, mem = (line.split("|") + ["", "", ""])[:4]
         if name.endswith("*"):
             name = name[:-1]
             default = name
         partitions[name] = max(partitions.get(name, 0), parse_gpus(gres))
+        # One unknown line makes the partition's largest node unknown: never refuse on a guess.
+        for table, value in ((cpus, _node_count(ncpu)), (memory, _node_count(mem))):
+            old = table.get(name, 0)
+            table[name] = None if value is None or old is None else max(old, value)
     config = _cmd(["scontrol", "show", "config"], "reading the cluster configuration")
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
-    return ClusterInfo(partitions, default, int(m.group(1)) if m else 1001)
+    return ClusterInfo(partitions, default, int(m.group(1)) if m else 1001,
+                       {k: v for k, v in cpus.items() if v is not None},
+                       {k: v for k, v in memory.items() if v is not None})
 
 
 def check_resources(study: StudyConfig, stages: Sequence[str], info: ClusterInfo) -> None:
-    """Every stage's partition exists and has the GPUs asked for; its script values are clean."""
+    """Every stage's partition exists and has a node with the GPUs, CPUs and memory asked
+    for (SLURM would otherwise keep such a job pending for ever); its script values are clean."""
     for stage in stages:
         check_script_values(study, stage)
         res = study.dispatch.resources_for(stage)
@@ -108,6 +130,18 @@ def check_resources(study: StudyConfig, stages: Sequence[str], info: ClusterInfo
                 f"{where}.gpus_per_node: {res.gpus_per_node} GPUs asked but nodes of partition "
                 f"'{partition}' have at most {info.partitions[partition]}; lower it or pick a "
                 "partition with GPUs (--set dispatch.resources.STAGE.partition=...)")
+        most_cpus = info.cpus.get(partition)
+        if most_cpus is not None and res.cpus_per_task > most_cpus:
+            raise SubmissionError(
+                f"{where}.cpus_per_task: {res.cpus_per_task} CPUs asked but nodes of partition "
+                f"'{partition}' have at most {most_cpus}; lower it (--set {where}.cpus_per_task="
+                f"{most_cpus}) or pick another partition")
+        most_mb = info.memory_mb.get(partition)
+        if most_mb is not None and res.mem_gb is not None and res.mem_gb * 1024 > most_mb:
+            raise SubmissionError(
+                f"{where}.mem_gb: {res.mem_gb:g} GB asked but nodes of partition '{partition}' have "
+                f"at most {most_mb / 1024:.1f} GB; lower it (--set {where}.mem_gb=...) or pick "
+                "another partition")
 
 
 _OPTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
