@@ -87,7 +87,10 @@ def test_definition_file_sections_and_labels() -> None:
         assert (REPO / src).exists(), f"%files source {src} missing"
         assert dst.startswith("/opt/toolkit/")
     # A regular install (the wheel ships storage_schemas/), never an editable one.
-    assert "--constraint /opt/toolkit/constraints.txt /opt/toolkit" in parts["post"]
+    assert "--constraint /opt/toolkit/constraints.txt '/opt/toolkit[cluster,tensorboard]'" in parts["post"]
+    # every optional feature a study can switch on is in the image
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras) - {"dev", "demo"} == {"cluster", "tensorboard"}
     assert " -e " not in parts["post"] and "--editable" not in parts["post"]
     assert {"setup.py", "storage_schemas"} <= {src for src, _ in files}
     for name in ("post", "environment", "test", "runscript"):
