@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from toolkit.dispatch import local as dlocal
-from toolkit.dispatch.local import Progress, study_eta
+from toolkit.dispatch.local import StudyProgress, study_eta
 
 
 def test_measured_stages_use_their_own_mean() -> None:
@@ -96,7 +96,7 @@ def test_progress_lines_measure_each_unit(monkeypatch: pytest.MonkeyPatch,
     clock = Clock()
     monkeypatch.setattr(dlocal.time, "monotonic", clock)
     caplog.set_level(logging.INFO, logger="toolkit.dispatch")
-    progress = Progress({"prepare": ["a", "b"], "train": ["x/seed1", "x/seed2"]}, parallel=2,
+    progress = StudyProgress({"prepare": ["a", "b"], "train": ["x/seed1", "x/seed2"]}, parallel=2,
                         prior={"prepare": 40.0, "train": 100.0})
     progress.started("prepare", "a")
     progress.started("prepare", "b")
@@ -114,7 +114,7 @@ def test_progress_without_starts_times_the_gaps(monkeypatch: pytest.MonkeyPatch)
     """A watcher (``wait_study``) only sees units finish: durations are the gaps between."""
     clock = Clock()
     monkeypatch.setattr(dlocal.time, "monotonic", clock)
-    progress = Progress({"train": ["a", "b", "c"]}, parallel=1)
+    progress = StudyProgress({"train": ["a", "b", "c"]}, parallel=1)
     clock.t += 30
     progress.finished("train", "a")
     clock.t += 10

@@ -129,7 +129,7 @@ def wait_study(study: StudyConfig, *, poll_s: float = 5.0, timeout_s: float | No
     SubmissionError
         A unit failed (with its log and last error line), or ``timeout_s`` passed.
     """
-    from toolkit.dispatch.local import Progress, planned_unit_seconds
+    from toolkit.dispatch.local import StudyProgress, planned_unit_seconds
     from toolkit.dispatch.status import unit_states
 
     rows = unit_states(study)
@@ -144,7 +144,7 @@ def wait_study(study: StudyConfig, *, poll_s: float = 5.0, timeout_s: float | No
     prior = {stage: secs / min(study.dispatch.resources_for(stage).array_parallelism,
                                len(waiting.get(stage, [])) or 1)
              for stage, secs in planned_unit_seconds(study).items()}
-    progress = Progress(waiting, parallel=1, prior=prior)
+    progress = StudyProgress(waiting, parallel=1, prior=prior)
     start = time.monotonic()
     while True:
         for r in rows:

@@ -119,8 +119,11 @@ def planned_unit_seconds(study: StudyConfig) -> dict[str, float]:
         return {}
 
 
-class Progress:
-    """Counts finished units and logs one line each: done/total, elapsed, ETA.
+class StudyProgress:
+    """Counts a study's finished units and logs one line each: done/total, elapsed, ETA.
+
+    Not a loop's progress (that is :class:`toolkit.progress.LogProgress`): units of
+    different stages take very different times, so the ETA is a model of the stages.
 
     The ETA comes from :func:`study_eta`: measured durations per stage, the plan's
     (``prior``) for stages that have not finished a unit yet. A unit's duration is from
@@ -170,7 +173,7 @@ def run_debug(study: StudyConfig, pending: dict[str, list[str]]) -> None:
     from toolkit.units import run_unit
 
     resolved = load_study(study.root / STUDY_JSON)
-    progress = Progress(pending, parallel=1, prior=planned_unit_seconds(resolved))
+    progress = StudyProgress(pending, parallel=1, prior=planned_unit_seconds(resolved))
     for stage, keys in pending.items():
         for key in keys:
             progress.started(stage, key)
@@ -194,7 +197,7 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
 
     layout = Layout(study)
     width = max(1, study.dispatch.max_parallel)
-    progress = Progress(pending, parallel=width, prior=planned_unit_seconds(study))
+    progress = StudyProgress(pending, parallel=width, prior=planned_unit_seconds(study))
     for stage, keys in pending.items():
         if not keys:
             continue
