@@ -1,16 +1,9 @@
-"""The estimators of the entropy profile (:mod:`toolkit.entropy.profile`).
+"""Entropy estimators on token counts (the pieces of :mod:`toolkit.entropy.profile`).
 
-For a stream of token records the profile reports
-
-- the unigram entropy ``H(X)`` (plug-in, bits per token and per symbol),
-- the conditional entropies ``H(X_t | X_{t-j} .. X_{t-1})`` for ``j = 1..J`` in bits per
-  token, plug-in and Miller-Madow corrected, with how many distinct contexts were seen
-  and how many tokens each context had on average (``context_coverage``): where the
-  coverage falls to a few tokens per context the estimate is biased low and stops
-  being trustworthy,
-- the lzma (preset 9) compression rate of a raw sample, in bits per symbol, a crude
-  upper bound of the entropy rate that does not depend on the tokenizer,
-- the analytic entropy rate of a synthetic source when it is known.
+- :func:`plugin_entropy_bits` / :func:`miller_madow_bits`: the entropy of a histogram;
+- :func:`conditional_entropies`: ``H(X_t | X_{t-j} .. X_{t-1})`` for ``j = 1..J``, plug-in
+  and Miller-Madow corrected, with the contexts seen and the tokens per context;
+- :func:`compression_bits_per_symbol`: the lzma (preset 9) rate of a raw sample.
 
 Contexts never cross record boundaries. Estimation is vectorised: n-grams are integer
 keys (``key_j = key_{j-1} * V + token``; re-indexed densely when they would overflow

@@ -4,22 +4,14 @@ For a stream of token records the profile reports
 
 - the unigram entropy ``H(X)`` (plug-in, bits per token and per symbol),
 - the conditional entropies ``H(X_t | X_{t-j} .. X_{t-1})`` for ``j = 1..J`` in bits per
-  token, plug-in and Miller-Madow corrected, with how many distinct contexts were seen
-  and how many tokens each context had on average (``context_coverage``): where the
-  coverage falls to a few tokens per context the estimate is biased low and stops
-  being trustworthy,
+  token, plug-in and Miller-Madow corrected (:mod:`toolkit.entropy.estimators`), with
+  how many distinct contexts were seen and how many tokens each context had on average
+  (``context_coverage``): where the coverage falls to a few tokens per context the
+  estimate is biased low and stops being trustworthy,
 - the lzma (preset 9) compression rate of a raw sample, in bits per symbol, a crude
   upper bound of the entropy rate that does not depend on the tokenizer,
+- the entropy rate with its interval (:mod:`toolkit.entropy.rate`),
 - the analytic entropy rate of a synthetic source when it is known.
-
-Contexts never cross record boundaries. Estimation is vectorised: n-grams are integer
-keys (``key_j = key_{j-1} * V + token``; re-indexed densely when they would overflow
-int64) counted with ``np.unique``.
-
-Miller-Madow: ``H_MM = H_plugin + (m - 1) / (2 N)`` nats for m observed bins and N
-samples. For a conditional entropy ``H(ctx, x) - H(ctx)`` over the same N positions
-the correction is ``(m_joint - m_ctx) / (2 N)`` nats: the sum over contexts of each
-context's own correction, weighted by its frequency.
 """
 
 from __future__ import annotations
