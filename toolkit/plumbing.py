@@ -8,6 +8,7 @@
 - :func:`raise_if_no_space`: a full disk or quota as one line naming the mount.
 - :func:`open_regular`, :func:`read_small_file`, :func:`tail_lines`: reading files of a
   folder others may write to (never blocking on a planted FIFO or device).
+- :func:`release_freed_memory`: hand memory freed by native code back to the system.
 
 Nothing here imports the rest of the toolkit but :mod:`toolkit.errors`, so any module may
 import it.
@@ -214,3 +215,27 @@ def tail_lines(path: str | Path, tail_bytes: int) -> list[str]:
             return f.read(tail_bytes).decode("utf-8", "replace").splitlines()
     except OSError:
         return []
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def release_freed_memory() -> bool:
+    """Return memory that native libraries freed to the system (glibc ``malloc_trim``).
+
+    Rust and C extensions (the BPE trainer, NumPy temporaries) free into the C allocator,
+    which keeps large freed regions for reuse: a process's resident memory stays at its
+    peak although nothing uses it, and a job's memory limit sees that peak for the rest of
+    the run. True when the allocator was asked (glibc), False elsewhere (a no-op).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return False
+    trim(0)
+    return True
