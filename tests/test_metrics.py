@@ -276,6 +276,92 @@ def test_lazy_js_distance_aligns_different_chunkings() -> None:
     np.testing.assert_array_equal(lazy.compute(), metrics.js_distance(a, b, [0.5, 1.0]))
 
 
+def ensemble_log_probs(rng: np.random.Generator, m: int, n: int, v: int) -> list[np.ndarray]:
+    """M members' float16 log-probs with ties (quarter-nat steps), -inf entries, near-uniform rows,
+    rows equal to another member's and rows one float16 step from it (the authors' rule gives
+    NaN on many of those): every branch of both rules."""
+    out = []
+    for k in range(m):
+        x = np.round(random_log_probs(rng, n, v, 1.0 + k, np.float64) * 4) / 4
+        x[rng.random(x.shape) < 0.15] = -np.inf
+        x[: n // 10] = random_log_probs(rng, n // 10, v, 0.05, np.float64)  # near uniform
+        out.append(x.astype(np.float16))
+    for k in range(1, m):
+        out[k][n // 10: n // 5] = out[0][n // 10: n // 5]  # identical rows
+        near = np.arange(n // 5, n // 3)
+        out[k][near] = random_log_probs(rng, len(near), v, 0.3, np.float16)
+        out[0][near] = out[k][near]
+        col = rng.integers(0, v, len(near))
+        out[k][near, col] = np.nextafter(out[k][near, col], np.float16(0))
+    return out
+
+
+@pytest.mark.parametrize("rule", ["reach", "authors"])
+@pytest.mark.parametrize(("m", "v"), [(2, 7), (3, 64), (5, 7), (5, 64)])
+def test_pairwise_js_distance_equals_js_distance_per_pair(m: int, v: int, rule: str) -> None:
+    import itertools
+
+    rng = np.random.default_rng(100 + m * v)
+    n = 203
+    lps = ensemble_log_probs(rng, m, n, v)
+    pairs = list(itertools.combinations(range(m), 2))
+    ref = np.stack([metrics.js_distance(lps[i], lps[j], TOP_P, rule) for i, j in pairs])
+    assert ref.shape == (len(pairs), n, len(TOP_P))
+    # Default budget (one slab), and slabs of 1, 2, 3 and 17 rows (203 is no multiple of them).
+    if rule == "authors":
+        assert np.isnan(ref).any()  # NaN where NaN
+    per_row = m * v * (4 * (len(TOP_P) + 1) if rule == "authors" else 36)
+    for rows in (None, 1, 2, 3, 17):
+        kw = {} if rows is None else {"slab_bytes": rows * per_row}
+        np.testing.assert_array_equal(metrics.pairwise_js_distance(lps, TOP_P, rule, **kw), ref,
+                                      err_msg=f"slab of {rows} rows")
+
+
+@pytest.mark.parametrize("rule", ["reach", "authors"])
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_lazy_pairwise_js_distance_equals_js_distance_per_pair(m: int, rule: str) -> None:
+    import itertools
+
+    import dask.array as da
+
+    rng = np.random.default_rng(200 + m)
+    n, v = 301, 64
+    lps = ensemble_log_probs(rng, m, n, v)
+    pairs = list(itertools.combinations(range(m), 2))
+    ref = np.stack([metrics.js_distance(lps[i], lps[j], TOP_P, rule) for i, j in pairs])
+    agree = np.stack([metrics.argmax_agreement(lps[i], lps[j]) for i, j in pairs])
+    # Chunkings that do not divide 301, different per member, the vocabulary split too.
+    lazy_lps = [da.from_array(x, chunks=(64 + 13 * k, 64 if k % 2 else 20)) for k, x in enumerate(lps)]
+    js = metrics.lazy_pairwise_js_distance(lazy_lps, TOP_P, rule, slab_bytes=5 * m * v * 36)
+    assert js.shape == ref.shape and js.chunks[1] == lazy_lps[0].chunks[0] and js.numblocks[0] == 1
+    np.testing.assert_array_equal(js.compute(), ref)
+    np.testing.assert_array_equal(metrics.lazy_pairwise_js_distance(lazy_lps, TOP_P, rule).compute(), ref)
+    lazy_agree = metrics.lazy_pairwise_argmax_agreement(lazy_lps)
+    assert lazy_agree.dtype == bool and lazy_agree.chunks[1] == lazy_lps[0].chunks[0]
+    np.testing.assert_array_equal(lazy_agree.compute(), agree)
+    np.testing.assert_array_equal(metrics.pairwise_argmax_agreement(lps), agree)
+
+
+def test_pairwise_js_distance_edge_cases() -> None:
+    import dask.array as da
+
+    rng = np.random.default_rng(9)
+    a = random_log_probs(rng, 10, 6, dtype=np.float16)
+    assert metrics.pairwise_js_distance([a], TOP_P).shape == (0, 10, len(TOP_P))  # one member: no pair
+    assert metrics.lazy_pairwise_js_distance([da.from_array(a, chunks=4)], TOP_P).compute().shape == (0, 10, len(TOP_P))
+    assert metrics.lazy_pairwise_argmax_agreement([da.from_array(a, chunks=4)]).compute().shape == (0, 10)
+    with pytest.raises(StoreError, match="no members"):
+        metrics.pairwise_js_distance([], TOP_P)
+    with pytest.raises(StoreError, match="shape"):
+        metrics.pairwise_js_distance([a, a, a[:3]], TOP_P)
+    with pytest.raises(StoreError, match="shape"):
+        metrics.lazy_pairwise_js_distance([da.from_array(a), da.from_array(a[:3])], TOP_P)
+    with pytest.raises(ConfigError, match="top_p"):
+        metrics.pairwise_js_distance([a, a], [0.0])
+    with pytest.raises(ConfigError, match="top_p_rule"):
+        metrics.pairwise_js_distance([a, a], TOP_P, "nope")
+
+
 # --------------------------------------------------------------------------- static embeddings
 
 

@@ -45,7 +45,10 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
 
     Builds one Dask graph (per-member statistics, pairwise JS distance and argmax
     agreement, reduced to per-member/per-pair means and to member- or pair-averaged
-    per-position values for the bootstrap) and computes it chunk by chunk.
+    per-position values for the bootstrap) and computes it chunk by chunk. The pairwise
+    measures take one task per chunk of positions for all pairs
+    (:func:`toolkit.metrics.lazy_pairwise_js_distance`), which prepares each member's rows once
+    instead of once per pair.
 
     Returns
     -------
@@ -73,10 +76,13 @@ def distribution_run(study: StudyConfig, run: str, ms: list[Member]) -> dict[str
     }
     pairs = list(itertools.combinations(range(len(ms)), 2))
     if pairs:
-        js = [metrics.lazy_js_distance(lps[i], lps[j], a.top_p, rule) for i, j in pairs]  # (P, n_p) each
+        # One task per chunk of positions prepares each member once for all its pairs.
+        js_all = metrics.lazy_pairwise_js_distance(lps, a.top_p, rule)  # (pairs, P, n_p)
+        js = [js_all[k] for k in range(len(pairs))]  # (P, n_p) each, combinations order
         if rule == "authors":  # their NaN (float32 JSD < 0) -> mean over the pair's other positions
             js = [metrics.replace_nan_by_mean(x) for x in js]
-        agree = [metrics.lazy_argmax_agreement(lps[i], lps[j]).astype("f8") for i, j in pairs]
+        agree_all = metrics.lazy_pairwise_argmax_agreement(lps)  # (pairs, P) bool, one argmax per member
+        agree = [agree_all[k].astype("f8") for k in range(len(pairs))]
         graph["pair_js"] = [x.mean(0) for x in js]  # (n_p,) per pair
         graph["pair_agree"] = [x.mean() for x in agree]
         graph["position_js"] = da.stack(js).mean(0)  # (P, n_p), pair-averaged

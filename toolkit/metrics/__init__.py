@@ -3,8 +3,10 @@
 Three families of measurements, all pure functions of NumPy arrays:
 
 - output distributions of one member (:func:`distribution_stats`) and of a pair of members at
-  the same masked positions (:func:`js_distance`, :func:`argmax_agreement`), with lazy Dask
-  versions that work chunk by chunk along positions so memory stays bounded by the chunk size;
+  the same masked positions (:func:`js_distance`, :func:`argmax_agreement`, and every pair of M
+  members at once, each member prepared once: :func:`pairwise_js_distance`,
+  :func:`pairwise_argmax_agreement`), with lazy Dask versions that work chunk by chunk along
+  positions so memory stays bounded by the chunk size;
 - static-embedding stability between two members (:func:`topk_overlap`, :func:`local_spearman`,
   :func:`procrustes`, :func:`linear_cka`, :func:`rbf_cka`, :func:`weight_distance`);
 - uncertainty over positions and member pairs (:func:`bootstrap_ci`, :func:`pair_mean_std`).
@@ -34,6 +36,10 @@ from toolkit.metrics.distributions import (
     lazy_argmax_agreement,
     lazy_distribution_stats,
     lazy_js_distance,
+    lazy_pairwise_argmax_agreement,
+    lazy_pairwise_js_distance,
+    pairwise_argmax_agreement,
+    pairwise_js_distance,
     replace_nan_by_mean,
 )
 from toolkit.metrics.embeddings import (
@@ -54,6 +60,7 @@ from toolkit.metrics.stats import bootstrap_ci, pair_mean_std, weight_distance
 __all__ = [
     "TOP_P_RULES", "Neighbours", "argmax_agreement", "bootstrap_ci", "clear_neighbour_cache", "cosine_similarity",
     "distribution_stats", "js_distance", "lazy_argmax_agreement", "lazy_distribution_stats",
-    "lazy_js_distance", "linear_cka", "local_spearman", "neighbours", "pair_mean_std", "procrustes",
-    "rbf_cka", "replace_nan_by_mean", "topk_neighbours", "topk_overlap", "weight_distance",
+    "lazy_js_distance", "lazy_pairwise_argmax_agreement", "lazy_pairwise_js_distance", "linear_cka",
+    "local_spearman", "neighbours", "pair_mean_std", "pairwise_argmax_agreement", "pairwise_js_distance",
+    "procrustes", "rbf_cka", "replace_nan_by_mean", "topk_neighbours", "topk_overlap", "weight_distance",
 ]

@@ -3,29 +3,34 @@
 :func:`distribution_stats` (entropy, KL to uniform in both directions, NLL, top-1 correctness,
 rank curve) for one member; :func:`js_distance` (Jensen-Shannon distance after top-p
 truncation, by the toolkit's rule or the authors' exact one, see :data:`TOP_P_RULES`) and
-:func:`argmax_agreement` for a pair; and their lazy Dask versions
-(:func:`lazy_distribution_stats`, :func:`lazy_js_distance`, :func:`lazy_argmax_agreement`),
-which work chunk by chunk along positions so memory stays bounded by the chunk size.
+:func:`argmax_agreement` for a pair; :func:`pairwise_js_distance` and
+:func:`pairwise_argmax_agreement` for every pair of M members, each member's rows prepared once
+(sorted, exponentiated, ranked) and shared by its M - 1 pairs; and their lazy Dask versions
+(:func:`lazy_distribution_stats`, :func:`lazy_js_distance`, :func:`lazy_argmax_agreement`,
+:func:`lazy_pairwise_js_distance`, :func:`lazy_pairwise_argmax_agreement`), which work chunk by
+chunk along positions so memory stays bounded by the chunk size.
 Log-probabilities are natural logs; entropies and Jensen-Shannon values are in bits.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from toolkit.errors import ConfigError, StoreError
-from toolkit.metrics.sorting import _SLAB, _desc_order, _inverse
+from toolkit.metrics.sorting import _SLAB, _SLAB_BYTES, _desc_order, _inverse, _slab_rows
 
 if TYPE_CHECKING:
     import dask.array
 
 __all__ = [
     "TOP_P_RULES", "argmax_agreement", "distribution_stats", "js_distance", "lazy_argmax_agreement",
-    "lazy_distribution_stats", "lazy_js_distance", "replace_nan_by_mean",
+    "lazy_distribution_stats", "lazy_js_distance", "lazy_pairwise_argmax_agreement",
+    "lazy_pairwise_js_distance", "pairwise_argmax_agreement", "pairwise_js_distance", "replace_nan_by_mean",
 ]
 
 LN2 = math.log(2.0)
@@ -131,37 +136,71 @@ def distribution_stats(lp: np.ndarray, target: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
-def _js_slab(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
-    """Jensen-Shannon distance (R, n_p) of one slab of rows; see :func:`js_distance`.
+class _Reach(NamedTuple):
+    """One member's slab prepared for the ``reach`` rule (what :func:`_js_pair` needs of it alone).
+
+    ``order`` (R, V) intp: the row's token ids by descending probability (ties by ascending id);
+    ``p`` (R, V) float64: renormalised probabilities (:func:`_probs`); ``s`` (R, V) float64:
+    ``p`` in ``order`` (descending); ``rank`` (R, V) int32: the inverse of ``order`` (each
+    token's rank); ``kept`` and ``mass``, one (R,) array per top-p level: the number of tokens
+    kept (the smallest prefix whose cumulative sum reaches p, all of them at p = 1) and their
+    mass (the cumulative sum at the last one, the renormaliser).
+    """
+
+    order: np.ndarray
+    p: np.ndarray
+    s: np.ndarray
+    rank: np.ndarray
+    kept: tuple[np.ndarray, ...]
+    mass: tuple[np.ndarray, ...]
+
+
+_REACH_BYTES_PER_TOKEN = 36
+"""float64/intp bytes held per row and vocabulary entry while a member's slab is prepared for
+the reach rule (order, p, s, cumulative sum: 8 each; ranks: 4)."""
+
+
+def _js_prepare(lp: np.ndarray, ps: tuple[float, ...]) -> _Reach:
+    """Everything :func:`_js_pair` derives from one member's slab (R, V) of log-probs."""
+    r, v = lp.shape
+    order = _desc_order(lp)  # exp is monotone: sort the stored values
+    p = _probs(lp)  # (R, V) float64
+    s = np.take_along_axis(p, order, axis=1)  # probabilities, descending
+    cum = np.cumsum(s, axis=1)
+    rows = np.arange(r)
+    kept, mass = [], []
+    for q in ps:
+        # Smallest prefix whose mass reaches q; q = 1 keeps all (cumsum may end at 1 - 1e-16).
+        n = np.full(r, v) if q >= 1.0 else np.minimum((cum < q).sum(axis=1) + 1, v)
+        kept.append(n)
+        mass.append(cum[rows, n - 1])
+    return _Reach(order, p, s, _inverse(order, np.int32), tuple(kept), tuple(mass))
+
+
+def _js_pair(a: _Reach, b: _Reach) -> np.ndarray:
+    """Jensen-Shannon distance (R, n_p) of two members' prepared slabs; see :func:`js_distance`.
 
     With x, y the truncated distributions, 2 JSD (nats) = sum over tokens kept by both members
     of x log(2x / (x + y)) + y log(2y / (x + y)), plus ln 2 times the mass each member keeps
-    alone (1 - its shared mass). So each level only needs logs on the shared tokens.
+    alone (1 - its shared mass). So each level only needs logs on the shared tokens. The work
+    runs in A's sorted order; it is not symmetric in (a, b) bit for bit.
     """
-    r, v = a.shape
-    order_a, order_b = _desc_order(a), _desc_order(b)  # exp is monotone: sort the stored values
-    pa, pb = _probs(a), _probs(b)  # (R, V) float64
-    sa = np.take_along_axis(pa, order_a, axis=1)  # A's probabilities, descending
-    cum_a = np.cumsum(sa, axis=1)
-    cum_b = np.cumsum(np.take_along_axis(pb, order_b, axis=1), axis=1)
+    r, v = a.order.shape
     # Everything below runs in A's sorted order: B's probability and B's rank of A's r-th token.
-    qa = np.take_along_axis(pb, order_a, axis=1)
-    rank_b_at_a = np.take_along_axis(_inverse(order_b, np.int32), order_a, axis=1)
+    qa = np.take_along_axis(b.p, a.order, axis=1)
+    rank_b_at_a = np.take_along_axis(b.rank, a.order, axis=1)
     # A zero probability on either side makes the token "kept by one member only".
-    rank_b_at_a[(sa == 0) | (qa == 0)] = v
+    rank_b_at_a[(a.s == 0) | (qa == 0)] = v
     rows = np.arange(r)
-    out = np.empty((r, len(ps)))
-    for j, p in enumerate(ps):
-        # Smallest prefix whose mass reaches p; p = 1 keeps all (cumsum may end at 1 - 1e-16).
-        n_a = np.full(r, v) if p >= 1.0 else np.minimum((cum_a < p).sum(axis=1) + 1, v)
-        n_b = np.full(r, v) if p >= 1.0 else np.minimum((cum_b < p).sum(axis=1) + 1, v)
+    out = np.empty((r, len(a.kept)))
+    for j, (n_a, n_b) in enumerate(zip(a.kept, b.kept, strict=True)):
         w = int(n_a.max())  # columns past every row's A-support hold no shared token
         both = (np.arange(w) < n_a[:, None]) & (rank_b_at_a[:, :w] < n_b[:, None])  # (R, w)
         row = np.repeat(rows, both.sum(axis=1))  # (K,) row of each shared token
-        x = sa[:, :w][both]  # (K,)
-        x /= cum_a[rows, n_a - 1][row]  # truncated and renormalised
+        x = a.s[:, :w][both]  # (K,)
+        x /= a.mass[j][row]  # truncated and renormalised
         y = qa[:, :w][both]
-        y /= cum_b[rows, n_b - 1][row]
+        y /= b.mass[j][row]
         # x log(2x / (x + y)) + y log(2y / (x + y)) - (x + y) ln 2, in place (K can be millions).
         inv = np.add(x, y)
         np.reciprocal(inv, out=inv)
@@ -175,6 +214,11 @@ def _js_slab(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
         two_jsd = 2 * LN2 + np.bincount(row, g, r)
         out[:, j] = np.sqrt(np.clip(two_jsd / (2 * LN2), 0.0, 1.0))
     return out
+
+
+def _js_slab(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
+    """Jensen-Shannon distance (R, n_p) of one slab of rows of two members (reach rule)."""
+    return _js_pair(_js_prepare(a, ps), _js_prepare(b, ps))
 
 
 def _check_rule(rule: str) -> str:
@@ -229,13 +273,23 @@ def _authors_js(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.sqrt(jsd)
 
 
+def _authors_prepare(lp: np.ndarray, ps: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """One member's slab (R, V) truncated by the authors' rule at every level: n_p (R, V) float32."""
+    prob = _authors_probs(lp)
+    return tuple(_authors_truncate(prob, p) for p in ps)
+
+
+def _authors_pair(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The authors' JS distance (R, n_p) of two members' truncated slabs, NaN where theirs is NaN."""
+    out = np.empty((a[0].shape[0], len(a)))
+    for j, (x, y) in enumerate(zip(a, b, strict=True)):
+        out[:, j] = _authors_js(x, y)
+    return out
+
+
 def _js_slab_authors(a: np.ndarray, b: np.ndarray, ps: tuple[float, ...]) -> np.ndarray:
     """The authors' JS distance (R, n_p) of one slab, NaN where theirs is NaN."""
-    pa, pb = _authors_probs(a), _authors_probs(b)
-    out = np.empty((a.shape[0], len(ps)))
-    for j, p in enumerate(ps):
-        out[:, j] = _authors_js(_authors_truncate(pa, p), _authors_truncate(pb, p))
-    return out
+    return _authors_pair(_authors_prepare(a, ps), _authors_prepare(b, ps))
 
 
 def js_distance(lp_a: np.ndarray, lp_b: np.ndarray, top_p: Sequence[float],
@@ -255,6 +309,11 @@ def js_distance(lp_a: np.ndarray, lp_b: np.ndarray, top_p: Sequence[float],
       token), and is NaN where their arithmetic makes the JSD negative. Replace those with
       :func:`replace_nan_by_mean` over all of the pair's positions, as they do.
 
+    Computed slab by slab: each member's slab is prepared (:func:`_js_prepare` or
+    :func:`_authors_prepare`), then the pair's part runs on the two preparations
+    (:func:`_js_pair` or :func:`_authors_pair`); :func:`pairwise_js_distance` shares the
+    preparations between pairs and gives the same values bit for bit.
+
     Parameters
     ----------
     lp_a, lp_b : (P, V) float
@@ -273,6 +332,81 @@ def js_distance(lp_a: np.ndarray, lp_b: np.ndarray, top_p: Sequence[float],
     out = np.empty((a.shape[0], len(ps)))
     for s in range(0, a.shape[0], _SLAB):
         out[s:s + _SLAB] = slab(a[s:s + _SLAB], b[s:s + _SLAB], ps)
+    return out
+
+
+def _no_members(lps: Sequence[Any]) -> None:
+    if len(lps) == 0:
+        raise StoreError("lps: no members; pass the log-probabilities of at least one member")
+
+
+def _check_members(lps: Sequence[Any]) -> list[np.ndarray]:
+    _no_members(lps)
+    arrs = [_check_lp(f"lps[{k}]", lp) for k, lp in enumerate(lps)]
+    for k, x in enumerate(arrs[1:], start=1):
+        if x.shape != arrs[0].shape:
+            raise StoreError(f"lps[{k}] {x.shape} and lps[0] {arrs[0].shape} differ in shape; compare "
+                             "members of the same run evaluated on the same masks.zarr")
+    return arrs
+
+
+def pairwise_js_distance(lps: Sequence[np.ndarray], top_p: Sequence[float], rule: str = "reach", *,
+                         slab_bytes: int = _SLAB_BYTES) -> np.ndarray:
+    """:func:`js_distance` of every pair of M members, each member prepared once per slab of rows.
+
+    Bit for bit ``np.stack([js_distance(lps[i], lps[j], top_p, rule) for i, j in
+    itertools.combinations(range(M), 2)])``, at a fraction of the cost: what the distance
+    derives from one member alone (under ``reach``: the descending order, float64
+    probabilities, sorted probabilities, ranks, and the kept count and mass of every level;
+    under ``authors``: the float32 truncated distribution of every level) is computed once per
+    member and shared by its M - 1 pairs, instead of once per pair.
+
+    Parameters
+    ----------
+    lps : sequence of M (P, V) float arrays
+        Natural-log probabilities of the members at the same positions.
+    top_p : sequence of float in (0, 1]
+    rule : {"reach", "authors"}
+    slab_bytes : int
+        Budget of the preparations of all M members held at once: the slab height is chosen so
+        that M x rows x V x (36 bytes under ``reach``, 4 (n_p + 1) under ``authors``) stays
+        within it (at least one row).
+
+    Returns
+    -------
+    (M (M - 1) / 2, P, len(top_p)) float64
+        Pairs in ``itertools.combinations(range(M), 2)`` order.
+    """
+    arrs = _check_members(lps)
+    ps = _check_top_p(top_p)
+    authors = _check_rule(rule) == "authors"
+    m = len(arrs)
+    n, v = arrs[0].shape
+    pairs = list(itertools.combinations(range(m), 2))
+    out = np.empty((len(pairs), n, len(ps)))
+    if not pairs:
+        return out
+    per_token = 4 * (len(ps) + 1) if authors else _REACH_BYTES_PER_TOKEN
+    rows = _slab_rows(m * v * per_token, slab_bytes)
+    prepare: Any = _authors_prepare if authors else _js_prepare
+    pair: Any = _authors_pair if authors else _js_pair
+    for s in range(0, n, rows):
+        prepared = [prepare(x[s:s + rows], ps) for x in arrs]
+        for k, (i, j) in enumerate(pairs):
+            out[k, s:s + rows] = pair(prepared[i], prepared[j])
+    return out
+
+
+def pairwise_argmax_agreement(lps: Sequence[np.ndarray]) -> np.ndarray:
+    """(M (M - 1) / 2, P) bool: :func:`argmax_agreement` of every pair (combinations order),
+    each member's argmax computed once."""
+    arrs = _check_members(lps)
+    top = [np.argmax(x, axis=1) for x in arrs]
+    n = arrs[0].shape[0]
+    pairs = list(itertools.combinations(range(len(arrs)), 2))
+    out = np.empty((len(pairs), n), dtype=bool)
+    for k, (i, j) in enumerate(pairs):
+        out[k] = top[i] == top[j]
     return out
 
 
@@ -375,3 +509,61 @@ def lazy_argmax_agreement(lp_a: dask.array.Array, lp_b: dask.array.Array) -> das
 
     a, b = _lazy_pair(lp_a, lp_b)
     return da.map_blocks(argmax_agreement, a, b, dtype=bool, drop_axis=1)
+
+
+def _pairwise_js_block(*xs: np.ndarray, ps: tuple[float, ...], rule: str, slab_bytes: int) -> np.ndarray:
+    return pairwise_js_distance(xs, ps, rule, slab_bytes=slab_bytes)
+
+
+def _pairwise_argmax_block(*xs: np.ndarray) -> np.ndarray:
+    return pairwise_argmax_agreement(xs)
+
+
+def _lazy_members(lps: Sequence[Any]) -> list[dask.array.Array]:
+    """Members as dask arrays with the vocabulary in one chunk and the positions chunked as the first's."""
+    _no_members(lps)
+    arrs = [_as_rows(f"lps[{k}]", lp) for k, lp in enumerate(lps)]
+    for k, x in enumerate(arrs[1:], start=1):
+        if x.shape != arrs[0].shape:
+            raise StoreError(f"lps[{k}] {x.shape} and lps[0] {arrs[0].shape} differ in shape; compare "
+                             "members of the same run evaluated on the same masks.zarr")
+    return [arrs[0]] + [x.rechunk({0: arrs[0].chunks[0]}) for x in arrs[1:]]
+
+
+def lazy_pairwise_js_distance(lps: Sequence[Any], top_p: Sequence[float], rule: str = "reach",
+                              *, slab_bytes: int = _SLAB_BYTES) -> dask.array.Array:
+    """:func:`pairwise_js_distance` blockwise over M dask arrays (P, V): (pairs, P, len(top_p)).
+
+    One task per chunk of positions reads that chunk of every member (chunks aligned to the
+    first member's, vocabulary in one chunk) and computes every pair from one preparation per
+    member; the output is chunked like the positions, with all pairs and levels in one chunk.
+    Select a pair with ``out[k]`` (combinations order). Memory: the M input chunks, the output
+    chunk and ``slab_bytes`` of preparations.
+    """
+    import dask.array as da
+
+    arrs = _lazy_members(lps)
+    ps = _check_top_p(top_p)
+    rule = _check_rule(rule)
+    n_pairs = len(arrs) * (len(arrs) - 1) // 2
+    if n_pairs == 0:
+        return da.empty((0, arrs[0].shape[0], len(ps)), chunks=((0,), arrs[0].chunks[0], (len(ps),)),
+                        dtype=np.float64)
+    args = [a for x in arrs for a in (x, "pv")]
+    return da.blockwise(_pairwise_js_block, "kpj", *args, new_axes={"k": n_pairs, "j": len(ps)},
+                        concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
+                        ps=ps, rule=rule, slab_bytes=slab_bytes)
+
+
+def lazy_pairwise_argmax_agreement(lps: Sequence[Any]) -> dask.array.Array:
+    """:func:`pairwise_argmax_agreement` blockwise over M dask arrays (P, V): (pairs, P) bool,
+    chunked like the first member's positions."""
+    import dask.array as da
+
+    arrs = _lazy_members(lps)
+    n_pairs = len(arrs) * (len(arrs) - 1) // 2
+    if n_pairs == 0:
+        return da.empty((0, arrs[0].shape[0]), chunks=((0,), arrs[0].chunks[0]), dtype=bool)
+    args = [a for x in arrs for a in (x, "pv")]
+    return da.blockwise(_pairwise_argmax_block, "kp", *args, new_axes={"k": n_pairs}, concatenate=True,
+                        dtype=bool, meta=np.empty((0, 0), dtype=bool))

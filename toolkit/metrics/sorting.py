@@ -2,7 +2,8 @@
 
 :func:`_desc_order` is the one sort behind every neighbour order and top-p truncation, so ties
 are broken the same way everywhere; :func:`_inverse` turns an order into ranks. ``_SLAB`` is
-the number of rows the eager functions process at a time.
+the number of rows the eager functions process at a time; :func:`_slab_rows` is the height of a
+slab whose per-row temporaries must fit a byte budget (several members prepared at once).
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ import numpy as np
 # Rows per slab in the eager distribution functions: float64 temporaries of a slab stay at a few
 # MB each at V = 4096, so a dask chunk of any size costs little more than its own input.
 _SLAB = 256
+# Byte budget of the per-member preparations held together for one slab of rows (every member of
+# a run prepared once, then every pair computed from them): see :func:`_slab_rows`.
+_SLAB_BYTES = 64 << 20
+
+
+def _slab_rows(bytes_per_row: int, budget: int = _SLAB_BYTES) -> int:
+    """Rows per slab so that ``rows * bytes_per_row`` stays within ``budget`` (at least one row)."""
+    return max(1, int(budget) // max(1, int(bytes_per_row)))
 
 
 # --------------------------------------------------------------------------- sorting
