@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.apptainer_bwrap import write_standin
@@ -221,6 +222,33 @@ def test_unit_job_resumes_locally_after_exit_75(tmp_path: Path) -> None:
     bad = UnitJob([sys.executable, "-c", "raise SystemExit(3)"], name="prepare x")
     with pytest.raises(UnitFailedError, match="prepare x: exited with status 3"):
         bad()
+
+
+def test_cancelled_local_job_does_not_resume_its_unit(tmp_path: Path) -> None:
+    """`toolkit cancel` signals a local job, then its unit, which saves and exits 75: the job
+    must not start the unit again (it did, and the new unit outlived the cancel). A real job
+    process and unit process, signalled in kill_tree's order (parents first)."""
+    starts = tmp_path / "starts"
+    unit = tmp_path / "unit.py"
+    unit.write_text("import signal, sys, time\n"
+                    f"open({str(starts)!r}, 'a').write('start\\n')\n"
+                    f"signal.signal(signal.SIGTERM, lambda *a: sys.exit({EXIT_REQUEUE}))\n"
+                    "time.sleep(60)\n")
+    job = subprocess.Popen([sys.executable, "-c",
+                            "import sys; from toolkit.dispatch.job import UnitJob\n"
+                            f"UnitJob([sys.executable, {str(unit)!r}], name='train r/seed1')()"],
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (starts.exists() and psutil.Process(job.pid).children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (child,) = psutil.Process(job.pid).children()
+    job.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # kill_tree signals the whole tree at once; the job's handler runs first here
+    child.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode != 0 and "stopped (cancelled)" in err, err
+    assert starts.read_text() == "start\n"  # never started again
+    assert not child.is_running()
 
 
 def test_checkpoint_forwards_sigterm_and_requeues(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -195,16 +196,19 @@ class UnitJob(_Checkpointable):
                 path.unlink(missing_ok=True)
             except OSError as e:
                 log.warning("%s: cannot remove the stale outcome file %s (%s)", self.name, path, e)
+        watching = threading.current_thread() is threading.main_thread()  # where handlers can be set
+        previous = self._watch_sigterm() if watching else None
         try:
             return self._run()
         except Exception:
             # SystemExit is left alone: submitit exits that way after checkpoint() requeued us.
             self._report("error", getattr(self._proc, "returncode", None))
             raise
+        finally:
+            if watching:
+                signal.signal(signal.SIGTERM, previous)
 
     def _run(self) -> str:
-        if _under_slurm():
-            self._watch_sigterm()
         while True:
             rc = self._run_child()
             if rc == 0:
@@ -217,7 +221,12 @@ class UnitJob(_Checkpointable):
                 raise UnitFailedError(f"{self.name}: asked to be requeued {self.requeues} times; "
                                       "giving up")
             if not _under_slurm():
-                # Locally nothing preempts us: resume from the checkpoint at once.
+                if self._terminated:
+                    # `toolkit cancel` stopped this job and its unit: restarting the unit
+                    # would leave a process behind that nothing stops.
+                    raise UnitFailedError(f"{self.name}: stopped (cancelled); its state is saved, "
+                                          "run the study again to resume")
+                # Locally nothing else preempts us: resume from the checkpoint at once.
                 self.requeues += 1
                 log.warning("%s: saved its state (exit %d); resuming", self.name, rc)
                 continue
@@ -235,8 +244,9 @@ class UnitJob(_Checkpointable):
             time.sleep(60)  # the handler exits the process
             raise UnitFailedError(f"{self.name}: requeue did not happen")
 
-    def _watch_sigterm(self) -> None:
-        """Remember a SIGTERM (cancel/preemption), then let submitit's handler see it too."""
+    def _watch_sigterm(self) -> Any:
+        """Remember a SIGTERM (SLURM: cancel or preemption; local: ``toolkit cancel``), then
+        let submitit's handler see it too (it logs and carries on: the unit decides)."""
         previous = signal.getsignal(signal.SIGTERM)
 
         def on_term(signum: int, frame: Any) -> None:
@@ -245,6 +255,7 @@ class UnitJob(_Checkpointable):
                 previous(signum, frame)
 
         signal.signal(signal.SIGTERM, on_term)
+        return previous
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on preemption/time-out: stop the child cleanly, requeue."""

@@ -380,7 +380,9 @@ def kill_tree(record: JobRecord) -> bool:
                     record.key)
         return False
     try:
-        procs = [*root.children(recursive=True), root]
+        # Parents first: the job learns it is cancelled before its unit exits, so it does
+        # not resume the unit (toolkit.dispatch.job.UnitJob).
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return False
     for p in procs:
@@ -388,6 +390,13 @@ def kill_tree(record: JobRecord) -> bool:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=10)
+    # A process that outlived the signal may have started children since (a unit resumed
+    # in the meantime): they go too, found while their parent still lives (once it is
+    # gone they would be orphans that nothing here can tell from anyone else's).
+    seen = {p.pid for p in procs}
+    for p in list(alive):
+        with contextlib.suppress(psutil.Error):
+            alive += [c for c in p.children(recursive=True) if c.pid not in seen]
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
