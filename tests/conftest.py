@@ -214,9 +214,12 @@ def write_token_store(study: StudyConfig, vocab: int, n_train: int = 150, n_eval
         store.create_array(g, "tokens", "offsets", data=offsets)
         store.create_array(g, "tokens", "split", data=split)
         store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64) * 2)
-    # A tokenizer file and the prepare unit's real marker, so the unit model sees the
-    # prepare unit done and `toolkit train` runs on this store.
+    # A tokenizer file, the evaluation masks and the prepare unit's real marker, so the unit
+    # model sees the prepare unit done and `toolkit train` runs on this store.
     tok.save(folder / "tokenizer.json")
+    from toolkit.masks import write_masks
+
+    write_masks(study, "c", "kmer2")
     unit = get_unit(study, "prepare", "c--kmer2")
     unit.marker.unlink(missing_ok=True)
     mark_complete(study, unit, unit_inputs(study, unit, unit_states(study)), {"tokens": int(tokens.size)})

@@ -1,4 +1,8 @@
-"""Evaluation masks and per-member stores, on a hand-built tiny study with real Zarr and real BERTs."""
+"""Evaluation masks and per-member stores, on a hand-built tiny study with real Zarr and real BERTs.
+
+The masks are a prepare-stage output; here they are built from the hand-written token
+store by the same function the prepare unit calls (:func:`toolkit.masks.write_masks`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import xarray as xr
 from toolkit import store
 from toolkit.config import StudyConfig, study_from_dict
 from toolkit.errors import CheckpointError, StoreError
-from toolkit.masks import ensure_masks, masks_path, select_positions
+from toolkit.masks import masks_path, open_masks, select_positions, write_masks
 from toolkit.sequences import EVAL, MASK, SPECIAL_TOKENS, TRAIN, UNUSED, load_sequences
 from toolkit.study import Layout, Member, write_json_atomic
 
@@ -43,8 +46,9 @@ def make_study(root: Path, **analysis: Any) -> StudyConfig:
     return study_from_dict(raw, where="test")
 
 
-def write_tokens(study: StudyConfig, seed: int = 0) -> str:
-    """A token store following storage_schemas/tokens.json: random ids, some [UNK], a ragged split."""
+def write_tokens(study: StudyConfig, seed: int = 0, masks: bool = True) -> str:
+    """A token store following storage_schemas/tokens.json: random ids, some [UNK], a ragged
+    split; and (``masks``) its evaluation masks, as the prepare unit writes them."""
     rng = np.random.default_rng(seed)
     n_rec = 34
     lengths = rng.integers(2, 30, size=n_rec)  # some longer than seq_len - 2: truncated
@@ -67,6 +71,8 @@ def write_tokens(study: StudyConfig, seed: int = 0) -> str:
         store.create_array(g, "tokens", "offsets", data=offsets)
         store.create_array(g, "tokens", "split", data=split)
         store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64))
+    if masks:
+        write_masks(study, "c", "kmer1")
     return token_hash
 
 
@@ -143,9 +149,9 @@ def test_select_positions_counts_and_eligibility() -> None:
 
 def test_masks_content_rates_and_determinism(tmp_path: Path) -> None:
     study = make_study(tmp_path / "a")
-    write_tokens(study)
-    path = ensure_masks(study, RUN)
-    assert path == masks_path(study, RUN)
+    write_tokens(study, masks=False)
+    path = write_masks(study, "c", "kmer1")
+    assert path == masks_path(study, RUN) == open_masks(study, RUN)
     assert path.parent == Layout(study).run_tokens_dir(RUN) and path.name.startswith("masks-")
     g = store.open_store(path, "masks")
     tokens = store.open_store(Layout(study).run_tokens_dir(RUN) / "tokens.zarr", "tokens")
@@ -179,59 +185,60 @@ def test_masks_content_rates_and_determinism(tmp_path: Path) -> None:
     # Deterministic: a second study folder with the same tokens and config gets the same masks.
     other = make_study(tmp_path / "b")
     write_tokens(other)
-    g2 = store.open_store(ensure_masks(other, RUN), "masks")
+    g2 = store.open_store(open_masks(other, RUN), "masks")
     for name in ("distribution/input_ids", "distribution/labels", "fisher/labels", "contextual/input_ids"):
         assert np.array_equal(np.asarray(g[name][:]), np.asarray(g2[name][:]))
     # ...and another seed moves the positions.
     third = make_study(tmp_path / "c", mask_seed=1)
     write_tokens(third)
-    g3 = store.open_store(ensure_masks(third, RUN), "masks")
+    g3 = store.open_store(open_masks(third, RUN), "masks")
     assert not np.array_equal(np.asarray(g3["distribution/labels"][:]), d_lab)
 
 
 def test_masks_changed_config_builds_beside_and_mismatch_is_refused(tmp_path: Path) -> None:
     study = make_study(tmp_path)
-    write_tokens(study)
-    path = ensure_masks(study, RUN)
-    assert ensure_masks(study, RUN) == path  # same config: reused
+    write_tokens(study, masks=False)
+    path = write_masks(study, "c", "kmer1")
     before = (path / "zarr.json").stat().st_mtime_ns
+    assert write_masks(study, "c", "kmer1") == path  # same config: kept
+    assert (path / "zarr.json").stat().st_mtime_ns == before
     changed = dataclasses.replace(study, analysis=dataclasses.replace(study.analysis,
                                                                       distribution_mask_rate=0.2))
-    other = ensure_masks(changed, RUN)  # other settings: a store of their own, the old one untouched
+    # Evaluate never builds masks: the store of other settings is missing until prepare builds it.
+    with pytest.raises(StoreError) as err:
+        open_masks(changed, RUN)
+    other = masks_path(changed, RUN)
+    assert str(err.value) == (f"{other}: no evaluation masks for the current analysis settings (the prepare "
+                              "unit c--kmer1 builds them); rerun `toolkit run STUDY` (or "
+                              "`toolkit run STUDY --force prepare:c--kmer1`) to build them")
+    assert write_masks(changed, "c", "kmer1") == other  # a store of their own, the old one untouched
     assert other != path and (path / "zarr.json").stat().st_mtime_ns == before
     assert store.open_store(other, "masks").attrs["distribution_mask_rate"] == 0.2
     shutil.rmtree(other)
     shutil.copytree(path, other)  # a store whose attributes disagree with its name
-    with pytest.raises(StoreError, match=r"distribution_mask_rate = 0\.1"):
-        ensure_masks(changed, RUN)
-    write_tokens(study, seed=1)  # the token store was rebuilt with another tokenizer
+    with pytest.raises(StoreError, match=r"distribution_mask_rate = 0\.1.*--force prepare:c--kmer1"):
+        open_masks(changed, RUN)
+    write_masks(changed, "c", "kmer1")  # the prepare unit replaces such a store
+    assert store.open_store(other, "masks").attrs["distribution_mask_rate"] == 0.2
+    write_tokens(study, seed=1, masks=False)  # the token store was rebuilt with another tokenizer
     with pytest.raises(StoreError, match="tokenizer_hash"):
-        ensure_masks(study, RUN)
+        open_masks(study, RUN)
 
 
-def test_masks_concurrent_builders_agree(tmp_path: Path) -> None:
+def test_evaluate_refuses_missing_masks_in_one_line(tmp_path: Path) -> None:
+    """evaluate opens the masks of the current settings; it never builds them."""
+    from toolkit.evaluate import evaluate_member
+
     study = make_study(tmp_path)
-    write_tokens(study)
-    results: list[Any] = []
-    barrier = threading.Barrier(3)
-
-    def build() -> None:
-        barrier.wait()
-        try:
-            results.append(ensure_masks(study, RUN))
-        except Exception as e:  # collected and re-raised below
-            results.append(e)
-
-    threads = [threading.Thread(target=build) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(isinstance(r, Path) for r in results), results
-    folder = Layout(study).run_tokens_dir(RUN)
-    # no leftovers
-    assert sorted(p.name for p in folder.iterdir()) == [masks_path(study, RUN).name, "tokens.zarr"]
-    store.open_store(masks_path(study, RUN), "masks")
+    token_hash = write_tokens(study, masks=False)
+    member = Member(RUN, 1)
+    write_member(study, member, token_hash)
+    with pytest.raises(StoreError, match=r"no evaluation masks .* rerun `toolkit run STUDY`") as err:
+        evaluate_member(study, member)
+    assert "\n" not in str(err.value) and str(masks_path(study, RUN)) in str(err.value)
+    assert not masks_path(study, RUN).exists()
+    assert not [p for p in Layout(study).run_tokens_dir(RUN).iterdir() if p.name.startswith("masks")]
+    assert not Layout(study).evaluate_marker(member).exists()
 
 
 # --------------------------------------------------------------------------- errors

@@ -125,13 +125,13 @@ def test_stored_diagonals_sum_to_stored_traces(finished: Any) -> None:
 def test_stored_diagonal_matches_naive_loop_on_the_member(finished: Any) -> None:
     """The final weights' stored diagonal against one backward per Fisher sequence (float64)."""
     from toolkit.evaluate import fisher_batches, read_train_marker
-    from toolkit.masks import ensure_masks
+    from toolkit.masks import open_masks
     from toolkit.model import load_model
 
     member = Member("r", 1)
     layout = Layout(finished)
     marker = read_train_marker(finished, member)
-    masks = store.open_store(ensure_masks(finished, "r"), "masks")
+    masks = store.open_store(open_masks(finished, "r"), "masks")
     batches = fisher_batches(masks, 8, torch.device("cpu"))
     model = load_model(layout.member_dir(member) / marker["best"], torch.device("cpu")).double()
     g = store.open_store(fisher_dir(finished, 1), "fisher")
@@ -149,7 +149,7 @@ def test_one_tensor_or_row_block_reads_alone(finished: Any, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from toolkit import evaluate
     from toolkit.evaluate import diagonal_chunks, write_fisher
-    from toolkit.masks import ensure_masks
+    from toolkit.masks import open_masks
     from toolkit.model import load_model
 
     # the rule: one (estimator, step) and the whole tensor, or blocks of token rows
@@ -163,7 +163,7 @@ def test_one_tensor_or_row_block_reads_alone(finished: Any, tmp_path: Path,
     # A store with small chunks: damage every chunk but one row block of the word embeddings;
     # that block still reads (so nothing else was read), any other block fails its crc32c.
     monkeypatch.setattr(evaluate, "DIAGONAL_CHUNK", 1000)  # 7 rows of 128 per chunk
-    masks = store.open_store(ensure_masks(finished, "r"), "masks")
+    masks = store.open_store(open_masks(finished, "r"), "masks")
     member_dir = Layout(finished).member_dir(Member("r", 1))
     model = load_model(member_dir / "checkpoints" / "final", torch.device("cpu"))
     path = tmp_path / "fisher.zarr"
@@ -190,10 +190,10 @@ def test_one_tensor_or_row_block_reads_alone(finished: Any, tmp_path: Path,
 
 def test_group_choice_and_none(finished: Any, tmp_path: Path) -> None:
     from toolkit.evaluate import write_fisher
-    from toolkit.masks import ensure_masks
+    from toolkit.masks import open_masks
     from toolkit.model import load_model
 
-    masks = store.open_store(ensure_masks(finished, "r"), "masks")
+    masks = store.open_store(open_masks(finished, "r"), "masks")
     model = load_model(Layout(finished).member_dir(Member("r", 1)) / "checkpoints" / "final",
                        torch.device("cpu"))
     common = {"estimators": ("batch",), "batch_size": 8, "device": torch.device("cpu")}

@@ -121,19 +121,27 @@ def test_flipped_bytes_are_named(study: StudyConfig, kind: str) -> None:
     assert_names(err, path, array, chunk, STAGES[kind])
 
 
-def test_masks_store_damage_says_delete_and_rerun_evaluate(tmp_path: Path) -> None:
-    """The shared masks store is only built when absent, so the hint says to delete it."""
+def test_masks_store_damage_says_delete_and_rerun(tmp_path: Path) -> None:
+    """A missing masks store makes its prepare unit rebuild only the masks, so the hint
+    says to delete it and rerun the study; doing so rebuilds the same store."""
     from tests.conftest import make_train_study
-    from toolkit.masks import ensure_masks
+    from toolkit.masks import open_masks
+    from toolkit.units import run_unit, unit_states
 
     study = make_train_study(tmp_path)
-    path = ensure_masks(study, "r")
+    path = open_masks(study, "r")
     array, chunk = chunk_of(path)
-    (path / array / chunk).write_bytes((path / array / chunk).read_bytes()[:-3])  # truncated
+    good = (path / array / chunk).read_bytes()
+    (path / array / chunk).write_bytes(good[:-3])  # truncated
     with pytest.raises(StoreError, match=r"bytes, \d+ were written \(truncated") as err:
         store.open_store(path, "masks", verify="size")
-    assert f"delete {path} and rerun the evaluate stage" in str(err.value)
+    assert f"delete {path} and rerun the study: toolkit run STUDY" in str(err.value)
     assert f"'{array}'" in str(err.value) and chunk in str(err.value)
+    shutil.rmtree(path)
+    assert unit_states(study)[("prepare", "c--kmer2")].reason == f"output {path.name} is missing"
+    run_unit(study, "prepare", "c--kmer2")
+    assert (path / array / chunk).read_bytes() == good
+    store.open_store(path, "masks")
 
 
 def test_deleted_tokens_chunk_stops_training_before_it_starts(tmp_path: Path) -> None:

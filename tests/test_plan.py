@@ -172,3 +172,17 @@ def test_paper_study_plans_without_its_data() -> None:
     assert plan.stages["train"].units == 15 and plan.stages["train"].gpu_hours > 50
     assert plan.disk_by_kind["predictions"] > 30e9  # 3 runs x 5 members x ~4 GB at float32
     assert any("assumed" in line and "source not readable" in line for line in plan.assumptions)
+
+
+def test_masks_are_planned_in_prepare_once_per_token_store(tmp_path: Path) -> None:
+    """The evaluation masks are a prepare output: their disk is the prepare stage's, counted once
+    per token store however many runs read it, and no longer the evaluate stage's."""
+    one = plan_study(_study(tmp_path, name="one"))  # type: ignore[arg-type]
+    two = plan_study(_study(tmp_path, 'runs.r2={corpus = "markov", tokenizer = "kmer3"}', name="two"))  # type: ignore[arg-type]
+    assert two.stages["prepare"].units == 1 and two.stages["evaluate"].units == 2 * one.stages["evaluate"].units
+    assert two.disk_by_kind["masks"] == one.disk_by_kind["masks"] > 0
+    for plan in (one, two):
+        kinds = plan.disk_by_kind
+        assert plan.stages["prepare"].disk_bytes == pytest.approx(kinds["tokens"] + kinds["masks"], abs=2)
+        assert plan.stages["evaluate"].disk_bytes == pytest.approx(
+            kinds["predictions"] + kinds["fisher"] + kinds["embeddings"], abs=2 * plan.stages["evaluate"].units)

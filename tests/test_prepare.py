@@ -163,6 +163,33 @@ def test_softmask_flags_follow_lowercase_bases(prepared: Path) -> None:
         assert flags[offsets[r]:offsets[r + 1]].tolist() == want
 
 
+def test_prepare_writes_the_evaluation_masks(prepared: Path) -> None:
+    """Each unit's folder holds its token store, tokenizer, marker and the masks of the current
+    settings, which evaluate opens (and the marker records their digest)."""
+    import json as _json
+
+    from toolkit.masks import CHECKED_ATTRS, eval_seq_len, masks_path, open_masks
+
+    study = load_study(prepared)
+    layout = Layout(study)
+    for name, run in study.runs.items():
+        folder = layout.tokens_dir(run.corpus, run.tokenizer)
+        path = masks_path(study, name)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["complete.json", path.name, "tokenizer.json", "tokens.zarr"])
+        assert open_masks(study, name) == path
+        attrs = dict(store.open_store(path, "masks").attrs)
+        assert attrs["tokenizer_hash"] == store.open_store(folder / "tokens.zarr", "tokens").attrs["tokenizer_hash"]
+        assert {k: attrs[k] for k in CHECKED_ATTRS if k != "tokenizer_hash"} == {
+            "seq_len": eval_seq_len(study), "mask_seed": study.analysis.mask_seed,
+            "distribution_mask_rate": study.analysis.distribution_mask_rate,
+            "fisher_mask_rate": study.analysis.fisher_mask_rate, "eval_records": study.analysis.eval_records,
+            "fisher_records": study.analysis.fisher_records,
+            "contextual_records": study.analysis.contextual_records}
+        marker = _json.loads((folder / "complete.json").read_text())
+        assert set(marker["outputs"]) == {"tokenizer", "tokens", "profile", "masks"}
+
+
 def test_prepare_is_idempotent_and_force_rebuilds(prepared: Path) -> None:
     study = load_study(prepared)
     marker = Layout(study).prepare_marker("text", "char")

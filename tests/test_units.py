@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -367,3 +368,213 @@ def test_an_unopenable_lock_file_is_one_line(study_copy: Path, capsys: pytest.Ca
     rc = main(["analyse", str(study_copy), "--force"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "cannot open the unit's lock file" in err[0]
+
+
+# --------------------------------------------------------------------------- evaluation masks (prepare)
+
+OLD_MASKS = ("masks-17b5f8c21dff.zarr", "e38ba79d3769d2326a534037bd9e9891502a36b197c08aa824e9a12c1eb5bb10")
+"""Name and array digest (:func:`masks_arrays_digest`) of the masks store that the toolkit built
+in evaluate, before prepare built it, for the tiny study (measured with that code)."""
+MASK_ARRAYS = ("distribution/input_ids", "distribution/attention_mask", "distribution/labels",
+               "distribution/record", "distribution/position_sequence", "distribution/position_offset",
+               "fisher/input_ids", "fisher/attention_mask", "fisher/labels",
+               "contextual/input_ids", "contextual/attention_mask")
+
+
+def masks_arrays_digest(path: Path) -> str:
+    import hashlib
+
+    import numpy as np
+
+    from toolkit import store
+
+    g = store.open_store(path, "masks")
+    h = hashlib.sha256()
+    for name in MASK_ARRAYS:
+        a = np.asarray(g[name][...])
+        h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()
+
+
+def token_files(study: Any) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every file of the token store and the tokenizer: a re-tokenized
+    unit rewrites them all."""
+    folder = study.root / "tokens" / "markov--kmer3"
+    files = [folder / "tokenizer.json", *sorted((folder / "tokens.zarr").rglob("*"))]
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in files if p.is_file()}
+
+
+def prepare_outputs(study: Any) -> dict[str, str]:
+    return json.loads(get_unit(study, "prepare", "markov--kmer3").marker.read_text())["outputs"]
+
+
+def test_prepare_builds_the_masks_equal_to_the_earlier_evaluate_ones(study_copy: Path) -> None:
+    """The prepare unit writes the masks store (one of its outputs, digest "masks"); its arrays
+    are those of the masks builder called directly on the token store, and those the toolkit
+    built in evaluate before."""
+    from toolkit import store
+    from toolkit.masks import build_masks, masks_path
+
+    study = load_study(study_copy)
+    path = masks_path(study, "r")
+    assert path in get_unit(study, "prepare", "markov--kmer3").outputs
+    assert set(prepare_outputs(study)) == {"tokenizer", "tokens", "profile", "masks"}
+    tokens = store.open_store(study.root / "tokens" / "markov--kmer3" / "tokens.zarr", "tokens")
+    direct = study_copy.parent / "direct" / path.name
+    build_masks(study, "markov", "kmer3", tokens, direct)
+    assert masks_arrays_digest(path) == masks_arrays_digest(direct)
+    assert (path.name, masks_arrays_digest(path)) == OLD_MASKS
+    assert dict(store.open_store(path, "masks").attrs) == dict(store.open_store(direct, "masks").attrs)
+
+
+def test_deleted_masks_make_prepare_stale_and_evaluate_refuses(study_copy: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from toolkit.errors import StoreError
+    from toolkit.evaluate import evaluate_member
+    from toolkit.masks import masks_path
+    from toolkit.study import Member
+
+    study = load_study(study_copy)
+    path = masks_path(study, "r")
+    digest = masks_arrays_digest(path)
+    shutil.rmtree(path)
+    assert main(["status", str(study_copy)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"prepare +markov--kmer3 +stale +output {path.name} is missing", text), text
+    # evaluate never builds masks: directly, one line naming the store and the command...
+    with pytest.raises(StoreError, match=r"no evaluation masks .*rerun `toolkit run STUDY` \(or "
+                                         r"`toolkit run STUDY --force prepare:markov--kmer3`\)") as err:
+        evaluate_member(study, Member("r", 1))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    # ...and as a unit, refused because its prepare unit is stale.
+    rc = main(["evaluate", str(study_copy), "--member", "r/seed1", "--force"])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err_lines) == 1
+    assert f"needs prepare markov--kmer3, which is stale (output {path.name} is missing)" in err_lines[0]
+    assert not path.exists()
+    # A run rebuilds only the masks (the token store is untouched), the same ones: nothing else reruns.
+    files = token_files(study)
+    with caplog.at_level(logging.INFO, logger="toolkit.prepare"):
+        study, ran = rerun(study_copy)
+    assert ran == {"prepare:markov--kmer3"}
+    assert "building only the evaluation masks" in caplog.text
+    assert token_files(study) == files and masks_arrays_digest(path) == digest
+    assert {s for s, _ in states(study).values()} == {"done"}
+
+
+def test_changed_mask_seed_builds_only_masks_and_reevaluates(study_copy: Path) -> None:
+    """A mask setting is a prepare setting: prepare reruns without re-tokenizing, training stays
+    done, evaluation (which reads the masks) reruns on the new masks."""
+    from toolkit import store
+    from toolkit.masks import masks_path
+
+    before = load_study(study_copy)
+    old_path, outputs, files = masks_path(before, "r"), prepare_outputs(before), token_files(before)
+    study = load_study(study_copy, ["analysis.mask_seed=3"])
+    st = states(study)
+    assert st["prepare:markov--kmer3"] == ("stale", "analysis.mask_seed changed")
+    assert st["train:r/seed1"] == ("stale", "waits for prepare markov--kmer3 (stale)")
+    assert st["evaluate:r/seed1"] == ("stale", "waits for prepare markov--kmer3 (stale)")
+    study, ran = rerun(study_copy, "analysis.mask_seed=3")
+    assert "prepare:markov--kmer3" in ran and not any(u.startswith("train:") for u in ran)
+    assert {"evaluate:r/seed1", "evaluate:r/seed2", "analyse:summary"} <= ran
+    assert token_files(study) == files  # not re-tokenized
+    new = prepare_outputs(study)
+    assert {k: new[k] for k in ("tokenizer", "tokens", "profile")} == {
+        k: outputs[k] for k in ("tokenizer", "tokens", "profile")}
+    assert new["masks"] != outputs["masks"]
+    path = masks_path(study, "r")
+    assert path != old_path and old_path.exists()  # beside the old store, which is left alone
+    assert store.open_store(path, "masks").attrs["mask_seed"] == 3
+    pred = store.open_store(study.root / "members" / "r" / "seed1" / "predictions.zarr", "predictions")
+    assert pred.attrs["masks"]["mask_seed"] == 3
+    assert {s for s, _ in states(study).values()} == {"done"}
+
+
+def test_masks_only_decision(study_copy: Path) -> None:
+    """Only mask settings (or a missing masks store) make a prepare rerun masks-only."""
+    from toolkit.masks import masks_path
+    from toolkit.units import masks_only, unit_inputs
+
+    def decide(*sets: str) -> bool:
+        study = load_study(study_copy, list(sets))
+        sts = unit_states(study)
+        st = sts[("prepare", "markov--kmer3")]
+        return masks_only(st.unit, st, unit_inputs(study, st.unit, sts, (st.marker or {}).get("inputs")))
+
+    assert not decide()  # done: nothing to rerun
+    assert decide("analysis.mask_seed=3")
+    assert decide("analysis.fisher_records=4", "analysis.distribution_mask_rate=0.2")
+    assert decide("training.seq_len=32")  # the evaluation length follows it (analysis.seq_len unset)
+    assert not decide("analysis.entropy_orders=2")
+    assert not decide("analysis.mask_seed=3", "analysis.entropy_orders=2")
+    assert not decide("corpora.markov.eval_records=12")
+    study = load_study(study_copy)
+    shutil.rmtree(masks_path(study, "r"))
+    assert decide()
+    shutil.rmtree(study.root / "tokens" / "markov--kmer3" / "tokens.zarr")
+    assert not decide()  # the token store itself is missing: everything is rebuilt
+
+
+def test_forced_prepare_re_tokenizes_and_a_locked_prepare_writes_nothing(study_copy: Path) -> None:
+    """--force prepare redoes the whole unit; a second process is kept out by its lock (the
+    masks are written only under it), and writes no masks store."""
+    from toolkit.masks import masks_path
+
+    study = load_study(study_copy, ["analysis.mask_seed=5"])
+    unit = get_unit(study, "prepare", "markov--kmer3")
+    with unit_lock(unit), pytest.raises(UnitBusyError):
+        run_unit(study, "prepare", "markov--kmer3")
+    assert not masks_path(study, "r").exists()
+    files = token_files(study)
+    run_unit(study, "prepare", "markov--kmer3", force=True)
+    assert masks_path(study, "r").exists()
+    after = token_files(study)
+    assert set(after) == set(files) and all(after[k] != files[k] for k in files)  # all rewritten
+    assert states(study)["train:r/seed1"] == ("done", "")  # the same tokens: training stays done
+
+
+def test_study_from_before_masks_moved_to_prepare(study_copy: Path) -> None:
+    """Markers written when evaluate built the masks: prepare reruns masks-only (its store is
+    kept: same name, same content), training stays done, evaluation reruns."""
+    from toolkit.units import MASK_FIELDS
+
+    study = load_study(study_copy)
+    keys = {f"analysis.{f}" for f in MASK_FIELDS}
+    for u in study_units(study):
+        doc = json.loads(u.marker.read_text())
+        settings = doc["inputs"]["settings"]
+        if u.stage == "prepare":
+            doc["inputs"]["settings"] = {k: v for k, v in settings.items() if k not in keys}
+            doc["outputs"].pop("masks")
+        elif u.stage == "evaluate":
+            prep = {k: v for k, v in unit_settings_of(study, "prepare:markov--kmer3").items() if k in keys}
+            settings.update(prep)
+        for up in (doc["inputs"].get("upstream") or {}).values():
+            up.pop("masks", None)
+        if u.stage in ("prepare", "evaluate", "measure"):
+            from toolkit.units import fingerprint
+
+            doc["fingerprint"] = fingerprint(doc["inputs"])
+        u.marker.write_text(json.dumps(doc))
+    st = states(study)
+    assert st["prepare:markov--kmer3"] == ("stale", "now also reads analysis.contextual_records, "
+                                           "analysis.distribution_mask_rate, analysis.eval_records, "
+                                           "analysis.fisher_mask_rate and 3 more")
+    assert st["train:r/seed1"] == ("stale", "waits for prepare markov--kmer3 (stale)")
+    files = token_files(study)
+    study, ran = rerun(study_copy)
+    assert "prepare:markov--kmer3" in ran and {"evaluate:r/seed1", "evaluate:r/seed2"} <= ran
+    assert not any(u.startswith("train:") for u in ran)
+    assert token_files(study) == files
+    assert {s for s, _ in states(study).values()} == {"done"}
+
+
+def unit_settings_of(study: Any, unit_id: str) -> dict[str, Any]:
+    from toolkit.units import unit_settings
+
+    stage, _, key = unit_id.partition(":")
+    return unit_settings(study, get_unit(study, stage, key))

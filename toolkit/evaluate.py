@@ -2,8 +2,10 @@
 
 ``evaluate_member`` is the body of an ``evaluate`` unit. Given a member whose training
 finished (``train.complete.json``), it evaluates the weights chosen by
-``analysis.checkpoint`` on the shared evaluation masks (:mod:`toolkit.masks`) and
-writes, in ``members/<run>/seed<N>/``:
+``analysis.checkpoint`` on the shared evaluation masks (:mod:`toolkit.masks`, built by
+the prepare unit of the member's token store; evaluate only opens them and refuses,
+in one line, a store that is missing or was built with other settings) and writes, in
+``members/<run>/seed<N>/``:
 
 - ``predictions.zarr``: the log-softmax over the vocabulary at every masked position
   of the 'distribution' set, in the masks store's (sequence, seq_pos) order;
@@ -36,7 +38,7 @@ from toolkit import store
 from toolkit.checkpoint import model_positions
 from toolkit.config import StudyConfig
 from toolkit.errors import CheckpointError, ConfigError, StoreError
-from toolkit.masks import CHECKED_ATTRS, ensure_masks
+from toolkit.masks import CHECKED_ATTRS, open_masks
 from toolkit.model import last_hidden, load_model, masked_logits, pick_device
 from toolkit.plumbing import IGNORE, network_order, write_json_atomic
 from toolkit.progress import LogProgress
@@ -205,8 +207,8 @@ def write_predictions(model: Any, masks: Any, path: Path, attrs: dict[str, Any],
                 # The masks store's position list must describe exactly these positions.
                 if not (np.array_equal(rows + lo, pos_seq[done:done + m])
                         and np.array_equal(offs, pos_off[done:done + m])):
-                    raise StoreError(f"masks.zarr of {attrs['run']}: labels and position lists disagree "
-                                     f"at sequence {lo}; delete that masks.zarr and evaluate again")
+                    raise StoreError(f"the masks store of {attrs['run']}: labels and position lists disagree "
+                                     f"at sequence {lo}; rebuild it (`toolkit run STUDY --force prepare`)")
                 if m == 0:
                     continue
                 input_ids = torch.from_numpy(ids.astype(np.int64)).to(device)  # (B, T)
@@ -384,7 +386,8 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     ------
     StoreError
         The member was not trained, its tokenizer differs from the token store's, or
-        the evaluation masks were built with other settings.
+        the evaluation masks of the current settings are missing (rerun the prepare unit:
+        ``toolkit run STUDY``) or were built with other settings.
     CheckpointError
         A checkpoint named by the train marker is missing or does not fit the data.
     """
@@ -393,13 +396,13 @@ def evaluate_member(study: StudyConfig, member: Member) -> None:
     a = study.analysis
     marker = read_train_marker(study, member)
     tokens = store.open_store(layout.run_tokens_store(member.run), "tokens",
-                              verify="size")  # attributes only; ensure_masks checks the bytes
+                              verify="size")  # attributes only; the masks were built from its bytes
     token_hash = tokens.attrs.get("tokenizer_hash")
     if marker["tokenizer_hash"] != token_hash:
         raise StoreError(f"{layout.train_marker(member)}: member {member.id} was trained with tokenizer "
                          f"{str(marker['tokenizer_hash'])[:12]}, the token store now has "
                          f"{str(token_hash)[:12]}; retrain the member on the current token store")
-    masks = store.open_store(ensure_masks(study, member.run), "masks")
+    masks = store.open_store(open_masks(study, member.run), "masks")
     mask_attrs = dict(masks.attrs)
     label, ckpt = _checkpoint(study, member, marker)
     device = pick_device(study.training.device)

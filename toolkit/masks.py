@@ -19,21 +19,25 @@ at least one maskable position gets exactly ``max(1, round(rate * n_maskable))``
 hold per sequence and no sequence is left without a prediction. Selected positions
 become [MASK] only (no 80/10/10 as in training).
 
-Several evaluate jobs may need the store at the same moment: each builds a private
-copy (all-or-nothing through :func:`toolkit.store.writing`) and renames it into place;
-the first rename wins and the others discard their copy. The file name carries a
-digest of the mask settings, so changing them (a stale evaluate unit) builds a new
-store beside the old one and never replaces a store another job may be reading; a
-store whose attributes disagree with its name is refused, never mixed.
+The store is a prepare-stage output: the prepare unit of the token store builds it
+(:func:`write_masks`, all-or-nothing through :func:`toolkit.store.writing`) under its
+own lock, after the token store and tokenizer, and its content digest is the unit's
+``masks`` output, which evaluate and measure units read. The file name carries a digest
+of the mask settings (:func:`masks_digest`), so a store rebuilt after a change of
+``analysis.*`` mask settings appears beside the old one and never replaces a store
+another job may still be reading; a prepare unit rerun for a mask setting alone builds
+only the masks and leaves the token store as it is (:mod:`toolkit.units`). Evaluate
+only opens the store (:func:`open_masks`): a missing one, or one whose attributes
+disagree with its name, is refused, never rebuilt or mixed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +48,8 @@ from toolkit.config import StudyConfig
 from toolkit.errors import StoreError
 from toolkit.plumbing import IGNORE
 from toolkit.sequences import EVAL, MASK, load_sequences, never_masked, special_ids
-from toolkit.study import Layout
-from toolkit.tokenizers.spec import N_SPECIALS
+from toolkit.study import Layout, checkpoint_run, run_tokenizer, token_key
+from toolkit.tokenizers.spec import CHECKPOINT_TOKENIZER, N_SPECIALS
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +59,14 @@ CHECKED_ATTRS = ("tokenizer_hash", "seq_len", "mask_seed", "distribution_mask_ra
                  "fisher_mask_rate", "eval_records", "fisher_records", "contextual_records")
 
 
-def masks_path(study: StudyConfig, run: str) -> Path:
-    """Where the evaluation masks of ``run``'s token store live under the current settings."""
-    import hashlib
-    import json
-
-    settings = {k: v for k, v in expected_attrs(study, run, {}).items() if k != "tokenizer_hash"}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return Layout(study).run_tokens_dir(run) / f"masks-{digest}.zarr"
-
-
-def eval_seq_len(study: StudyConfig) -> int:
-    """Evaluation sequence length: ``analysis.seq_len``, else ``training.seq_len``."""
-    return study.analysis.seq_len or study.training.seq_len
-
-
-def expected_attrs(study: StudyConfig, run: str, tokens_attrs: dict[str, Any]) -> dict[str, Any]:
-    """The root attributes a masks store built for ``run`` under the current config has."""
+def mask_settings(study: StudyConfig, corpus: str, tokenizer: str) -> dict[str, Any]:
+    """The settings that decide the masks of the token store ``<corpus>--<tokenizer>``."""
     a = study.analysis
-    cfg = study.runs[run]
     return {
-        "corpus": cfg.corpus,
-        "tokenizer": cfg.tokenizer,
-        "tokenizer_hash": tokens_attrs.get("tokenizer_hash"),
+        "corpus": corpus,
+        # A run's tokenizer spec ("checkpoint" for a checkpoint's own tokenizer), as recorded
+        # when evaluate built the masks: the digests of existing stores stay valid.
+        "tokenizer": CHECKPOINT_TOKENIZER if checkpoint_run(tokenizer) is not None else tokenizer,
         "seq_len": eval_seq_len(study),
         "mask_seed": a.mask_seed,
         "distribution_mask_rate": a.distribution_mask_rate,
@@ -86,6 +75,41 @@ def expected_attrs(study: StudyConfig, run: str, tokens_attrs: dict[str, Any]) -
         "fisher_records": a.fisher_records,
         "contextual_records": a.contextual_records,
     }
+
+
+def masks_digest(study: StudyConfig, corpus: str, tokenizer: str) -> str:
+    """The digest in the masks store's name: 12 hex digits of sha256 over :func:`mask_settings`."""
+    settings = mask_settings(study, corpus, tokenizer)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def masks_store(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
+    """Where the prepare unit ``<corpus>--<tokenizer>`` writes its masks under the current settings."""
+    return Layout(study).masks_store(corpus, tokenizer, masks_digest(study, corpus, tokenizer))
+
+
+def run_token_key(study: StudyConfig, run: str) -> tuple[str, str]:
+    """(corpus, tokenizer) of the token store ``run`` reads: its prepare unit's key parts."""
+    return study.runs[run].corpus, run_tokenizer(study, run)
+
+
+def masks_path(study: StudyConfig, run: str) -> Path:
+    """Where the evaluation masks of ``run``'s token store live under the current settings."""
+    return masks_store(study, *run_token_key(study, run))
+
+
+def eval_seq_len(study: StudyConfig) -> int:
+    """Evaluation sequence length: ``analysis.seq_len``, else ``training.seq_len``."""
+    return study.analysis.seq_len or study.training.seq_len
+
+
+def expected_attrs(study: StudyConfig, corpus: str, tokenizer: str,
+                   tokens_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The root attributes a masks store of the token store ``<corpus>--<tokenizer>``
+    (root attributes ``tokens_attrs``) built under the current config has."""
+    settings = mask_settings(study, corpus, tokenizer)
+    head = {k: settings.pop(k) for k in ("corpus", "tokenizer")}  # the order of earlier stores
+    return {**head, "tokenizer_hash": tokens_attrs.get("tokenizer_hash"), **settings}
 
 
 def select_positions(input_ids: np.ndarray, attention_mask: np.ndarray, rate: float,
@@ -143,8 +167,9 @@ def _apply(ids: np.ndarray, chosen: np.ndarray, mask_id: int = MASK) -> tuple[np
     return masked, labels
 
 
-def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
-    """Build the masks store of ``run`` at ``path`` (which must not exist) from an open token store."""
+def build_masks(study: StudyConfig, corpus: str, tokenizer: str, tokens: Any, path: Path) -> None:
+    """Build the masks store of the token store ``<corpus>--<tokenizer>`` at ``path`` (which
+    must not exist) from that open token store, all-or-nothing."""
     a = study.analysis
     seq_len = eval_seq_len(study)
     if seq_len < 3:
@@ -152,8 +177,8 @@ def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
                          "[CLS], one token and [SEP]; use at least 3")
     seqs = load_sequences(tokens, EVAL, seq_len, "truncate", max_records=a.eval_records)
     if len(seqs) == 0:
-        raise StoreError(f"{Layout(study).run_tokens_dir(run) / 'tokens.zarr'}: the evaluation split "
-                         "has no non-empty records; raise corpora.<name>.eval_records and prepare again")
+        raise StoreError(f"{Layout(study).tokens_store(corpus, tokenizer)}: the evaluation split has no "
+                         f"non-empty records; raise corpora.{corpus}.eval_records and prepare again")
     t0 = time.perf_counter()
     ids, att = _read_inputs(seqs, len(seqs))  # (S, T)
     n_fisher = min(a.fisher_records, len(seqs))
@@ -169,7 +194,7 @@ def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
     dist_ids, dist_labels = _apply(ids, dist_chosen, mask_id)
     fish_ids, fish_labels = _apply(ids[:n_fisher], fish_chosen, mask_id)
     seq_of, off_of = np.nonzero(dist_chosen)  # row-major: sorted by (sequence, seq_pos)
-    attrs = {**expected_attrs(study, run, dict(tokens.attrs)), "n_sequences": int(len(seqs)),
+    attrs = {**expected_attrs(study, corpus, tokenizer, dict(tokens.attrs)), "n_sequences": int(len(seqs)),
              "n_positions": int(seq_of.shape[0]), "n_fisher_sequences": int(n_fisher),
              "n_fisher_masked_tokens": int(fish_chosen.sum()), "n_contextual_sequences": int(n_ctx)}
     with store.writing(path, "masks", attrs) as g:
@@ -185,10 +210,15 @@ def build_masks(study: StudyConfig, run: str, tokens: Any, path: Path) -> None:
         store.create_array(g, "masks", "contextual/input_ids", data=ids[:n_ctx])
         store.create_array(g, "masks", "contextual/attention_mask", data=att[:n_ctx])
     log.info("masks %s: %d sequences, %d distribution positions, %d fisher tokens (%.1f s)",
-             run, len(seqs), seq_of.shape[0], int(fish_chosen.sum()), time.perf_counter() - t0)
+             token_key(corpus, tokenizer), len(seqs), seq_of.shape[0], int(fish_chosen.sum()), time.perf_counter() - t0)
 
 
-def check_masks(path: Path, expected: dict[str, Any]) -> Any:
+def _rerun_hint(corpus: str, tokenizer: str) -> str:
+    return (f"rerun `toolkit run STUDY` (or `toolkit run STUDY --force prepare:{token_key(corpus, tokenizer)}`) "
+            "to build them")
+
+
+def check_masks(path: Path, expected: dict[str, Any], hint: str = "") -> Any:
     """Open an existing masks store and refuse it unless it was built with ``expected``."""
     # Sizes only: the caller reading the masks (evaluate) checks their bytes when it opens them.
     group = store.open_store(path, "masks", verify="size")
@@ -197,56 +227,77 @@ def check_masks(path: Path, expected: dict[str, Any]) -> Any:
         if attrs.get(key) != expected[key]:
             raise StoreError(
                 f"{path}: built with {key} = {attrs.get(key)!r}, the study now says "
-                f"{expected[key]!r}; delete {path} (every member's evaluation must then be redone) "
-                "or restore the old setting")
+                f"{expected[key]!r}; {hint or 'rebuild the masks with `toolkit run STUDY --force prepare`'} "
+                "(every member's evaluation must then be redone) or restore the old setting")
     return group
 
 
-def ensure_masks(study: StudyConfig, run: str) -> Path:
-    """The evaluation masks of ``run``'s token store, built if missing.
+def write_masks(study: StudyConfig, corpus: str, tokenizer: str, folder: Path | None = None, *,
+                verify: store.Verify = "full") -> Path:
+    """Build the evaluation masks of a token store under the current settings (a prepare unit's step).
 
     Parameters
     ----------
     study
-        The study; its ``analysis`` table fixes the sequence length, rates, seed and
-        set sizes.
-    run
-        A run name; runs sharing a corpus and tokenizer share one masks store.
+        The study; its ``analysis`` table fixes the sequence length, rates, seed and set sizes.
+    corpus, tokenizer
+        The prepare unit's key parts: runs sharing a corpus and tokenizer share one masks store.
+    folder
+        The folder holding ``tokens.zarr``, where the masks are written: the unit's
+        ``tokens/<corpus>--<tokenizer>/`` (default) or the temporary folder of a prepare
+        that is building everything.
+    verify
+        How the token store is checked before its bytes are read (``"size"`` for a store
+        this process has just written).
 
     Returns
     -------
     pathlib.Path
-        ``tokens/<corpus>--<tokenizer>/masks.zarr``, validated and checked against the
-        current configuration.
+        ``<folder>/masks-<settings digest>.zarr``. A store already there that validates and
+        was built from this token store with these settings is kept (masks are a
+        deterministic function of both); any other is rebuilt.
 
     Raises
     ------
     StoreError
-        The token store is missing, or an existing masks store was built with other
-        settings (the message names the attribute).
+        The token store is missing or damaged, or its evaluation split is empty.
     """
-    tokens_path = Layout(study).run_tokens_store(run)
-    tokens = store.open_store(tokens_path, "tokens", verify="size")  # attributes; bytes checked below
-    expected = expected_attrs(study, run, dict(tokens.attrs))
-    path = masks_path(study, run)
+    folder = Layout(study).tokens_dir(corpus, tokenizer) if folder is None else folder
+    tokens_path = folder / "tokens.zarr"
+    tokens = store.open_store(tokens_path, "tokens", verify=verify)
+    expected = expected_attrs(study, corpus, tokenizer, dict(tokens.attrs))
+    path = folder / f"masks-{masks_digest(study, corpus, tokenizer)}.zarr"
+    key = token_key(corpus, tokenizer)
     if path.exists():
-        check_masks(path, expected)
-        return path
-    # Build under a private name, then rename: renaming a folder onto an existing,
-    # non-empty one fails, so exactly one concurrent builder wins and readers of the
-    # winner's store are never disturbed.
-    private = path.with_name(f".{path.name}.build-{uuid.uuid4().hex[:8]}")
-    try:
-        store.verify_store(tokens_path, "tokens", "full")  # masks are built from the tokens' bytes
-        build_masks(study, run, tokens, private)
         try:
-            os.rename(private, path)
-        except OSError:
-            if not path.exists():
-                raise
-            log.info("masks %s: another job built them first; using theirs", run)
-    finally:
-        if private.exists():
-            shutil.rmtree(private, ignore_errors=True)
-    check_masks(path, expected)
+            store.verify_store(path, "masks", "full")
+            check_masks(path, expected)
+            log.info("masks %s: kept %s (built from this token store with these settings)", key, path.name)
+            return path
+        except StoreError as e:
+            log.warning("masks %s: existing %s unusable (%s); rebuilding it", key, path.name, e)
+            shutil.rmtree(path)
+    build_masks(study, corpus, tokenizer, tokens, path)
+    return path
+
+
+def open_masks(study: StudyConfig, run: str) -> Path:
+    """The evaluation masks of ``run``'s token store under the current settings, checked.
+
+    The prepare unit builds them; this only finds and checks them.
+
+    Raises
+    ------
+    StoreError
+        No masks store for the current settings (one line: the path and the command that
+        builds it), or one whose attributes disagree with the token store or the settings.
+    """
+    corpus, tokenizer = run_token_key(study, run)
+    tokens = store.open_store(Layout(study).tokens_store(corpus, tokenizer), "tokens", verify="size")
+    path = masks_store(study, corpus, tokenizer)
+    hint = _rerun_hint(corpus, tokenizer)
+    if not path.exists():
+        raise StoreError(f"{path}: no evaluation masks for the current analysis settings "
+                         f"(the prepare unit {token_key(corpus, tokenizer)} builds them); {hint}")
+    check_masks(path, expected_attrs(study, corpus, tokenizer, dict(tokens.attrs)), hint)
     return path

@@ -491,7 +491,7 @@ class _Planner:
         self.notes: list[str] = []
 
     def prepare(self, corpus: str, tok: str, s: RunShape) -> None:
-        """One corpus x tokenizer: read, (train BPE,) encode, entropy profile."""
+        """One corpus x tokenizer: read, (train BPE,) encode, entropy profile, evaluation masks."""
         a = self.study.analysis
         limit = self.study.corpora[corpus].tokenizer_train_records
         n_tokens = _total_tokens(s)
@@ -507,11 +507,19 @@ class _Planner:
         # + tokenizer, profile, inventory and metadata files (about 40 kB measured)
         size = (n_tokens * item + s.n_records * (8 + 1 + 8)) * COMPRESSION["tokens"] + 64 * s.vocab + 40e3
         self.disk["tokens"] += size
+        # The evaluation masks (one store per token store): every set's inputs, masks and
+        # labels, and the distribution set's position list.
+        e = _Eval.of(self.study, s)
+        masks = (e.records * e.seq_len * 9 + e.fisher * e.seq_len * 9 + e.contextual * e.seq_len * 5
+                 + e.positions * 12) * COMPRESSION["masks"]
+        self.disk["masks"] += masks
+        # Built in memory: ids, attention, random keys and two argsorts per (sequence, position).
+        mem = max(mem, PROCESS_BASELINE_BYTES + e.records * e.seq_len * 40.0)
         secs += UNIT_OVERHEAD_S["prepare"]
-        self.stages["prepare"].add(cpu=secs / 3600, memory=mem, wall=secs / 3600, disk=size)
+        self.stages["prepare"].add(cpu=secs / 3600, memory=mem, wall=secs / 3600, disk=size + masks)
 
     def member(self, run: str, s: RunShape) -> None:
-        """Train and evaluate units of ``run`` (one per seed) and its masks store."""
+        """Train and evaluate units of ``run`` (one per seed)."""
         study, t = self.study, self.study.training
         shape, vocab = model_shape(study, run), s.vocab
         params = n_parameters(shape, vocab)
@@ -587,10 +595,6 @@ class _Planner:
         self.disk["predictions"] += pred_size * n
         self.disk["fisher"] += fisher * n
         self.disk["embeddings"] += emb * n
-        masks = (e.records * e.seq_len * 9 + e.fisher * e.seq_len * 9 + e.contextual * e.seq_len * 5
-                 + e.positions * 12) * COMPRESSION["masks"]
-        self.disk["masks"] += masks
-        self.stages["evaluate"].disk_bytes += int(masks)
         _resource_warnings(study, "evaluate", self.stages["evaluate"], secs, host, run)
         self.notes.append(f"run {run}: {e.positions:,.0f} evaluation positions, {snapshots} Fisher snapshots")
 

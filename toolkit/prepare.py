@@ -6,14 +6,18 @@ for a run with ``tokenizer = "checkpoint"``: the corpus is encoded with its
 checkpoints' own tokenizer, :mod:`toolkit.tokenizers.hf`, whose identity document is
 saved as ``tokenizer.json`` and whose special ids are recorded in the store)::
 
-    tokens.zarr      tokens, record offsets, split, symbols per record, the token text of every
-                     id, each record's source name and coordinates (storage_schemas/tokens.json)
-    tokenizer.json   the tokenizer (its sha256 is the store's tokenizer_hash)
-    complete.json    the completion marker, written last
+    tokens.zarr          tokens, record offsets, split, symbols per record, the token text of every
+                         id, each record's source name and coordinates (storage_schemas/tokens.json)
+    tokenizer.json       the tokenizer (its sha256 is the store's tokenizer_hash)
+    masks-<digest>.zarr  the evaluation masks under the current mask settings (:mod:`toolkit.masks`)
+    complete.json        the completion marker, written last
 
 The folder is built under a hidden temporary name next to it and renamed into place
 once complete, so a killed prepare never leaves a folder that has ``complete.json``;
-the next prepare removes the dead temporary folder.
+the next prepare removes the dead temporary folder. A unit stale only for its mask
+settings (or whose masks store is missing) keeps the folder and builds only the masks
+store in it (``masks_only``, decided by :func:`toolkit.units.masks_only`): the token
+store and tokenizer are current, and training, which reads only them, stays done.
 
 Memory stays bounded: records are streamed, encoded in batches and appended to the
 Zarr array a whole chunk at a time. Trainable tokenizers (``char``, ``bpe<V>``) read
@@ -172,8 +176,12 @@ def _clean_stale(parent: Path, key: str) -> None:
             pass
 
 
-def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
+def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str, *, masks_only: bool = False) -> Path:
     """Build ``tokens/<corpus>--<tokenizer>/`` (replacing an existing one) and return it.
+
+    With ``masks_only`` the token store and tokenizer already there are kept and only the
+    evaluation masks of the current settings are built beside them (the caller has
+    checked that nothing else the unit reads changed: :func:`toolkit.units.masks_only`).
 
     Raises
     ------
@@ -185,11 +193,22 @@ def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
         The output folder cannot be written.
     """
     from toolkit.corpora import open_corpus
+    from toolkit.masks import write_masks
 
     _check_spec(tokenizer)
     layout = Layout(study)
     final = layout.tokens_dir(corpus, tokenizer)
     key = token_key(corpus, tokenizer)
+    if masks_only:
+        log.info("prepare %s: the token store and tokenizer are current; building only the "
+                 "evaluation masks", key)
+        try:
+            path = write_masks(study, corpus, tokenizer)
+        except OSError as e:
+            store.raise_if_no_space(e, final)
+            raise
+        log.info("prepare %s: done -> %s", key, path)
+        return final
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +223,7 @@ def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str) -> Path:
     tmp.mkdir()
     try:
         _build_unit(study, corpus, tokenizer, src, tmp)
+        write_masks(study, corpus, tokenizer, tmp, verify="size")  # tokens.zarr was just written
         write_json_atomic(tmp / "complete.json", {
             "unit": f"prepare:{key}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(), "tokenizer_hash": _read_hash(tmp)})

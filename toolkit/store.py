@@ -268,7 +268,7 @@ INVENTORY = "inventory.json"
 INVENTORY_FORMAT = 1
 
 # Which stage writes each store kind: what a user reruns when a store is damaged.
-STAGE = {"tokens": "prepare", "masks": "evaluate", "train": "train", "predictions": "evaluate",
+STAGE = {"tokens": "prepare", "masks": "prepare", "train": "train", "predictions": "evaluate",
          "embeddings": "evaluate", "fisher": "evaluate", "summary": "analyse"}
 
 Verify = Literal["none", "size", "full"]
@@ -335,9 +335,11 @@ def _threads() -> int:
 def rerun_hint(path: str | Path, kind: str) -> str:
     """What to run to rebuild a store of ``kind`` at ``path``, as one clause."""
     stage = STAGE.get(kind, "prepare")
-    # The shared masks store is built only when absent (identically, from a fixed seed).
-    first = f"delete {path} and " if kind == "masks" else ""
-    return f"{first}rerun the {stage} stage: toolkit run {study_ref(path)} --force {stage}"
+    if kind == "masks":
+        # A missing masks store makes its prepare unit stale, and such a unit rebuilds only
+        # the masks (identically, from a fixed seed): cheaper than re-preparing everything.
+        return f"delete {path} and rerun the study: toolkit run {study_ref(path)} (its prepare unit rebuilds the masks)"
+    return f"rerun the {stage} stage: toolkit run {study_ref(path)} --force {stage}"
 
 
 def study_ref(path: str | Path) -> str:

@@ -3,7 +3,7 @@
 Layout (all paths below the study root, ``StudyConfig.root``)::
 
     study.json                          the resolved study, written by the dispatcher for its jobs
-    tokens/<corpus>--<tokenizer>/       one prepare unit: token store, tokenizer, eval masks
+    tokens/<corpus>--<tokenizer>/       one prepare unit: token store, tokenizer, evaluation masks
                                         (<tokenizer> is checkpoint-<run> for tokenizer = "checkpoint")
         tokens.zarr  tokenizer.json  masks-<digest>.zarr  complete.json
     members/<run>/seed<N>/              one ensemble member
@@ -129,6 +129,11 @@ class Layout:
 
     def tokenizer_file(self, corpus: str, tokenizer: str) -> Path:
         return self.tokens_dir(corpus, tokenizer) / "tokenizer.json"
+
+    def masks_store(self, corpus: str, tokenizer: str, digest: str) -> Path:
+        """The evaluation masks of a token store built under the mask settings whose digest is
+        ``digest`` (:func:`toolkit.masks.masks_digest`): a prepare unit's output."""
+        return self.tokens_dir(corpus, tokenizer) / f"masks-{digest}.zarr"
 
     def train_marker(self, member: Member) -> Path:
         return self.member_dir(member) / "train.complete.json"

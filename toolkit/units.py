@@ -11,7 +11,8 @@ consumed, its *inputs*:
 - ``settings``: the resolved study settings the stage reads, as dotted keys
   (``analysis.bootstrap``, ``corpora.m1.train_records``, ...);
 - ``upstream``: for every unit it read from, the digests of the outputs it read
-  (the tokens and tokenizer of a prepare unit, the weights of a train unit, ...);
+  (the tokens, tokenizer and evaluation masks of a prepare unit, the weights of a
+  train unit, ...);
 - ``sources``: for a prepare unit, the sha256 of every corpus file.
 
 and the digests of its own outputs. A unit is
@@ -24,7 +25,12 @@ and the digests of its own outputs. A unit is
 - ``pending`` when it has no marker.
 
 Digests are of contents, so a unit that is rerun and writes the same outputs leaves
-the units after it done; one that writes different outputs makes them stale.
+the units after it done; one that writes different outputs makes them stale. A prepare
+unit writes the token store, the tokenizer and the evaluation masks (:mod:`toolkit.masks`;
+their settings, :data:`MASK_FIELDS`, are prepare settings); one that is stale only for
+its mask settings, or whose masks store is missing, is rerun as masks-only
+(:func:`masks_only`): its token store and tokenizer are kept, so their digests and the
+train units that read them stay done, while evaluate units (which read the masks) rerun.
 Running a unit (:func:`run_unit`) takes a lock in the unit's folder, so two processes
 never run the same unit at once, re-checks its state under the lock (a unit that is
 done is skipped), then runs the stage and writes the marker with the inputs it saw
@@ -67,14 +73,16 @@ log = logging.getLogger(__name__)
 MARKER_FORMAT = 1
 """Version of the marker's unit fields; markers of another version read as stale."""
 
+MASK_FIELDS = ("eval_records", "seq_len", "distribution_mask_rate", "fisher_mask_rate", "mask_seed",
+               "fisher_records", "contextual_records")
+"""The analysis settings of the evaluation masks (:mod:`toolkit.masks`), which the prepare unit
+builds: a prepare unit stale for these alone builds only its masks (:func:`masks_only`)."""
 # Which settings each stage reads. Every field of AnalysisConfig and TrainingConfig is
 # named here exactly once (a test checks it), so that a new setting cannot be left out
 # of every fingerprint by accident.
 ANALYSIS_FIELDS: dict[str, tuple[str, ...]] = {
-    "prepare": ("entropy_orders", "entropy_max_tokens"),
-    "evaluate": ("checkpoint", "eval_records", "seq_len", "distribution_mask_rate",
-                 "fisher_mask_rate", "mask_seed", "batch_size", "prediction_dtype",
-                 "fisher_estimators", "fisher_records", "fisher_diagonal", "contextual_records"),
+    "prepare": ("entropy_orders", "entropy_max_tokens", *MASK_FIELDS),
+    "evaluate": ("checkpoint", "batch_size", "prediction_dtype", "fisher_estimators", "fisher_diagonal"),
     "analyse": ("top_p", "topk", "spearman_variant", "rbf_sigma", "bootstrap", "confidence",
                 "definitions", "top_p_rule", "spread_ddof", "kl_headline"),
 }
@@ -132,11 +140,14 @@ def study_units(study: StudyConfig) -> list[Unit]:
     """Every unit of the study, in dependency order (prepare, train, evaluate, analyse)."""
     layout = Layout(study)
     out: list[Unit] = []
+    from toolkit.masks import masks_store
+
     for corpus, tok in prepare_keys(study):
         folder = layout.tokens_dir(corpus, tok)
         out.append(Unit("prepare", token_key(corpus, tok), layout.prepare_marker(corpus, tok),
                         folder.parent / f".{folder.name}.lock",
-                        (layout.tokens_store(corpus, tok), layout.tokenizer_file(corpus, tok)), ()))
+                        (layout.tokens_store(corpus, tok), layout.tokenizer_file(corpus, tok),
+                         masks_store(study, corpus, tok)), ()))
     ms = members(study)
     for m in ms:
         run = study.runs[m.run]
@@ -224,7 +235,7 @@ def _analysis(study: StudyConfig, stage: str) -> dict[str, Any]:
     out = {f"analysis.{f}": getattr(a, f) for f in ANALYSIS_FIELDS[stage]}
     out.update({f"analysis.{f}": getattr(a, f) for f, stages in ANALYSIS_SHARED.items()
                 if stage in stages})
-    if stage == "evaluate" and a.seq_len is None:
+    if stage == "prepare" and a.seq_len is None:
         out["analysis.seq_len"] = f"training.seq_len = {study.training.seq_len}"
     return out
 
@@ -319,9 +330,11 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
         # Likewise "tokens" covers only the arrays training and evaluation read: arrays added
         # for other readers (token text, record coordinates) do not retrain anything.
         read = [_tree_digest(tokens / name) for name in TOKEN_ARRAYS_READ if (tokens / name).exists()]
+        # The evaluation masks (the store of the current mask settings, unit.outputs[2]).
         return {"tokenizer": sha256_file(folder / "tokenizer.json"),
                 "tokens": _json_digest([read, attrs]),
-                "profile": _json_digest(profile)}
+                "profile": _json_digest(profile),
+                "masks": _tree_digest(unit.outputs[2])}
     if unit.stage == "train":
         m = Member.parse(unit.key)
         ckpts = layout.checkpoints_dir(m)
@@ -343,9 +356,9 @@ TOKEN_ARRAYS_READ = ("tokens", "offsets", "split", "softmasked")
 # Which output digests of an upstream unit a unit reads.
 _READS: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "prepare"): ("tokenizer", "tokens"),
-    ("evaluate", "prepare"): ("tokenizer", "tokens"),
+    ("evaluate", "prepare"): ("tokenizer", "tokens", "masks"),
     ("evaluate", "train"): ("weights",),
-    ("measure", "prepare"): ("tokens",),
+    ("measure", "prepare"): ("tokens", "masks"),  # the counting baseline reads the masks
     ("measure", "train"): ("weights", "log"),
     ("measure", "evaluate"): ("predictions", "embeddings", "fisher"),
     ("analyse", "prepare"): ("profile",),
@@ -485,9 +498,14 @@ def explain(old: dict[str, Any], new: dict[str, Any], stage: str) -> str:
     """Why recorded inputs ``old`` differ from current inputs ``new``, in a few words."""
     parts: list[str] = []
     a, b = old.get("settings") or {}, new.get("settings") or {}
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    changed = sorted(k for k in set(a) & set(b) if a[k] != b[k])
     if changed:
         parts.append(f"{_names(changed)} changed")
+    # Keys recorded by an earlier toolkit that classified the settings differently.
+    if added := sorted(set(b) - set(a)):
+        parts.append(f"now also reads {_names(added)}")
+    if gone := sorted(set(a) - set(b)):
+        parts.append(f"no longer reads {_names(gone)}")
     ua, ub = old.get("upstream") or {}, new.get("upstream") or {}
     had = {_member_of(k) for k in ua} - {""}
     has = {_member_of(k) for k in ub} - {""}
@@ -524,6 +542,11 @@ def _state(study: StudyConfig, u: Unit, states: dict[tuple[str, str], UnitState]
         return UnitState(u, "stale", "marker written by another toolkit version or damaged", doc)
     missing = [p for p in u.outputs if not p.exists()]
     if missing:
+        if u.stage == "prepare":
+            # The masks store's name follows the mask settings: a changed one says so.
+            why = explain({"settings": doc["inputs"].get("settings")}, {"settings": unit_settings(study, u)}, u.stage)
+            if why != "inputs changed":
+                return UnitState(u, "stale", why, doc)
         return UnitState(u, "stale", f"output {missing[0].name} is missing", doc)
     waits = [up for up in u.upstream if not states[up].usable]
     if waits and u.stage not in LENIENT:
@@ -686,9 +709,36 @@ def run_unit(study: StudyConfig, stage: str, key: str, *, force: bool = False) -
         if st.state == "stale":
             log.info("%s: rerunning (stale: %s)", unit.label, st.reason)
         inputs = unit_inputs(study, unit, states, recorded=(st.marker or {}).get("inputs"))
-        unit.marker.unlink(missing_ok=True)
-        _run_stage(study, unit, states, inputs, fresh=force)
+        partial = not force and masks_only(unit, st, inputs)
+        if not partial:
+            # Until it finishes, the unit must not read as done. A masks-only rerun keeps the
+            # marker (stale for what it lacks): a failed one is retried as masks-only again.
+            unit.marker.unlink(missing_ok=True)
+        _run_stage(study, unit, states, inputs, fresh=force, masks_only=partial)
         mark_complete(study, unit, inputs)
+
+
+def masks_only(unit: Unit, st: UnitState, inputs: dict[str, Any]) -> bool:
+    """Whether a rerun of a stale prepare unit needs to build only its evaluation masks.
+
+    True when the token store and tokenizer are in place and the recorded inputs differ
+    from the current ``inputs`` in mask settings (:data:`MASK_FIELDS`) alone, or not at
+    all (the masks store is missing): the token store and tokenizer are then current,
+    and rebuilding them would only rewrite the same bytes. Any other difference (a
+    corpus or tokenizer setting, an entropy setting, a source file) re-prepares everything.
+    """
+    doc = st.marker or {}
+    if (unit.stage != "prepare" or st.state != "stale" or doc.get("marker_format") != MARKER_FORMAT
+            or not isinstance(doc.get("inputs"), dict)):
+        return False
+    if not all(p.exists() for p in unit.outputs[:2]):  # tokens.zarr, tokenizer.json
+        return False
+    mask_keys = {f"analysis.{f}" for f in MASK_FIELDS}
+
+    def without_masks(i: dict[str, Any]) -> dict[str, Any]:
+        return {**i, "settings": {k: v for k, v in (i.get("settings") or {}).items() if k not in mask_keys}}
+
+    return fingerprint(without_masks(doc["inputs"])) == fingerprint(without_masks(inputs))
 
 
 def discard_checkpoints(study: StudyConfig, key: str) -> None:
@@ -702,12 +752,12 @@ def discard_checkpoints(study: StudyConfig, key: str) -> None:
 
 
 def _run_stage(study: StudyConfig, unit: Unit, states: dict[tuple[str, str], UnitState],
-               inputs: dict[str, Any], fresh: bool) -> None:
+               inputs: dict[str, Any], fresh: bool, masks_only: bool = False) -> None:
     if unit.stage == "prepare":
         from toolkit.prepare import prepare_unit
 
         corpus, _, tokenizer = unit.key.partition("--")
-        prepare_unit(study, corpus, tokenizer)
+        prepare_unit(study, corpus, tokenizer, masks_only=masks_only)
     elif unit.stage == "train":
         from toolkit.train import train_member
 
