@@ -24,10 +24,11 @@ def _study(args: argparse.Namespace) -> Any:
 
     from toolkit.config import load_study
     from toolkit.errors import ConfigError
+    from toolkit.study import Layout
 
     path = Path(args.study)
     if path.is_dir():
-        path = path / "study.json"
+        path = Layout.of_folder(path).study_file
         if not path.exists():
             raise ConfigError(f"{args.study}: a folder without study.json (it is written when a "
                               "study is first run); give the study file instead")
@@ -50,10 +51,11 @@ def _submitted_study(args: argparse.Namespace) -> tuple[Any, str]:
     from pathlib import Path
 
     from toolkit.config import load_study, study_to_dict
+    from toolkit.study import Layout
     from toolkit.units import flat_settings
 
     study = _study(args)
-    saved = study.root / "study.json"
+    saved = Layout(study).study_file
     if args.set or not saved.exists() or Path(args.study).resolve() in (saved, saved.parent):
         return study, ""
     submitted = load_study(saved)
@@ -180,7 +182,7 @@ def _print_results(study: Any) -> None:
     from toolkit.study import Layout
 
     print(summary_table(study))
-    report = Layout(study).report_dir / "index.html"
+    report = Layout(study).report_index
     if report.exists():
         print(f"report: {report}")
 

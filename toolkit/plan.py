@@ -246,11 +246,12 @@ def _tokens_of(lengths: np.ndarray, spec: str, kind: str, vocab: int) -> np.ndar
     return np.ceil(lengths / _symbols_per_token(spec, kind, vocab))
 
 
-def _from_store(path: Path) -> RunShape | None:
-    """The shape of an already prepared token store, or None."""
+def _from_store(path: Path, marker: Path) -> RunShape | None:
+    """The shape of an already prepared token store (its prepare unit's ``marker`` written),
+    or None."""
     from toolkit import store
 
-    if not (path.parent / "complete.json").is_file():
+    if not marker.is_file():
         return None
     try:
         g = store.open_store(path, "tokens", verify="none")
@@ -311,7 +312,8 @@ def run_shape(study: StudyConfig, run: str, sample_seconds: float = 3.0,
     """The data side of ``run``: records, symbols and tokens per record."""
     cfg = study.runs[run]
     tok = run_tokenizer(study, run)
-    measured = _from_store(Layout(study).tokens_store(cfg.corpus, tok))
+    layout = Layout(study)
+    measured = _from_store(layout.tokens_store(cfg.corpus, tok), layout.prepare_marker(cfg.corpus, tok))
     if measured is not None:
         return measured
     cache = _cache if _cache is not None else {}

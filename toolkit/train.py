@@ -234,7 +234,7 @@ class Preemption:
 
 
 def _open_tokens(study: StudyConfig, run: str) -> Any:
-    path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
+    path = Layout(study).run_tokens_store(run)
     try:
         return store.open_store(path, "tokens")
     except StoreError as e:
@@ -356,7 +356,7 @@ def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokeniz
     folder = layout.checkpoints_dir(member)
     ckpt.save_hf(model, folder / "final", tokenizer)
     ckpt.save_hf(model, folder / "best", tokenizer)
-    write_record(layout.member_dir(member) / "train.zarr", _record_attrs(
+    write_record(layout.member_store(member, "train"), _record_attrs(
         study, member, model, tokenizer_hash, final_step=0, tokens_seen=0, tps=0.0,
         device="external", best=None, source=str(source)), empty_log())
     log.info("%s: adopted external checkpoint %s", member.id, source)
@@ -373,7 +373,7 @@ def _run_tokenizer(study: StudyConfig, run: str, tokenizer_hash: str) -> Tokeniz
         The token store's ``tokenizer.json`` is unreadable or is not the one the store
         was built with: an export without it, or with another one, would mislead.
     """
-    path = Layout(study).run_tokens_dir(run) / "tokenizer.json"
+    path = Layout(study).run_tokenizer_file(run)
     fix = f"rebuild it with `toolkit run {study.source_file or study.name} --force prepare`"
     try:
         tokenizer = load_tokenizer(path)
@@ -567,7 +567,7 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
         ckpt.save_hf(model, folder / "best", tokenizer)
     ckpt.save_hf(model, folder / "final", tokenizer)
     tps = state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0
-    write_record(layout.member_dir(member) / "train.zarr", _record_attrs(
+    write_record(layout.member_store(member, "train"), _record_attrs(
         study, member, model, tokenizer_hash, final_step=step, tokens_seen=state["tokens_seen"],
         tps=tps, device=str(device), best=state["best_eval_loss"]),
         {"log": state["log"], "eval": state["eval"]})
