@@ -52,8 +52,7 @@ from pathlib import Path
 
 from toolkit.config import StudyConfig
 from toolkit.errors import SubmissionError
-
-STUDY_JSON = "study.json"
+from toolkit.study import Layout
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """C0 and C1 control characters, DEL and the Unicode line breaks."""
@@ -252,7 +251,7 @@ def unit_argv(study: StudyConfig, stage: str, key: str, *, python: str | None = 
     python
         Interpreter outside a container (default: this one, i.e. the project's venv).
     """
-    study_json = check_script_value(study.root / STUDY_JSON, "study folder (study.output_dir or --out)")
+    study_json = check_script_value(Layout(study).study_file, "study folder (study.output_dir or --out)")
     c = study.dispatch.container
     if c.runtime == "none":
         return [python or sys.executable, "-m", "toolkit", "unit", study_json, stage, key]

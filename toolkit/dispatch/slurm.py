@@ -160,7 +160,7 @@ def check_script_values(study: StudyConfig, stage: str) -> None:
     res: ResourceConfig = study.dispatch.resources_for(stage)
     where = f"dispatch.resources.{stage}"
     # The log paths (#SBATCH --output/--error) and the job's command live under the root.
-    check_script_value(Layout(study).logs_dir / stage, "study folder (study.output_dir or --out)")
+    check_script_value(Layout(study).stage_logs(stage), "study folder (study.output_dir or --out)")
     check_script_value(study.name, "study.name (the job name)")
     for key in ("partition", "account", "qos"):
         value = getattr(res, key)
@@ -261,7 +261,7 @@ def submit_stage(study: StudyConfig, stage: str, keys: list[str], dependency: st
     import submitit
 
     layout = Layout(study)
-    folder = layout.logs_dir / stage
+    folder = layout.stage_logs(stage)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10)
     params = slurm_parameters(study, stage, dependency)
     executor.update_parameters(**params)
