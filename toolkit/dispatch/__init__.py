@@ -169,7 +169,7 @@ def status_table(study: StudyConfig) -> str:
     """Every unit of the study: done / running / pending / failed, with job ids and logs."""
     from toolkit.dispatch.status import format_table, unit_states
 
-    return format_table(study, unit_states(study))
+    return format_table(study.name, study.root, unit_states(study))
 
 
 def cancel_study(study: StudyConfig) -> None:

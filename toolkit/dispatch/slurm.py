@@ -175,7 +175,7 @@ def check_script_values(study: StudyConfig, stage: str) -> None:
         check_script_value(value, f"{where}.extra_sbatch.{key}")
     for i, line in enumerate(res.setup):
         check_script_value(line, f"{where}.setup[{i}]")
-    check_container_values(study)
+    check_container_values(study.dispatch.container)
 
 
 def slurm_parameters(study: StudyConfig, stage: str, dependency: str | None) -> dict[str, Any]:
