@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
@@ -20,8 +21,6 @@ from toolkit.errors import ToolkitError
 
 def _study(args: argparse.Namespace) -> Any:
     """The study named on the command line: a study file, or a study folder (its study.json)."""
-    from pathlib import Path
-
     from toolkit.config import load_study
     from toolkit.errors import ConfigError
     from toolkit.study import Layout
@@ -48,8 +47,6 @@ def _submitted_study(args: argparse.Namespace) -> tuple[Any, str]:
     """For status and cancel: the study as last run (``<root>/study.json``), so that the
     run's ``--set`` overrides need not be repeated, and a note when the study file given
     now differs from it ('' otherwise). With ``--set``, the study file as given."""
-    from pathlib import Path
-
     from toolkit.config import load_study, study_to_dict
     from toolkit.study import Layout
     from toolkit.units import flat_settings
@@ -73,8 +70,8 @@ _WRITES = ("prepare", "train", "evaluate", "analyse", "report", "run", "submit",
 """Commands that write into the study folder: :func:`_check_output_dir` runs before them."""
 
 
-def _check_output_dir(study: Any) -> None:
-    """Create the study folder and write a probe file in it, before any work.
+def _check_output_dir(root: Path) -> None:
+    """Create the study folder ``root`` and write a probe file in it, before any work.
 
     A file where the folder should be, a file among its parents or a read-only
     parent would otherwise surface as a traceback (or an error deep inside one
@@ -87,11 +84,9 @@ def _check_output_dir(study: Any) -> None:
     """
     import os
     import tempfile
-    from pathlib import Path
 
     from toolkit.errors import ConfigError
 
-    root = Path(study.root)
     what = "choose a writable output_dir (--out)"
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{root}: cannot create the study folder (a file is in its place); {what}")
@@ -148,7 +143,6 @@ def cmd_corpus_stats(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from toolkit.plan import DEVICES, format_plan, load_calibration, plan_study
 
@@ -321,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command in _WRITES:
-            _check_output_dir(_study(args))
+            _check_output_dir(_study(args).root)
         return int(args.func(args) or 0)
     except ToolkitError as e:
         print(f"toolkit: error: {e}", file=sys.stderr)
