@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.config import CorpusConfig, DispatchConfig, ModelConfig, StudyConfig
+from toolkit.config import CorpusConfig, DispatchConfig, StudyConfig, effective_shape
 from toolkit.errors import ConfigError, CorpusError
 from toolkit.masks import eval_seq_len
 from toolkit.study import Layout, prepare_keys, run_tokenizer
@@ -156,18 +156,6 @@ def load_calibration(path: Path) -> dict[str, Device]:
 
 
 # --------------------------------------------------------------------------- model arithmetic
-
-
-def model_shape(cfg: ModelConfig) -> dict[str, int]:
-    """Layers, hidden size, heads, FFN size and positions of a run's model (``runs.<run>.model``)."""
-    from toolkit.config import SHAPES
-
-    shape = dict(SHAPES[cfg.shape])
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings"):
-        if getattr(cfg, key) is not None:
-            shape[key] = getattr(cfg, key)
-    return {k: int(v) for k, v in shape.items()}
 
 
 def n_parameters(shape: dict[str, int], vocab: int) -> int:
@@ -516,7 +504,7 @@ class _Planner:
     def member(self, run: str, s: RunShape) -> None:
         """Train and evaluate units of ``run`` (one per seed) and its masks store."""
         study, t = self.study, self.study.training
-        shape, vocab = model_shape(study.runs[run].model), s.vocab
+        shape, vocab = effective_shape(study.runs[run].model), s.vocab
         params = n_parameters(shape, vocab)
         kind, cores = _device(study.dispatch, t.device, "train")
         room = t.seq_len - 2
@@ -607,7 +595,7 @@ class _Planner:
         pairs = m * (m - 1) / 2
         stage = self.stages["measure"]
         for run, s in shapes.items():
-            h = model_shape(study.runs[run].model)["hidden_size"]
+            h = effective_shape(study.runs[run].model)["hidden_size"]
             work = {"distributions": (pairs + m) * _Eval.of(study, s).positions * s.vocab / DISTRIBUTION_ELEMENTS_PER_S,
                     "embeddings": pairs * s.vocab ** 2 * h / EMBEDDING_ELEMENTS_PER_S}
             memory = {"distributions": PROCESS_BASELINE_BYTES + 2 * 2048 * s.vocab * 8 * 4 * cores,
