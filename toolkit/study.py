@@ -100,7 +100,8 @@ def prepare_keys(study: StudyConfig) -> list[tuple[str, str]]:
 
 
 class Layout:
-    """Paths of a study folder. Pure path arithmetic: nothing is created here."""
+    """Paths of a study folder. Path arithmetic, and two listings of what is there
+    (:meth:`member_folders`, :meth:`token_stores`): nothing is created here."""
 
     def __init__(self, study: StudyConfig) -> None:
         self.study = study
