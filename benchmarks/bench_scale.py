@@ -270,6 +270,7 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
     import toolkit.tokenizers
     from toolkit.config import load_study
     from toolkit.prepare import prepare_unit
+    from toolkit.study import Layout
 
     eval_records = max(1, min(10_000, records // 20))
     path = Path(out) / "study.toml"
@@ -286,7 +287,7 @@ def prepare_child(fasta: str, out: str, tokenizer: str, records: int, tok_record
     folder = prepare_unit(study, "dna", tokenizer)
     seconds = time.perf_counter() - t0
     phases = sampler.stop()
-    attrs = dict(zarr.open_group(str(folder / "tokens.zarr"), mode="r").attrs)
+    attrs = dict(zarr.open_group(str(Layout.tokens_store_in(folder)), mode="r").attrs)
     line = json.dumps({"seconds": seconds, **phases, "symbols": attrs["n_symbols"], "tokenizer": tokenizer,
                        "tokens": attrs["n_tokens"], "records": attrs["n_records"]})
     with open(Path(out).parent / "results.jsonl", "a", encoding="utf-8") as f:  # every phase, raw
@@ -526,10 +527,9 @@ def build_analysis_study(root: Path, n_pos: int, members: int, vocab: int = VOCA
     base_ctx = rng.standard_normal((contextual, dim)).astype(np.float32)
     for seed in study.seeds:
         m = Member("r", seed)
-        d = layout.member_dir(m)
         common = {"member": m.id, "run": "r", "seed": seed, "tokenizer_hash": "bench"}
         mrng = np.random.default_rng(100 + seed)
-        with store.writing(d / "predictions.zarr", "predictions",
+        with store.writing(layout.member_store(m, "predictions"), "predictions",
                            {**common, "checkpoint": "best", "vocab_size": vocab}, overwrite=True) as g:
             arr = store.create_array(g, "predictions", "log_probs", shape=(n_pos, vocab), dtype="float16")
             writer = _RowWriter(arr)
@@ -544,7 +544,7 @@ def build_analysis_study(root: Path, n_pos: int, members: int, vocab: int = VOCA
                 writer.add(logits.astype(np.float16))
             writer.flush()
             store.create_array(g, "predictions", "target", data=target)
-        with store.writing(d / "embeddings.zarr", "embeddings", {**common, "checkpoint": "best"},
+        with store.writing(layout.member_store(m, "embeddings"), "embeddings", {**common, "checkpoint": "best"},
                            overwrite=True) as g:
             store.create_array(g, "embeddings", "word_embeddings",
                                data=base_emb + mrng.standard_normal(base_emb.shape, dtype=np.float32))

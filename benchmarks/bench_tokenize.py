@@ -99,6 +99,7 @@ def measure_prepare_memory(out_dir: str) -> None:
 
     from toolkit.config import study_from_dict
     from toolkit.prepare import prepare_unit
+    from toolkit.study import Layout
 
     study = study_from_dict({
         "study": {"name": "bench", "output_dir": out_dir},
@@ -117,7 +118,7 @@ def measure_prepare_memory(out_dir: str) -> None:
     maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     import zarr
 
-    attrs = dict(zarr.open_group(str(folder / "tokens.zarr"), mode="r").attrs)
+    attrs = dict(zarr.open_group(str(Layout.tokens_store_in(folder)), mode="r").attrs)
     print(json.dumps({"tracemalloc_peak": peak, "rss_before": rss0,
                       "rss_peak_growth": max(maxrss1 - max(maxrss0, rss0), 0),
                       "seconds": seconds, "symbols": attrs["n_symbols"], "tokens": attrs["n_tokens"]}))

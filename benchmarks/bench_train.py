@@ -56,7 +56,7 @@ def _study(root: Path) -> Any:
 def _write_tokens(study: Any) -> list[np.ndarray]:
     """A token store of order-1 Markov records of 150-400 tokens; returns the train records."""
     from toolkit import store
-    from toolkit.study import Layout, write_json_atomic
+    from toolkit.study import Layout, run_tokenizer, write_json_atomic
 
     rng = np.random.default_rng(0)
     n = VOCAB - 5
@@ -70,19 +70,19 @@ def _write_tokens(study: Any) -> list[np.ndarray]:
         for i in range(1, length):
             tok[i] = succ[tok[i - 1], choice[i]]
         records.append(tok + 5)
-    folder = Layout(study).run_tokens_dir("r")
+    layout = Layout(study)
     attrs = {"corpus": "c", "source": "synthetic:markov", "kind": "dna", "tokenizer": "kmer6",
              "tokenizer_hash": "0" * 64, "vocab_size": VOCAB,
              "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
              "provenance": [], "split": {}, "entropy_profile": {}, "toolkit_version": "bench"}
-    with store.writing(folder / "tokens.zarr", "tokens", attrs, overwrite=True) as g:
+    with store.writing(layout.run_tokens_store("r"), "tokens", attrs, overwrite=True) as g:
         store.create_array(g, "tokens", "tokens", data=np.concatenate(records).astype(np.uint16))
         store.create_array(g, "tokens", "offsets",
                            data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         store.create_array(g, "tokens", "split",
                            data=np.array([0] * N_TRAIN + [1] * 10, dtype=np.uint8))
         store.create_array(g, "tokens", "record_symbols", data=lengths.astype(np.int64))
-    write_json_atomic(folder / "complete.json", {})
+    write_json_atomic(layout.prepare_marker(study.runs["r"].corpus, run_tokenizer(study, "r")), {})
     return records[:N_TRAIN]
 
 

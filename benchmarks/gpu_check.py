@@ -393,33 +393,33 @@ def write_token_store(study: Any, records: list[Any]) -> None:
     import numpy as np
 
     from toolkit import store
-    from toolkit.study import Layout, write_json_atomic
+    from toolkit.study import Layout, run_tokenizer, write_json_atomic
 
     n_eval = 8
     eval_records = synthetic_records(n_eval, len(records[0]) + 2, seed=1)
     allrec = [*records, *eval_records]
     lengths = np.array([len(r) for r in allrec], dtype=np.int64)
-    folder = Layout(study).run_tokens_dir("r")
-    folder.mkdir(parents=True, exist_ok=True)
+    layout = Layout(study)
+    layout.run_tokens_dir("r").mkdir(parents=True, exist_ok=True)
     # The real kmer6 tokenizer beside the store, as `toolkit prepare` leaves it (training
     # exports it with the model).
     tok = kmer6()
     tokenizer_hash = "0" * 64
     if tok is not None:
-        tok.save(folder / "tokenizer.json")
+        tok.save(layout.run_tokenizer_file("r"))
         tokenizer_hash = tok.hash
     attrs = {"corpus": "c", "source": "synthetic:markov", "kind": "dna", "tokenizer": "kmer6",
              "tokenizer_hash": tokenizer_hash, "vocab_size": vocab_size(),
              "special_tokens": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4},
              "provenance": [], "split": {}, "entropy_profile": {}, "toolkit_version": "gpu-check"}
-    with store.writing(folder / "tokens.zarr", "tokens", attrs, overwrite=True) as g:
+    with store.writing(layout.run_tokens_store("r"), "tokens", attrs, overwrite=True) as g:
         store.create_array(g, "tokens", "tokens", data=np.concatenate(allrec).astype(np.uint16))
         store.create_array(g, "tokens", "offsets",
                            data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         store.create_array(g, "tokens", "split",
                            data=np.array([0] * len(records) + [1] * n_eval, dtype=np.uint8))
         store.create_array(g, "tokens", "record_symbols", data=lengths)
-    write_json_atomic(folder / "complete.json", {})
+    write_json_atomic(layout.prepare_marker(study.runs["r"].corpus, run_tokenizer(study, "r")), {})
 
 
 # --------------------------------------------------------------------------- training
@@ -788,7 +788,7 @@ def _study_outcome(study_file: Path, expected: str) -> dict[str, Any]:
     problems = []
     for member in members(study):
         ev = layout.evaluate_marker(member)
-        tr = layout.member_dir(member) / "train.zarr"
+        tr = layout.member_store(member, "train")
         if not layout.train_marker(member).is_file() or not tr.exists():
             problems.append(f"{member.id}: not trained")
             continue

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
@@ -20,14 +21,13 @@ from toolkit.errors import ToolkitError
 
 def _study(args: argparse.Namespace) -> Any:
     """The study named on the command line: a study file, or a study folder (its study.json)."""
-    from pathlib import Path
-
     from toolkit.config import load_study
     from toolkit.errors import ConfigError
+    from toolkit.study import Layout
 
     path = Path(args.study)
     if path.is_dir():
-        path = path / "study.json"
+        path = Layout.of_folder(path).study_file
         if not path.exists():
             raise ConfigError(f"{args.study}: a folder without study.json (it is written when a "
                               "study is first run); give the study file instead")
@@ -47,13 +47,12 @@ def _submitted_study(args: argparse.Namespace) -> tuple[Any, str]:
     """For status and cancel: the study as last run (``<root>/study.json``), so that the
     run's ``--set`` overrides need not be repeated, and a note when the study file given
     now differs from it ('' otherwise). With ``--set``, the study file as given."""
-    from pathlib import Path
-
     from toolkit.config import load_study, study_to_dict
+    from toolkit.study import Layout
     from toolkit.units import flat_settings
 
     study = _study(args)
-    saved = study.root / "study.json"
+    saved = Layout(study).study_file
     if args.set or not saved.exists() or Path(args.study).resolve() in (saved, saved.parent):
         return study, ""
     submitted = load_study(saved)
@@ -71,8 +70,8 @@ _WRITES = ("prepare", "train", "evaluate", "analyse", "report", "run", "submit",
 """Commands that write into the study folder: :func:`_check_output_dir` runs before them."""
 
 
-def _check_output_dir(study: Any) -> None:
-    """Create the study folder and write a probe file in it, before any work.
+def _check_output_dir(root: Path) -> None:
+    """Create the study folder ``root`` and write a probe file in it, before any work.
 
     A file where the folder should be, a file among its parents or a read-only
     parent would otherwise surface as a traceback (or an error deep inside one
@@ -85,11 +84,9 @@ def _check_output_dir(study: Any) -> None:
     """
     import os
     import tempfile
-    from pathlib import Path
 
     from toolkit.errors import ConfigError
 
-    root = Path(study.root)
     what = "choose a writable output_dir (--out)"
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{root}: cannot create the study folder (a file is in its place); {what}")
@@ -146,7 +143,6 @@ def cmd_corpus_stats(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from toolkit.plan import DEVICES, format_plan, load_calibration, plan_study
 
@@ -180,7 +176,7 @@ def _print_results(study: Any) -> None:
     from toolkit.study import Layout
 
     print(summary_table(study))
-    report = Layout(study).report_dir / "index.html"
+    report = Layout(study).report_index
     if report.exists():
         print(f"report: {report}")
 
@@ -319,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command in _WRITES:
-            _check_output_dir(_study(args))
+            _check_output_dir(_study(args).root)
         return int(args.func(args) or 0)
     except ToolkitError as e:
         print(f"toolkit: error: {e}", file=sys.stderr)

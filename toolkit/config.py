@@ -836,8 +836,9 @@ def effective_shape(model: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _check_model(model: ModelConfig, key: str, study: StudyConfig, where: str) -> None:
-    """Cross-field checks of a model's effective shape against the sequence lengths."""
+def _check_model(model: ModelConfig, key: str, t_len: int, a_len: int, where: str) -> None:
+    """Cross-field checks of a model's effective shape against the sequence lengths: the
+    training one ``t_len`` and the evaluation one ``a_len``."""
     shape = effective_shape(model)
     heads, hidden = shape["num_attention_heads"], shape["hidden_size"]
     if hidden % heads:
@@ -845,8 +846,6 @@ def _check_model(model: ModelConfig, key: str, study: StudyConfig, where: str) -
         raise ConfigError(f"{where}: {key}: hidden_size {hidden} (shape '{model.shape}' with "
                           f"overrides) is not a multiple of num_attention_heads {heads}; set "
                           f"{key}.num_attention_heads to a divisor of {hidden} (e.g. {near})")
-    t_len = study.training.seq_len
-    a_len = study.analysis.seq_len or t_len
     if model.max_position_embeddings is not None:
         positions = model.max_position_embeddings
         if positions < t_len:
@@ -915,7 +914,9 @@ def validate_study(study: StudyConfig, where: str) -> None:
                 raise err(f"corpora.{name}.synthetic.order = {syn.order} gives "
                           f"{len(syn.alphabet)}^{syn.order + 1} transition probabilities, more than "
                           "20,000,000; lower synthetic.order")
-    _check_model(study.model, "model", study, where)
+    t_len = study.training.seq_len
+    a_len = study.analysis.seq_len or t_len
+    _check_model(study.model, "model", t_len, a_len, where)
     for name, run in study.runs.items():
         if "/" in name or not _NAME.match(name):
             raise err(f"runs.{name}: names may only use letters, digits, '.', '_' and '-'")
@@ -936,13 +937,13 @@ def validate_study(study: StudyConfig, where: str) -> None:
         problem = vocabulary_problem(run.tokenizer) if m is not None else None
         if problem:
             raise err(f"runs.{name}.tokenizer: '{run.tokenizer}': {problem}")
-        if m is not None and m.group("k") and _corpus_kind(study, run.corpus) == "text":
+        if m is not None and m.group("k") and _corpus_kind(study.corpora, run.corpus) == "text":
             raise err(f"runs.{name}.tokenizer: '{run.tokenizer}' needs DNA but corpus "
                       f"'{run.corpus}' is text; use char or bpe<V>")
         if run.checkpoints and len(run.checkpoints) < len(study.seeds):
             raise err(f"runs.{name}.checkpoints: {len(run.checkpoints)} checkpoint folders for "
                       f"{len(study.seeds)} seeds; give one folder per seed or fewer seeds")
-        _check_model(run.model, f"runs.{name}.model", study, where)
+        _check_model(run.model, f"runs.{name}.model", t_len, a_len, where)
     t = study.training
     given = [k for k in ("steps", "tokens", "epochs") if getattr(t, k) is not None]
     if len(given) > 1:
@@ -956,16 +957,16 @@ def validate_study(study: StudyConfig, where: str) -> None:
                   f"'{c.runtime}' (build one with `make container`)")
 
 
-def _corpus_kind(study: StudyConfig, name: str, depth: int = 0) -> str:
+def _corpus_kind(corpora: dict[str, CorpusConfig], name: str, depth: int = 0) -> str:
     """``dna``, ``text`` or ``auto`` (unknown before reading) for a corpus of the study."""
-    cfg = study.corpora.get(name)
-    if cfg is None or depth > len(study.corpora):
+    cfg = corpora.get(name)
+    if cfg is None or depth > len(corpora):
         return "auto"
     if cfg.kind != "auto":
         return cfg.kind
     scheme, _, rest = cfg.source.partition(":")
     if scheme == "shuffle":
-        return _corpus_kind(study, rest, depth + 1)
+        return _corpus_kind(corpora, rest, depth + 1)
     if scheme == "builtin":
         from toolkit.corpora.builtin import BUILTINS  # no heavy imports: names and kinds only
 

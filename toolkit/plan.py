@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.config import StudyConfig
+from toolkit.config import CorpusConfig, DispatchConfig, StudyConfig, effective_shape
 from toolkit.errors import ConfigError, CorpusError
 from toolkit.masks import eval_seq_len
 from toolkit.study import Layout, prepare_keys, run_tokenizer
@@ -158,19 +158,6 @@ def load_calibration(path: Path) -> dict[str, Device]:
 # --------------------------------------------------------------------------- model arithmetic
 
 
-def model_shape(study: StudyConfig, run: str) -> dict[str, int]:
-    """Layers, hidden size, heads, FFN size and positions of ``run``'s model."""
-    from toolkit.config import SHAPES
-
-    cfg = study.runs[run].model
-    shape = dict(SHAPES[cfg.shape])
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings"):
-        if getattr(cfg, key) is not None:
-            shape[key] = getattr(cfg, key)
-    return {k: int(v) for k, v in shape.items()}
-
-
 def n_parameters(shape: dict[str, int], vocab: int) -> int:
     """Parameters of a BERT MLM with tied embeddings and one token type (toolkit.model)."""
     L, h, ff, P = (shape["num_hidden_layers"], shape["hidden_size"], shape["intermediate_size"],
@@ -246,11 +233,12 @@ def _tokens_of(lengths: np.ndarray, spec: str, kind: str, vocab: int) -> np.ndar
     return np.ceil(lengths / _symbols_per_token(spec, kind, vocab))
 
 
-def _from_store(path: Path) -> RunShape | None:
-    """The shape of an already prepared token store, or None."""
+def _from_store(path: Path, marker: Path) -> RunShape | None:
+    """The shape of an already prepared token store (its prepare unit's ``marker`` written),
+    or None."""
     from toolkit import store
 
-    if not (path.parent / "complete.json").is_file():
+    if not marker.is_file():
         return None
     try:
         g = store.open_store(path, "tokens", verify="none")
@@ -311,12 +299,13 @@ def run_shape(study: StudyConfig, run: str, sample_seconds: float = 3.0,
     """The data side of ``run``: records, symbols and tokens per record."""
     cfg = study.runs[run]
     tok = run_tokenizer(study, run)
-    measured = _from_store(Layout(study).tokens_store(cfg.corpus, tok))
+    layout = Layout(study)
+    measured = _from_store(layout.tokens_store(cfg.corpus, tok), layout.prepare_marker(cfg.corpus, tok))
     if measured is not None:
         return measured
     cache = _cache if _cache is not None else {}
     if cfg.corpus not in cache:
-        cache[cfg.corpus] = _sample_corpus(study, _base_corpus(study, cfg.corpus), sample_seconds)
+        cache[cfg.corpus] = _sample_corpus(study, _base_corpus(study.corpora, cfg.corpus), sample_seconds)
     lengths, exact, how, kind = cache[cfg.corpus]
     ccfg = study.corpora[cfg.corpus]
     if exact:
@@ -340,11 +329,12 @@ def run_shape(study: StudyConfig, run: str, sample_seconds: float = 3.0,
     return RunShape(n_records, n_train, n_eval, symbols, sample, sample, vocab, how)
 
 
-def _base_corpus(study: StudyConfig, corpus: str) -> str:
+def _base_corpus(corpora: dict[str, CorpusConfig], corpus: str) -> str:
+    """The corpus whose records ``corpus`` reads (through ``shuffle:`` sources)."""
     seen = set()
-    while study.corpora[corpus].source.startswith("shuffle:") and corpus not in seen:
+    while corpora[corpus].source.startswith("shuffle:") and corpus not in seen:
         seen.add(corpus)
-        corpus = study.corpora[corpus].source.split(":", 1)[1]
+        corpus = corpora[corpus].source.split(":", 1)[1]
     return corpus
 
 
@@ -416,10 +406,11 @@ class Plan:
                 "disk_by_kind": dict(self.disk_by_kind), "assumptions": list(self.assumptions)}
 
 
-def _device(study: StudyConfig, stage: str, devices: dict[str, Device]) -> tuple[str, int]:
-    """(``cuda`` or ``cpu``, cores) a unit of ``stage`` runs on, from its resources."""
-    res = study.dispatch.resources_for(stage)
-    wants_gpu = res.gpus_per_node > 0 and study.training.device != "cpu"
+def _device(dispatch: DispatchConfig, training_device: str, stage: str) -> tuple[str, int]:
+    """(``cuda`` or ``cpu``, cores) a unit of ``stage`` runs on, from its resources and
+    ``training.device``."""
+    res = dispatch.resources_for(stage)
+    wants_gpu = res.gpus_per_node > 0 and training_device != "cpu"
     return ("cuda" if wants_gpu else "cpu"), max(1, res.cpus_per_task)
 
 
@@ -455,7 +446,7 @@ def plan_study(study: StudyConfig, *, devices: dict[str, Device] | None = None,
     p.analyse(shapes)
     p.check_resources()
     return Plan(study.name, p.stages, {k: int(v) for k, v in p.disk.items()},
-                [*p.notes, *_assumption_lines(study, p.devices)])
+                [*p.notes, *_assumption_lines(study.dispatch, study.training.device, p.devices)])
 
 
 @dataclass(frozen=True)
@@ -521,10 +512,9 @@ class _Planner:
     def member(self, run: str, s: RunShape) -> None:
         """Train and evaluate units of ``run`` (one per seed)."""
         study, t = self.study, self.study.training
-        shape, vocab = model_shape(study, run), s.vocab
+        shape, vocab = effective_shape(study.runs[run].model), s.vocab
         params = n_parameters(shape, vocab)
-        kind, _ = _device(study, "train", self.devices)
-        cores = max(1, study.dispatch.resources_for("train").cpus_per_task)
+        kind, cores = _device(study.dispatch, t.device, "train")
         room = t.seq_len - 2
         lengths = np.minimum(s.train_lengths, room) if len(s.train_lengths) else np.zeros(1)
         n_seq = int(s.n_train * (lengths > 0).mean())
@@ -568,7 +558,7 @@ class _Planner:
     def _evaluate(self, run: str, shape: dict[str, int], vocab: int, params: int, e: _Eval,
                   snapshots: int) -> None:
         study, t, a = self.study, self.study.training, self.study.analysis
-        kind, cores = _device(study, "evaluate", self.devices)
+        kind, cores = _device(study.dispatch, t.device, "evaluate")
         per_seq = e.mean_tokens + 2
         flops = (e.records * per_seq * flops_per_token(shape, vocab, e.seq_len, a.distribution_mask_rate, False)
                  + e.contextual * per_seq * flops_per_token(shape, vocab, e.seq_len, 0.0, False)
@@ -577,7 +567,7 @@ class _Planner:
         pred = e.positions * vocab * (4 if a.prediction_dtype == "float32" else 2)
         secs = (_seconds(flops, self.devices[kind], t.precision, cores, kind) + pred / WRITE_BYTES_PER_S
                 + UNIT_OVERHEAD_S["evaluate"])
-        n_diag = _diagonal_parameters(study, shape, vocab, params)
+        n_diag = _diagonal_parameters(a.fisher_diagonal, shape, vocab, params)
         fisher = n_diag * 4 * len(a.fisher_estimators) * snapshots * COMPRESSION["fisher"] + 50e3
         emb = (vocab + e.contextual) * shape["hidden_size"] * 4 * COMPRESSION["embeddings"]
         pred_size = pred * COMPRESSION["predictions"][a.prediction_dtype] + e.positions * 4
@@ -595,7 +585,7 @@ class _Planner:
         self.disk["predictions"] += pred_size * n
         self.disk["fisher"] += fisher * n
         self.disk["embeddings"] += emb * n
-        _resource_warnings(study, "evaluate", self.stages["evaluate"], secs, host, run)
+        _resource_warnings(study.dispatch, "evaluate", self.stages["evaluate"], secs, host, run)
         self.notes.append(f"run {run}: {e.positions:,.0f} evaluation positions, {snapshots} Fisher snapshots")
 
     def analyse(self, shapes: dict[str, RunShape]) -> None:
@@ -604,12 +594,12 @@ class _Planner:
         from toolkit.analyse.shards import FAMILIES
 
         study = self.study
-        _, cores = _device(study, "measure", self.devices)
+        _, cores = _device(study.dispatch, study.training.device, "measure")
         m = len(study.seeds)
         pairs = m * (m - 1) / 2
         stage = self.stages["measure"]
         for run, s in shapes.items():
-            h = model_shape(study, run)["hidden_size"]
+            h = effective_shape(study.runs[run].model)["hidden_size"]
             work = {"distributions": (pairs + m) * _Eval.of(study, s).positions * s.vocab / DISTRIBUTION_ELEMENTS_PER_S,
                     "embeddings": pairs * s.vocab ** 2 * h / EMBEDDING_ELEMENTS_PER_S}
             memory = {"distributions": PROCESS_BASELINE_BYTES + 2 * 2048 * s.vocab * 8 * 4 * cores,
@@ -620,21 +610,21 @@ class _Planner:
                 shard = 2e4 + (s.vocab * 8 if family == "distributions" else 0)  # rank curve; scalars
                 self.disk["shards"] += shard
                 stage.add(cpu=secs * cores / 3600, memory=mem, wall=secs / 3600, disk=shard)
-                _resource_warnings(study, "measure", stage, secs, mem, run)
-        _, cores = _device(study, "analyse", self.devices)
+                _resource_warnings(study.dispatch, "measure", stage, secs, mem, run)
+        _, cores = _device(study.dispatch, study.training.device, "analyse")
         secs = UNIT_OVERHEAD_S["analyse"]
         # per run: vocabulary-long curves (float64) and per-member tables; report figures apart
         summary = 2e5 + sum(s.vocab * 8 * 4 + m * 50e3 for s in shapes.values())
         self.disk["summary"] += summary
         self.stages["analyse"].add(cpu=secs * cores / 3600, memory=PROCESS_BASELINE_BYTES, wall=secs / 3600,
                                    disk=summary)
-        _resource_warnings(study, "analyse", self.stages["analyse"], secs, PROCESS_BASELINE_BYTES, None)
+        _resource_warnings(study.dispatch, "analyse", self.stages["analyse"], secs, PROCESS_BASELINE_BYTES, None)
 
     def check_resources(self) -> None:
         """Memory and time-limit warnings of prepare and train, GPU memory of train and evaluate."""
         study, stages = self.study, self.stages
         for stage in ("prepare", "train"):
-            _memory_warning(study, stage, stages[stage], stages[stage].peak_memory_bytes)
+            _memory_warning(study.dispatch, stage, stages[stage], stages[stage].peak_memory_bytes)
         prep = stages["prepare"]
         if study.dispatch.executor == "slurm" and prep.unit_hours * 60 > study.dispatch.resources_for(
                 "prepare").time_minutes:
@@ -642,7 +632,7 @@ class _Planner:
                                  f"dispatch.resources.prepare.time_minutes to at least "
                                  f"{math.ceil(prep.unit_hours * 72)}")
         for stage in ("train", "evaluate"):
-            kind, _ = _device(study, stage, self.devices)
+            kind, _ = _device(study.dispatch, study.training.device, stage)
             cap = self.devices[kind].memory_bytes
             if kind == "cuda" and cap and stages[stage].gpu_memory_bytes > cap:
                 stages[stage].warnings.append(
@@ -657,8 +647,8 @@ def _total_tokens(s: RunShape) -> float:
     return per_record * s.n_records
 
 
-def _diagonal_parameters(study: StudyConfig, shape: dict[str, int], vocab: int, params: int) -> int:
-    d = study.analysis.fisher_diagonal
+def _diagonal_parameters(d: str | tuple[str, ...], shape: dict[str, int], vocab: int, params: int) -> int:
+    """Parameters whose Fisher diagonal is stored (``analysis.fisher_diagonal = d``)."""
     if d == "none":
         return 0
     if d == "all":
@@ -671,19 +661,19 @@ def _diagonal_parameters(study: StudyConfig, shape: dict[str, int], vocab: int, 
     return sum(sizes.get(g, per_layer) for g in d)
 
 
-def _resource_warnings(study: StudyConfig, stage: str, plan: StagePlan, secs: float, memory: float,
+def _resource_warnings(dispatch: DispatchConfig, stage: str, plan: StagePlan, secs: float, memory: float,
                        run: str | None) -> None:
-    res = study.dispatch.resources_for(stage)
+    res = dispatch.resources_for(stage)
     where = f"run {run}: " if run else ""
-    if study.dispatch.executor == "slurm" and secs / 60 > res.time_minutes:
+    if dispatch.executor == "slurm" and secs / 60 > res.time_minutes:
         plan.warnings.append(f"{where}a unit needs about {secs / 3600:.1f} h but dispatch.resources.{stage}."
                              f"time_minutes is {res.time_minutes}: raise it to at least "
                              f"{math.ceil(secs / 60 * 1.2)}")
-    _memory_warning(study, stage, plan, memory, where)
+    _memory_warning(dispatch, stage, plan, memory, where)
 
 
-def _memory_warning(study: StudyConfig, stage: str, plan: StagePlan, memory: float, where: str = "") -> None:
-    res = study.dispatch.resources_for(stage)
+def _memory_warning(dispatch: DispatchConfig, stage: str, plan: StagePlan, memory: float, where: str = "") -> None:
+    res = dispatch.resources_for(stage)
     if res.mem_gb is not None and memory > res.mem_gb * GIB:
         text = (f"{where}a unit peaks at about {memory / GIB:.1f} GiB of memory but dispatch.resources."
                 f"{stage}.mem_gb is {res.mem_gb:g}: raise it to at least {math.ceil(memory / GIB * 1.2)}")
@@ -691,8 +681,8 @@ def _memory_warning(study: StudyConfig, stage: str, plan: StagePlan, memory: flo
             plan.warnings.append(text)
 
 
-def _assumption_lines(study: StudyConfig, devices: dict[str, Device]) -> list[str]:
-    used = {_device(study, s, devices)[0] for s in ("train", "evaluate")}
+def _assumption_lines(dispatch: DispatchConfig, training_device: str, devices: dict[str, Device]) -> list[str]:
+    used = {_device(dispatch, training_device, s)[0] for s in ("train", "evaluate")}
     lines = [f"{k}: {devices[k].name}, {', '.join(f'{p} {v / 1e12:.2f} TFLOP/s' for p, v in devices[k].flops.items())}"
              f"{' per core' if k == 'cpu' else ''} effective; {devices[k].source}" for k in sorted(used | {"cpu"})]
     lines += [

@@ -46,7 +46,7 @@ def _open_summary(source: Any) -> Any:
     else:
         path = Path(source)
         if path.is_dir() and not (path / "zarr.json").exists():  # a study folder, not the store
-            path = path / "summary.zarr"
+            path = Layout.of_folder(path).summary
     if not path.exists():
         raise StoreError(f"{path}: no summary store; run `toolkit analyse STUDY` first")
     return store.open_dataset(path, "summary", chunks={}).compute()
@@ -589,7 +589,7 @@ def write_report(study: StudyConfig) -> Path:
     Returns
     -------
     Path
-        ``Layout(study).report_dir / "index.html"``: self-contained (figures embedded
+        ``Layout(study).report_index``: self-contained (figures embedded
         as base64 PNG); each figure is also saved as ``<name>.png`` and ``<name>.svg``
         in the same folder.
 
@@ -632,6 +632,6 @@ def write_report(study: StudyConfig) -> Path:
     parts += ["<h2>Every measure</h2>", _variable_tables(ds), "<h2>Data-side entropy profile</h2>",
               _profile_table(ds), "</body></html>"]
     # index.html marks the analyse unit complete: write it last, atomically.
-    write_atomic(out / "index.html", "\n".join(parts))  # readable by the group, as shared
-    log.info("wrote %s (%d figures)", out / "index.html", len(figures))
-    return out / "index.html"
+    write_atomic(layout.report_index, "\n".join(parts))  # readable by the group, as shared
+    log.info("wrote %s (%d figures)", layout.report_index, len(figures))
+    return layout.report_index

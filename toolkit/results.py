@@ -18,6 +18,7 @@ import numpy as np
 from toolkit import store
 from toolkit.errors import StoreError
 from toolkit.plumbing import network_order
+from toolkit.study import Layout, Member
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,17 @@ _KINDS = ("predictions", "embeddings", "fisher")
 _LABELLED = {"member", "estimator", "step", "group", "parameter"}
 
 
-def _currency(root: Path) -> tuple[dict[str, list[int]] | None, str]:
+def _currency(layout: Layout) -> tuple[dict[str, list[int]] | None, str]:
     """From ``study.json`` and the unit model: run -> seeds of the members whose evaluate
     unit is done, and why the summary is not current ('' when it is). ``(None, ...)``
     when the folder has no study.json (stores written by the library, not a run)."""
-    if not (root / "study.json").exists():
+    if not layout.study_file.exists():
         return None, ""
     from toolkit.config import load_study
-    from toolkit.study import Member
     from toolkit.units import unit_states
 
-    study = load_study(root / "study.json")
+    root = layout.root
+    study = load_study(layout.study_file)
     if study.root != root:  # a moved or copied folder: judge the stores where they are now
         import dataclasses
 
@@ -60,19 +61,15 @@ def _currency(root: Path) -> tuple[dict[str, list[int]] | None, str]:
     return done, "" if summary.state == "done" else f"{summary.state}: {summary.reason}"
 
 
-def _members(root: Path) -> dict[str, list[int]]:
+def _members(layout: Layout) -> dict[str, list[int]]:
     """Run -> seeds of the complete members (evaluate marker), runs in study order."""
-    base = root / "members"
     found: dict[str, list[int]] = {}
-    if base.is_dir():
-        for run_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            seeds = sorted(int(p.name[4:]) for p in run_dir.glob("seed*")
-                           if p.name[4:].isdigit() and (p / "evaluate.complete.json").exists())
-            if seeds:
-                found[run_dir.name] = seeds
+    for m in layout.member_folders():
+        if layout.evaluate_marker(m).exists():
+            found.setdefault(m.run, []).append(m.seed)
     # Run order: the study's (from study.json, the dispatcher's copy), else the folder's.
     runs: list[str] = []
-    study_json = root / "study.json"
+    study_json = layout.study_file
     if study_json.exists():
         try:
             runs = list(json.loads(study_json.read_text(encoding="utf-8")).get("runs", {}))
@@ -91,13 +88,13 @@ _TEXT_ATTRS = {"long_name": "token text", "units": "1",
 _VOCAB_DIM = {"predictions": "vocab", "embeddings": "token"}
 
 
-def _token_texts(root: Path) -> dict[str, np.ndarray]:
+def _token_texts(layout: Layout) -> dict[str, np.ndarray]:
     """tokenizer_hash -> the text of every id (``<U``), from the study's token stores.
 
     Token stores written before ``token_text`` existed are skipped (no coordinate then).
     """
     found: dict[str, np.ndarray] = {}
-    for path in sorted((root / "tokens").glob("*/tokens.zarr")):
+    for path in layout.token_stores():
         try:
             attrs = json.loads((path / "zarr.json").read_text(encoding="utf-8"))["attributes"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -121,7 +118,7 @@ def _with_token_text(ds: Any, dim: str, text: np.ndarray | None, name: str = TOK
     return ds.assign_coords({name: ((dim,), text, dict(_TEXT_ATTRS))})
 
 
-def _run_dataset(root: Path, run: str, seeds: list[int], kind: str,
+def _run_dataset(layout: Layout, run: str, seeds: list[int], kind: str,
                  texts: dict[str, np.ndarray]) -> Any:
     """One run's stores of ``kind`` stacked along a new ``member`` dim (labelled by seed),
     with the token text of its tokenizer on the vocabulary dim (:data:`TOKEN_TEXT`)."""
@@ -131,7 +128,7 @@ def _run_dataset(root: Path, run: str, seeds: list[int], kind: str,
     digest = None
     for seed in seeds:
         # Sizes only, to keep opening lazy: a damaged chunk then fails its crc32c when read.
-        ds = store.open_dataset(root / "members" / run / f"seed{seed}" / f"{kind}.zarr", kind,
+        ds = store.open_dataset(layout.member_store(Member(run, seed), kind), kind,
                                 chunks={}, verify="size")
         digest = digest or ds.attrs.get("tokenizer_hash")
         # target (predictions) and parameter_group (fisher) are shared by the members of a run
@@ -146,7 +143,7 @@ def _run_dataset(root: Path, run: str, seeds: list[int], kind: str,
     return out
 
 
-def _diagonal_dataset(root: Path, run: str, seeds: list[int], texts: dict[str, np.ndarray]) -> Any:
+def _diagonal_dataset(layout: Layout, run: str, seeds: list[int], texts: dict[str, np.ndarray]) -> Any:
     """One run's stored Fisher diagonals (``fisher.zarr/diagonal/``) stacked along ``member``;
     None when no member stored any (``analysis.fisher_diagonal = "none"``). The leading dim
     of each vocabulary-indexed tensor (word embeddings, output layer) gets the token text as
@@ -156,7 +153,7 @@ def _diagonal_dataset(root: Path, run: str, seeds: list[int], texts: dict[str, n
     parts = []
     digest = None
     for seed in seeds:
-        path = root / "members" / run / f"seed{seed}" / "fisher.zarr"
+        path = layout.member_store(Member(run, seed), "fisher")
         # Sizes only, as in _run_dataset: opening stays lazy, chunks are checked when read.
         attrs = store.open_store(path, "fisher", verify="size").attrs
         if not attrs.get("diagonal_parameters"):
@@ -296,26 +293,27 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
     if not root.is_dir():
         raise StoreError(f"{root}: no study folder here; give the study's output folder "
                          "(e.g. studies/demo)")
-    runs = _members(root)
-    current, stale = _currency(root)
+    layout = Layout.of_folder(root)
+    runs = _members(layout)
+    current, stale = _currency(layout)
     if current is not None:
         runs = {r: [s for s in seeds if s in current.get(r, [])] for r, seeds in runs.items()}
         runs = {r: seeds for r, seeds in runs.items() if seeds}
     nodes: dict[str, Any] = {}
-    if stale and (root / "summary.zarr").exists() and not allow_stale:
-        raise StoreError(f"{root / 'summary.zarr'}: the summary is {stale}; run `toolkit run "
+    if stale and layout.summary.exists() and not allow_stale:
+        raise StoreError(f"{layout.summary}: the summary is {stale}; run `toolkit run "
                          f"{root}` to bring it up to date, or open_results(..., allow_stale=True)")
-    if (root / "summary.zarr").exists():
-        summary = store.open_dataset(root / "summary.zarr", "summary", chunks={})
+    if layout.summary.exists():
+        summary = store.open_dataset(layout.summary, "summary", chunks={})
         nodes["/summary"] = summary
         first = [str(r) for r in summary["run"].values if str(r) in runs]
         runs = {r: runs[r] for r in first + [r for r in runs if r not in first]}
     if not runs and not nodes:
         raise StoreError(f"{root}: no summary.zarr and no complete member (members/<run>/seed<N>/"
                          "evaluate.complete.json); run `toolkit run STUDY` first")
-    texts = _token_texts(root)
+    texts = _token_texts(layout)
     for kind in _KINDS:
-        sets = {run: _run_dataset(root, run, seeds, kind, texts) for run, seeds in runs.items()}
+        sets = {run: _run_dataset(layout, run, seeds, kind, texts) for run, seeds in runs.items()}
         if not sets:
             continue
         if kind == "fisher" or _combinable(sets):
@@ -333,17 +331,17 @@ def open_results(study_dir: str | Path, *, allow_stale: bool = False) -> Any:
             nodes[f"/{kind}"] = xr.Dataset()
             for run, ds in sets.items():
                 nodes[f"/{kind}/{run}"] = ds.assign_coords(run=((), np.str_(run), dict(_RUN_ATTRS)))
-    diagonals = {run: _diagonal_dataset(root, run, seeds, texts) for run, seeds in runs.items()}
+    diagonals = {run: _diagonal_dataset(layout, run, seeds, texts) for run, seeds in runs.items()}
     if any(ds is not None for ds in diagonals.values()):
         nodes["/fisher_diagonal"] = xr.Dataset()
         for run, ds in diagonals.items():
             if ds is not None:
                 nodes[f"/fisher_diagonal/{run}"] = ds.assign_coords(run=((), np.str_(run), dict(_RUN_ATTRS)))
     tree = xr.DataTree.from_dict(nodes)
-    if stale and (root / "summary.zarr").exists():
+    if stale and layout.summary.exists():
         tree.attrs["summary_stale"] = stale
     tree.attrs.update(study_dir=str(root), runs=list(runs),
-                      members=[f"{r}/seed{s}" for r, seeds in runs.items() for s in seeds])
+                      members=[Member(r, s).id for r, seeds in runs.items() for s in seeds])
     return tree
 
 
@@ -410,8 +408,8 @@ def token_source(tokens: str | Path, record: Any, token: Any) -> SourceSpan:
     ('NC_003070.9', array([120000, 120006, 120012]), array([120006, 120012, 120018]))
     """
     path = Path(tokens)
-    if path.name != "tokens.zarr":
-        path = path / "tokens.zarr"
+    if path != Layout.tokens_store_in(path.parent):  # the prepare folder, not its store
+        path = Layout.tokens_store_in(path)
     group = store.open_store(path, "tokens", verify="size")
     if "record_name" not in group:
         raise StoreError(f"{path}: the token store has no record names (written by an older "
@@ -520,13 +518,13 @@ def position_source(study_dir: str | Path, run: str, position: Any) -> SourceSpa
 
     from toolkit.config import load_study
     from toolkit.masks import masks_path
-    from toolkit.study import Layout
 
     root = Path(study_dir).expanduser().resolve()
-    if not (root / "study.json").is_file():
+    study_file = Layout.of_folder(root).study_file
+    if not study_file.is_file():
         raise StoreError(f"{root}: no study.json here; give the study's output folder after "
                          "`toolkit run STUDY`")
-    study = load_study(root / "study.json")
+    study = load_study(study_file)
     if study.root != root:  # a moved or copied folder: read the stores where they are now
         study = dataclasses.replace(study, output_dir=str(root))
     if run not in study.runs:

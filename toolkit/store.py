@@ -44,6 +44,7 @@ import numpy as np
 
 from toolkit.errors import StoreError
 from toolkit.plumbing import raise_if_no_space, write_atomic
+from toolkit.study import Layout
 
 # Zarr warns that consolidated metadata is not in the v3 spec; we rely on it for fast opens.
 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
@@ -347,8 +348,9 @@ def study_ref(path: str | Path) -> str:
     holding it (written by the dispatcher), else the placeholder ``STUDY``."""
     # Stores and checkpoints sit at most 5 levels below the study root (toolkit/study.py).
     for parent in list(Path(path).resolve().parents)[:6]:
-        if (parent / "study.json").is_file():
-            return str(parent / "study.json")
+        study_file = Layout.of_folder(parent).study_file
+        if study_file.is_file():
+            return str(study_file)
     return "STUDY"
 
 

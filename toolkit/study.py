@@ -12,10 +12,12 @@ Layout (all paths below the study root, ``StudyConfig.root``)::
         train.complete.json             marker: training finished
         predictions.zarr embeddings.zarr fisher.zarr
         evaluate.complete.json          marker: per-member outputs written
+    analysis/<run>/<family>.zarr        one measure shard (measure unit), marker .<family>.complete.json
     summary.zarr                        aggregated analyses (analyse unit)
     report/index.html                   the report
     analyse.complete.json               marker: summary and report written
     manifest.json                       jobs submitted by the dispatcher
+    logs/<stage>/  logs/driver.log  logs/dask/   job logs
 
 The member id ``<run>/seed<N>`` is the one key for job names, folders and store
 coordinates. Markers are written last, after every store of the unit was renamed
@@ -98,7 +100,8 @@ def prepare_keys(study: StudyConfig) -> list[tuple[str, str]]:
 
 
 class Layout:
-    """Paths of a study folder. Pure path arithmetic: nothing is created here."""
+    """Paths of a study folder. Path arithmetic, and two listings of what is there
+    (:meth:`member_folders`, :meth:`token_stores`): nothing is created here."""
 
     def __init__(self, study: StudyConfig) -> None:
         self.study = study
@@ -170,6 +173,80 @@ class Layout:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    # The paths below complete the layout, so that no other module spells a name of the
+    # study folder (tests/test_layout.py keeps it so).
+
+    @classmethod
+    def of_folder(cls, root: str | Path) -> Layout:
+        """The layout of a study folder known by its path alone (no study loaded).
+
+        For readers of a folder whose study may be absent (``toolkit.open_results`` on
+        stores written by the library, a study folder named on the command line): every
+        path that needs no setting of the study. The run-based ones
+        (:meth:`run_tokens_dir` and those built on it) need ``Layout(study)``; here they
+        raise AttributeError (no ``study``).
+        """
+        layout = cls.__new__(cls)
+        layout.root = Path(root)
+        return layout
+
+    @property
+    def study_file(self) -> Path:
+        """The resolved study the dispatcher writes for its jobs (``study.json``)."""
+        return self.root / "study.json"
+
+    @property
+    def members_dir(self) -> Path:
+        """The folder of every member folder (``members/<run>/seed<N>``)."""
+        return self.root / "members"
+
+    def member_folders(self) -> list[Member]:
+        """The members that have a folder under :attr:`members_dir`, whatever the study says:
+        runs in name order, then seeds in numeric order. Reads the folder (creates nothing)."""
+        found: list[Member] = []
+        if self.members_dir.is_dir():
+            for run_dir in sorted(p for p in self.members_dir.iterdir() if p.is_dir()):
+                seeds = sorted(int(p.name[4:]) for p in run_dir.glob("seed*") if p.name[4:].isdigit())
+                found += [Member(run_dir.name, seed) for seed in seeds]
+        return found
+
+    @property
+    def tokens_root(self) -> Path:
+        """The folder of every prepare unit's folder (``tokens/<corpus>--<tokenizer>``)."""
+        return self.root / "tokens"
+
+    def token_stores(self) -> list[Path]:
+        """The token store of every prepare folder present, in key order (reads the folder)."""
+        return sorted(self.tokens_root.glob("*/tokens.zarr"))
+
+    @staticmethod
+    def tokens_store_in(folder: Path) -> Path:
+        """The token store of a prepare folder (``tokens/<corpus>--<tokenizer>``) given as a path."""
+        return folder / "tokens.zarr"
+
+    def run_tokenizer_file(self, run: str) -> Path:
+        """The tokenizer saved beside the token store that ``run`` reads."""
+        return self.run_tokens_dir(run) / "tokenizer.json"
+
+    @property
+    def report_index(self) -> Path:
+        """The report's page, written last by the analyse unit (one of its outputs)."""
+        return self.report_dir / "index.html"
+
+    def stage_logs(self, stage: str) -> Path:
+        """The job logs of one stage (``logs/<stage>``: the executor's, and member-named links)."""
+        return self.logs_dir / stage
+
+    @property
+    def driver_log(self) -> Path:
+        """The log of a detached local driver (``toolkit run --executor local --no-wait``)."""
+        return self.logs_dir / "driver.log"
+
+    @property
+    def dask_logs(self) -> Path:
+        """The Dask workers' logs (the ``analyse`` stage on a SLURM Dask cluster)."""
+        return self.logs_dir / "dask"
 
 
 _UMASK: int | None = None

@@ -234,7 +234,7 @@ class Preemption:
 
 
 def _open_tokens(study: StudyConfig, run: str) -> Any:
-    path = Layout(study).run_tokens_dir(run) / "tokens.zarr"
+    path = Layout(study).run_tokens_store(run)
     try:
         return store.open_store(path, "tokens")
     except StoreError as e:
@@ -278,16 +278,16 @@ def evaluate_loss(model: Any, batches: list[Batch], device: Any, precision: str 
     return total / max(count, 1)
 
 
-def _fingerprint(study: StudyConfig, member: Member, model_cfg: dict, tokenizer_hash: str,
-                 data_digest: str | None) -> dict:
+def _fingerprint(training: TrainingConfig, data_seed: int, member: Member, model_cfg: dict,
+                 tokenizer_hash: str, data_digest: str | None) -> dict:
     """What a checkpoint must agree on to be resumed (cadence fields excluded)."""
-    t = dataclasses.asdict(study.training)
+    t = dataclasses.asdict(training)
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "eval_every_steps",
                 "log_every_steps", "device"):
         t.pop(key)
     t["fisher_flow"] = list(t["fisher_flow"])
     model_cfg = {k: v for k, v in model_cfg.items() if k != "transformers_version"}
-    return {"member": member.id, "data_seed": study.data_seed, "tokenizer_hash": tokenizer_hash,
+    return {"member": member.id, "data_seed": data_seed, "tokenizer_hash": tokenizer_hash,
             "data": data_digest, "training": t, "model": model_cfg}
 
 
@@ -356,8 +356,8 @@ def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokeniz
     folder = layout.checkpoints_dir(member)
     ckpt.save_hf(model, folder / "final", tokenizer)
     ckpt.save_hf(model, folder / "best", tokenizer)
-    write_record(layout.member_dir(member) / "train.zarr", _record_attrs(
-        study, member, model, tokenizer_hash, final_step=0, tokens_seen=0, tps=0.0,
+    write_record(layout.member_store(member, "train"), _record_attrs(
+        study.data_seed, member, model, tokenizer_hash, final_step=0, tokens_seen=0, tps=0.0,
         device="external", best=None, source=str(source)), empty_log())
     log.info("%s: adopted external checkpoint %s", member.id, source)
     write_json_atomic(layout.train_marker(member), marker_doc(member, [], 0, 0, tokenizer_hash,
@@ -373,7 +373,7 @@ def _run_tokenizer(study: StudyConfig, run: str, tokenizer_hash: str) -> Tokeniz
         The token store's ``tokenizer.json`` is unreadable or is not the one the store
         was built with: an export without it, or with another one, would mislead.
     """
-    path = Layout(study).run_tokens_dir(run) / "tokenizer.json"
+    path = Layout(study).run_tokenizer_file(run)
     fix = f"rebuild it with `toolkit run {study.source_file or study.name} --force prepare`"
     try:
         tokenizer = load_tokenizer(path)
@@ -465,8 +465,8 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
                                t.mlm_probability)
     model_cfg = {k: v for k, v in json.loads(model.config.to_json_string()).items()
                  if k != "transformers_version"}
-    fingerprint = json.loads(json.dumps(_fingerprint(study, member, model_cfg, tokenizer_hash,
-                                                         data_digest)))
+    fingerprint = json.loads(json.dumps(_fingerprint(t, study.data_seed, member, model_cfg,
+                                                     tokenizer_hash, data_digest)))
 
     state = _fresh_state(total, fingerprint)
     latest = ckpt.latest_checkpoint(folder)
@@ -567,8 +567,8 @@ def _run_training(study: StudyConfig, member: Member, group: Any, vocab_size: in
         ckpt.save_hf(model, folder / "best", tokenizer)
     ckpt.save_hf(model, folder / "final", tokenizer)
     tps = state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0
-    write_record(layout.member_dir(member) / "train.zarr", _record_attrs(
-        study, member, model, tokenizer_hash, final_step=step, tokens_seen=state["tokens_seen"],
+    write_record(layout.member_store(member, "train"), _record_attrs(
+        study.data_seed, member, model, tokenizer_hash, final_step=step, tokens_seen=state["tokens_seen"],
         tps=tps, device=str(device), best=state["best_eval_loss"]),
         {"log": state["log"], "eval": state["eval"]})
     flow = [{"step": s, "path": f"checkpoints/flow/{ckpt.step_name(s)}"} for s in flow_steps]
@@ -588,11 +588,11 @@ def empty_log() -> dict[str, dict[str, list]]:
             "eval": {"step": [], "loss": []}}
 
 
-def _record_attrs(study: StudyConfig, member: Member, model: Any, tokenizer_hash: str, *,
+def _record_attrs(data_seed: int, member: Member, model: Any, tokenizer_hash: str, *,
                   final_step: int, tokens_seen: int, tps: float, device: str,
                   best: float | None, source: str | None = None) -> dict[str, Any]:
     attrs = {"member": member.id, "run": member.run, "seed": member.seed,
-             "data_seed": study.data_seed, "tokenizer_hash": tokenizer_hash,
+             "data_seed": data_seed, "tokenizer_hash": tokenizer_hash,
              "model_config": json.loads(model.config.to_json_string()),
              "n_parameters": n_parameters(model), "final_step": final_step,
              "tokens_seen": tokens_seen, "tokens_per_second": tps, "device": device,

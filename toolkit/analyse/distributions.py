@@ -28,14 +28,14 @@ def _open_predictions(layout: Layout, ms: list[Member]) -> list[Any]:
         ds = store.open_dataset(layout.member_store(m, "predictions"), "predictions", chunks={})
         if sets and ds.sizes != sets[0].sizes:
             raise StoreError(
-                f"{layout.member_dir(m) / 'predictions.zarr'}: shape {dict(ds.sizes)} differs from "
+                f"{layout.member_store(m, 'predictions')}: shape {dict(ds.sizes)} differs from "
                 f"{ms[0].id}'s {dict(sets[0].sizes)}; re-run `toolkit evaluate` for the run's members")
         sets.append(ds)
     target = sets[0]["target"].values
     for m, ds in zip(ms[1:], sets[1:], strict=True):
         if not np.array_equal(ds["target"].values, target):
             raise StoreError(
-                f"{layout.member_dir(m) / 'predictions.zarr'}: targets differ from {ms[0].id}'s; "
+                f"{layout.member_store(m, 'predictions')}: targets differ from {ms[0].id}'s; "
                 "members were evaluated on different masks, re-run `toolkit evaluate` for the run")
     return sets
 

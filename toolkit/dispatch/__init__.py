@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from toolkit.config import StudyConfig, study_to_dict
-from toolkit.dispatch.container import STUDY_JSON, check_container
+from toolkit.dispatch.container import check_container
 from toolkit.dispatch.manifest import Manifest
 from toolkit.errors import SubmissionError
 from toolkit.study import Layout, write_json_atomic
@@ -44,7 +44,7 @@ def pending_units(study: StudyConfig, force: set[tuple[str, str]] | None = None)
 
 def save_study(study: StudyConfig) -> Path:
     """Write the resolved study to ``<root>/study.json`` (what every job reads)."""
-    path = study.root / STUDY_JSON
+    path = Layout(study).study_file
     write_json_atomic(path, study_to_dict(study))
     return path
 
@@ -116,7 +116,7 @@ def run_study(study: StudyConfig, executor: str | None = None, wait: bool = True
     else:
         ids = slurm.submit_study(study, pending, manifest, info)
         log.info("queued job(s) %s; follow with `toolkit status %s`", ", ".join(ids) or "(none new)",
-                 study.root / STUDY_JSON)
+                 Layout(study).study_file)
         if wait:
             wait_study(study)
 
@@ -169,7 +169,7 @@ def status_table(study: StudyConfig) -> str:
     """Every unit of the study: done / running / pending / failed, with job ids and logs."""
     from toolkit.dispatch.status import format_table, unit_states
 
-    return format_table(study, unit_states(study))
+    return format_table(study.name, study.root, unit_states(study))
 
 
 def cancel_study(study: StudyConfig) -> None:

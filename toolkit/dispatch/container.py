@@ -50,10 +50,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from toolkit.config import StudyConfig
+from toolkit.config import ContainerConfig, StudyConfig
 from toolkit.errors import SubmissionError
-
-STUDY_JSON = "study.json"
+from toolkit.study import Layout
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """C0 and C1 control characters, DEL and the Unicode line breaks."""
@@ -85,9 +84,9 @@ def check_script_value(value: object, field: str) -> str:
                           "where a newline starts a new shell line: remove it and submit again")
 
 
-def check_container_values(study: StudyConfig) -> None:
-    """The container settings that reach the job's command line hold no control characters."""
-    c = study.dispatch.container
+def check_container_values(c: ContainerConfig) -> None:
+    """The container settings (``dispatch.container``) that reach the job's command line hold
+    no control characters."""
     check_script_value(c.runtime, "dispatch.container.runtime")
     if c.image is not None:
         check_script_value(c.image, "dispatch.container.image")
@@ -119,14 +118,15 @@ def _bind_entry(path: Path, what: str) -> str:
     return str(real) if real == path else f"{real}:{path}"
 
 
-def _source_path(study: StudyConfig, source: str) -> Path:
-    """A path source as the job will use it: absolute, symlinks kept."""
+def _source_path(base_dir: Path, source: str) -> Path:
+    """A path source as the job will use it: absolute (relative to the study file's folder
+    ``base_dir``), symlinks kept."""
     path = Path(source).expanduser()
-    return path if path.is_absolute() else study.base_dir / path
+    return path if path.is_absolute() else base_dir / path
 
 
-def _source_folder(study: StudyConfig, name: str, source: str) -> Path:
-    path = _source_path(study, source)
+def _source_folder(base_dir: Path, name: str, source: str) -> Path:
+    path = _source_path(base_dir, source)
     if glob.has_magic(str(path)):
         # Bind the deepest folder above the first wildcard; the matches must exist now.
         if not glob.glob(str(path)):
@@ -185,10 +185,10 @@ def bind_paths(study: StudyConfig) -> list[str]:
     for name, corpus in study.corpora.items():
         if is_path_source(corpus.source):
             what = f"corpora.{name}.source"
-            folder = _source_folder(study, name, corpus.source)
+            folder = _source_folder(study.base_dir, name, corpus.source)
             entries.append(_bind_entry(folder, what))
             real = Path(os.path.realpath(folder))
-            for file in _source_files(_source_path(study, corpus.source)):
+            for file in _source_files(_source_path(study.base_dir, corpus.source)):
                 if _inside_any(Path(os.path.realpath(file)), [real]):
                     continue
                 entries += [_bind_entry(hop, f"{what} (through the link {file})")
@@ -227,7 +227,7 @@ def check_container(study: StudyConfig) -> None:
     c = study.dispatch.container
     if c.runtime == "none":
         return
-    check_container_values(study)
+    check_container_values(c)
     if shutil.which(c.runtime) is None:
         raise SubmissionError(f"dispatch.container.runtime: '{c.runtime}' is not on PATH on this "
                               "machine; load its module or set runtime = \"none\"")
@@ -252,12 +252,12 @@ def unit_argv(study: StudyConfig, stage: str, key: str, *, python: str | None = 
     python
         Interpreter outside a container (default: this one, i.e. the project's venv).
     """
-    study_json = check_script_value(study.root / STUDY_JSON, "study folder (study.output_dir or --out)")
+    study_json = check_script_value(Layout(study).study_file, "study folder (study.output_dir or --out)")
     c = study.dispatch.container
     if c.runtime == "none":
         return [python or sys.executable, "-m", "toolkit", "unit", study_json, stage, key]
     assert c.image is not None
-    check_container_values(study)
+    check_container_values(c)
     scratch = str(study.resolve_path(c.scratch)) if c.scratch else "/tmp"
     gpus = study.dispatch.resources_for(stage).gpus_per_node > 0
     return [

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from toolkit.config import StudyConfig
-from toolkit.dispatch.container import STUDY_JSON, unit_argv
+from toolkit.dispatch.container import unit_argv
 from toolkit.dispatch.job import UnitJob, read_outcome
 from toolkit.dispatch.manifest import (
     JobRecord,
@@ -172,7 +172,7 @@ def run_debug(study: StudyConfig, pending: dict[str, list[str]]) -> None:
     from toolkit.config import load_study
     from toolkit.units import run_unit
 
-    resolved = load_study(study.root / STUDY_JSON)
+    resolved = load_study(Layout(study).study_file)
     progress = StudyProgress(pending, parallel=1, prior=planned_unit_seconds(resolved))
     for stage, keys in pending.items():
         for key in keys:
@@ -202,11 +202,11 @@ def run_local(study: StudyConfig, pending: dict[str, list[str]], manifest: Manif
         if not keys:
             continue
         res = study.dispatch.resources_for(stage)
-        executor = submitit.LocalExecutor(folder=layout.logs_dir / stage)
+        executor = submitit.LocalExecutor(folder=layout.stage_logs(stage))
         executor.update_parameters(timeout_min=res.time_minutes, visible_gpus=(),
                                    gpus_per_node=0)
         log.info("stage %s: %d unit(s), %d at a time; logs in %s (<unit>.err)", stage, len(keys),
-                 width, layout.logs_dir / stage)
+                 width, layout.stage_logs(stage))
         queue = list(keys)
         running: dict[str, Any] = {}  # key -> submitit LocalJob
         failed: list[str] = []
@@ -254,8 +254,8 @@ def start_detached(study: StudyConfig, manifest: Manifest) -> int:
     """``toolkit run --executor local --no-wait``: a background driver process; returns its pid."""
     layout = Layout(study)
     layout.logs_dir.mkdir(parents=True, exist_ok=True)
-    out = layout.logs_dir / "driver.log"
-    argv = [sys.executable, "-m", "toolkit", "run", str(study.root / STUDY_JSON), "--executor", "local"]
+    out = layout.driver_log
+    argv = [sys.executable, "-m", "toolkit", "run", str(layout.study_file), "--executor", "local"]
     with open(out, "ab") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

@@ -160,7 +160,7 @@ def check_script_values(study: StudyConfig, stage: str) -> None:
     res: ResourceConfig = study.dispatch.resources_for(stage)
     where = f"dispatch.resources.{stage}"
     # The log paths (#SBATCH --output/--error) and the job's command live under the root.
-    check_script_value(Layout(study).logs_dir / stage, "study folder (study.output_dir or --out)")
+    check_script_value(Layout(study).stage_logs(stage), "study folder (study.output_dir or --out)")
     check_script_value(study.name, "study.name (the job name)")
     for key in ("partition", "account", "qos"):
         value = getattr(res, key)
@@ -175,7 +175,7 @@ def check_script_values(study: StudyConfig, stage: str) -> None:
         check_script_value(value, f"{where}.extra_sbatch.{key}")
     for i, line in enumerate(res.setup):
         check_script_value(line, f"{where}.setup[{i}]")
-    check_container_values(study)
+    check_container_values(study.dispatch.container)
 
 
 def slurm_parameters(study: StudyConfig, stage: str, dependency: str | None) -> dict[str, Any]:
@@ -261,7 +261,7 @@ def submit_stage(study: StudyConfig, stage: str, keys: list[str], dependency: st
     import submitit
 
     layout = Layout(study)
-    folder = layout.logs_dir / stage
+    folder = layout.stage_logs(stage)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10)
     params = slurm_parameters(study, stage, dependency)
     executor.update_parameters(**params)

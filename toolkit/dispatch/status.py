@@ -146,11 +146,11 @@ def unit_states(study: StudyConfig) -> list[UnitStatus]:
     return rows
 
 
-def format_table(study: StudyConfig, rows: list[UnitStatus]) -> str:
-    """A plain-text table: a summary line, then one line per unit (logs of running and
-    failed units)."""
+def format_table(name: str, root: Path, rows: list[UnitStatus]) -> str:
+    """A plain-text table: a summary line (study ``name`` in folder ``root``), then one line
+    per unit (logs of running and failed units)."""
     counts = Counter(r.state for r in rows)
-    head = (f"study {study.name} ({study.root}): {len(rows)} units: "
+    head = (f"study {name} ({root}): {len(rows)} units: "
             + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "stale", "running", "pending",
                                                               "failed")))
     w_stage = max(len("STAGE"), *(len(r.stage) for r in rows))
