@@ -350,9 +350,10 @@ def test_bpe_trains_on_an_even_sample_of_the_training_records(tmp_path: Path) ->
 
     from toolkit.config import load_study
     from toolkit.corpora import open_corpus, split_assignment
-    from toolkit.prepare import prepare_study, tokenizer_sample
+    from toolkit.prepare import tokenizer_sample
     from toolkit.study import Layout
     from toolkit.tokenizers import build_tokenizer
+    from toolkit.units import prepare_study
 
     split = np.array([0, 0, 1, 0, 0, 0, 2, 0, 0, 0], dtype=np.uint8)
     chosen = tokenizer_sample(split, 3)

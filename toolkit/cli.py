@@ -124,7 +124,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from toolkit.prepare import prepare_study
+    from toolkit.units import prepare_study
 
     prepare_study(_study(args), force=args.force)
     return 0

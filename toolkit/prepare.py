@@ -45,7 +45,7 @@ from toolkit.errors import ConfigError, StoreError
 from toolkit.plumbing import write_json_atomic
 from toolkit.progress import LogProgress
 from toolkit.sequences import EVAL, SPECIAL_TOKENS, TRAIN
-from toolkit.study import Layout, checkpoint_run, prepare_keys, token_key
+from toolkit.study import Layout, checkpoint_run, token_key
 from toolkit.tokenizers.spec import TOKENIZER_PATTERN, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
@@ -144,20 +144,6 @@ def _read_records(tokens: Any, offsets: np.ndarray, which: np.ndarray) -> Iterat
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare_study(study: StudyConfig, force: bool = False) -> None:
-    """Build every token store of the study (one per distinct corpus x tokenizer).
-
-    Each is a prepare unit (:func:`toolkit.units.run_unit`): one that is done (its
-    marker current) is skipped unless ``force``.
-    """
-    from toolkit.units import run_unit
-
-    keys = prepare_keys(study)
-    for i, (corpus, tok) in enumerate(keys, 1):
-        log.info("prepare %d/%d %s", i, len(keys), token_key(corpus, tok))
-        run_unit(study, "prepare", token_key(corpus, tok), force=force)
-
-
 def _clean_stale(parent: Path, key: str) -> None:
     """Remove temporary folders of this unit left by prepares that died on this host."""
     host = socket.gethostname()
@@ -224,7 +210,7 @@ def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str, *, masks_only:
     try:
         _build_unit(study, corpus, tokenizer, src, tmp)
         write_masks(study, corpus, tokenizer, tmp, verify="size")  # tokens.zarr was just written
-        write_json_atomic(tmp / "complete.json", {
+        write_json_atomic(Layout.prepare_marker_in(tmp), {
             "unit": f"prepare:{key}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(), "tokenizer_hash": _read_hash(tmp)})
         store.replace_folder(tmp, final)
@@ -241,7 +227,7 @@ def prepare_unit(study: StudyConfig, corpus: str, tokenizer: str, *, masks_only:
 def _read_hash(folder: Path) -> str:
     import hashlib
 
-    return hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    return hashlib.sha256(Layout.tokenizer_file_in(folder).read_bytes()).hexdigest()
 
 
 def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -> None:
@@ -260,13 +246,13 @@ def _build_unit(study: StudyConfig, name: str, spec: str, src: Any, out: Path) -
         tok, split = _make_tokenizer(spec, src, cfg, what)
         vocab_size = tok.vocab_size
         specials = {"special_tokens": dict(SPECIAL_TOKENS)}
-    tok.save(out / "tokenizer.json")
+    tok.save(Layout.tokenizer_file_in(out))
     attrs = {
         "corpus": name, "source": cfg.source, "kind": src.kind, "tokenizer": spec,
         "tokenizer_hash": tok.hash, "vocab_size": vocab_size, **specials,
         "provenance": src.provenance(), "toolkit_version": __version__,
     }
-    with store.writing(out / "tokens.zarr", "tokens", attrs) as group:
+    with store.writing(Layout.tokens_store_in(out), "tokens", attrs) as group:
         keep_mask = src.kind == "dna" and cfg.dna.keep_softmask
         counts, record_symbols, sample = _write_tokens(group, tok, src, keep_mask, what,
                                                        len(split) if split is not None else None)

@@ -176,7 +176,7 @@ def study_units(study: StudyConfig) -> list[Unit]:
             shards.append(("measure", key))
     up = [("prepare", token_key(c, t)) for c, t in prepare_keys(study)] + shards
     out.append(Unit("analyse", "summary", layout.analyse_marker, layout.root / ".analyse.lock",
-                    (layout.summary, layout.report_dir / "index.html"), tuple(up)))
+                    (layout.summary, layout.report_index), tuple(up)))
     return out
 
 
@@ -322,7 +322,7 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
     layout = Layout(study)
     if unit.stage == "prepare":
         folder = unit.marker.parent
-        tokens = folder / "tokens.zarr"
+        tokens = Layout.tokens_store_in(folder)
         attrs = _root_attrs(tokens)
         profile = attrs.pop("entropy_profile", None)
         # The entropy profile lives in the root metadata; training does not read it, so it
@@ -331,7 +331,7 @@ def output_digests(study: StudyConfig, unit: Unit) -> dict[str, str]:
         # for other readers (token text, record coordinates) do not retrain anything.
         read = [_tree_digest(tokens / name) for name in TOKEN_ARRAYS_READ if (tokens / name).exists()]
         # The evaluation masks (the store of the current mask settings, unit.outputs[2]).
-        return {"tokenizer": sha256_file(folder / "tokenizer.json"),
+        return {"tokenizer": sha256_file(Layout.tokenizer_file_in(folder)),
                 "tokens": _json_digest([read, attrs]),
                 "profile": _json_digest(profile),
                 "masks": _tree_digest(unit.outputs[2])}
@@ -810,3 +810,15 @@ def require_current_summary(study: StudyConfig) -> None:
     if st.state != "done":
         raise StoreError(f"{Layout(study).summary}: the summary is {st.state} ({st.reason}); run "
                          "`toolkit run STUDY` to bring it up to date")
+
+
+def prepare_study(study: StudyConfig, force: bool = False) -> None:
+    """Build every token store of the study (one per distinct corpus x tokenizer).
+
+    Each is a prepare unit (:func:`run_unit`): one that is done (its
+    marker current) is skipped unless ``force``.
+    """
+    keys = prepare_keys(study)
+    for i, (corpus, tok) in enumerate(keys, 1):
+        log.info("prepare %d/%d %s", i, len(keys), token_key(corpus, tok))
+        run_unit(study, "prepare", token_key(corpus, tok), force=force)
