@@ -80,12 +80,12 @@ def _fsync_file(path: Path) -> None:
 
 
 def _share(folder: Path) -> None:
-    """Give every file in ``folder`` the user's umask mode (:func:`toolkit.study.file_mode`).
+    """Give every file in ``folder`` the user's umask mode (:func:`toolkit.plumbing.file_mode`).
 
     safetensors creates its file with mode 0600 whatever the umask, which would hide
     the weights from colleagues sharing the project folder.
     """
-    from toolkit.study import file_mode
+    from toolkit.plumbing import file_mode
 
     mode = file_mode()
     for f in folder.iterdir():

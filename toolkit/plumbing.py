@@ -9,6 +9,8 @@
 - :func:`open_regular`, :func:`read_small_file`, :func:`tail_lines`: reading files of a
   folder others may write to (never blocking on a planted FIFO or device).
 - :func:`release_freed_memory`: hand memory freed by native code back to the system.
+- :func:`file_mode`: the mode a new file of this user gets (files made through temporary
+  names get it too, so a study in a shared folder stays readable by its group).
 
 Nothing here imports the rest of the toolkit but :mod:`toolkit.errors`, so any module may
 import it.
@@ -53,6 +55,43 @@ def network_order(name: str) -> tuple[int, int, str]:
     return (2 if name == "head" else 3, 0, name)
 
 
+_UMASK: int | None = None
+
+
+def _read_umask() -> int:
+    """This process's umask, without changing it.
+
+    ``os.umask(0); os.umask(old)`` would briefly give every file created by another
+    thread mode 0o666; Linux reports the umask in ``/proc/self/status`` instead. The
+    fallback (other systems) does the swap once, at the first call.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old & 0o777
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file here: ``0o666 & ~umask``.
+
+    Files made with :func:`tempfile.mkstemp` (and by safetensors) are 0600 whatever the
+    umask, so colleagues sharing a project folder could not read a study; every such
+    file is given this mode before it is renamed into place. The umask is read once per
+    process (it is a per-process setting that the toolkit never changes).
+    """
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = _read_umask()
+    return 0o666 & ~_UMASK
+
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader sees the old file or the new one,
     never a half-written one.
@@ -60,12 +99,10 @@ def write_atomic(path: str | Path, text: str) -> None:
     Written to a temporary file in the same folder (a rename is atomic only within one
     file system), flushed to disk, then renamed over ``path`` (``os.replace`` replaces a
     link at ``path`` itself, never the file it points to). The file gets the mode of any
-    file the user creates (:func:`toolkit.study.file_mode`), not mkstemp's 0600, so a
+    file the user creates (:func:`file_mode`), not mkstemp's 0600, so a
     study in a shared folder stays readable by its group. On any failure the temporary
     file is removed and the error raised.
     """
-    from toolkit.study import file_mode
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

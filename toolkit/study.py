@@ -27,7 +27,6 @@ exists and what it consumed has not changed since (:mod:`toolkit.units`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,19 +123,34 @@ class Layout:
         return self.member_dir(member) / f"{kind}.zarr"
 
     def tokens_store(self, corpus: str, tokenizer: str) -> Path:
-        return self.tokens_dir(corpus, tokenizer) / "tokens.zarr"
+        return self.tokens_store_in(self.tokens_dir(corpus, tokenizer))
 
     def run_tokens_store(self, run: str) -> Path:
         """The token store a run reads (its corpus and resolved tokenizer)."""
-        return self.run_tokens_dir(run) / "tokens.zarr"
+        return self.tokens_store_in(self.run_tokens_dir(run))
 
     def tokenizer_file(self, corpus: str, tokenizer: str) -> Path:
-        return self.tokens_dir(corpus, tokenizer) / "tokenizer.json"
+        return self.tokenizer_file_in(self.tokens_dir(corpus, tokenizer))
 
     def masks_store(self, corpus: str, tokenizer: str, digest: str) -> Path:
         """The evaluation masks of a token store built under the mask settings whose digest is
         ``digest`` (:func:`toolkit.masks.masks_digest`): a prepare unit's output."""
-        return self.tokens_dir(corpus, tokenizer) / f"masks-{digest}.zarr"
+        return self.masks_store_in(self.tokens_dir(corpus, tokenizer), digest)
+
+    # The names inside a prepare folder, for a folder given as a path (prepare builds one
+    # under a temporary name and renames it into place).
+
+    @staticmethod
+    def tokenizer_file_in(folder: Path) -> Path:
+        return folder / "tokenizer.json"
+
+    @staticmethod
+    def prepare_marker_in(folder: Path) -> Path:
+        return folder / "complete.json"
+
+    @staticmethod
+    def masks_store_in(folder: Path, digest: str) -> Path:
+        return folder / f"masks-{digest}.zarr"
 
     def train_marker(self, member: Member) -> Path:
         return self.member_dir(member) / "train.complete.json"
@@ -145,7 +159,7 @@ class Layout:
         return self.member_dir(member) / "evaluate.complete.json"
 
     def prepare_marker(self, corpus: str, tokenizer: str) -> Path:
-        return self.tokens_dir(corpus, tokenizer) / "complete.json"
+        return self.prepare_marker_in(self.tokens_dir(corpus, tokenizer))
 
     def shard(self, run: str, family: str) -> Path:
         """The analysis shard of one run and measure family (a ``measure`` unit's store)."""
@@ -249,37 +263,3 @@ class Layout:
         return self.logs_dir / "dask"
 
 
-_UMASK: int | None = None
-
-
-def _read_umask() -> int:
-    """This process's umask, without changing it.
-
-    ``os.umask(0); os.umask(old)`` would briefly give every file created by another
-    thread mode 0o666; Linux reports the umask in ``/proc/self/status`` instead. The
-    fallback (other systems) does the swap once, at the first call.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8) & 0o777
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old & 0o777
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file here: ``0o666 & ~umask``.
-
-    Files made with :func:`tempfile.mkstemp` (and by safetensors) are 0600 whatever the
-    umask, so colleagues sharing a project folder could not read a study; every such
-    file is given this mode before it is renamed into place. The umask is read once per
-    process (it is a per-process setting that the toolkit never changes).
-    """
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = _read_umask()
-    return 0o666 & ~_UMASK
