@@ -29,15 +29,6 @@ ALLOWED: dict[str, set[str] | None] = {
     "toolkit/study.py": None,
     # names inside a checkpoint folder (model.safetensors, state.json, the HF export's tokenizer.json)
     "toolkit/checkpoint.py": None,
-    # rewritten by another change as this rule was written; what they still spell is to move
-    # into Layout once that change is in (masks-<digest>.zarr, tokens.zarr, tokenizer.json,
-    # complete.json, index.html ...)
-    "toolkit/masks.py": None,
-    "toolkit/prepare.py": None,
-    "toolkit/evaluate.py": None,
-    "toolkit/units.py": None,
-    # not to be edited by this change: its logs/dask is Layout.dask_logs, to be used there
-    "toolkit/dispatch/dask_cluster.py": {"dask"},
     # the files of a HuggingFace tokenizer or model folder (an export), not the study folder's
     "toolkit/tokenizers/base.py": {"tokenizer.json"},
     "toolkit/tokenizers/hf.py": {"tokenizer.json"},

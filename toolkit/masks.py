@@ -263,10 +263,10 @@ def write_masks(study: StudyConfig, corpus: str, tokenizer: str, folder: Path | 
         The token store is missing or damaged, or its evaluation split is empty.
     """
     folder = Layout(study).tokens_dir(corpus, tokenizer) if folder is None else folder
-    tokens_path = folder / "tokens.zarr"
+    tokens_path = Layout.tokens_store_in(folder)
     tokens = store.open_store(tokens_path, "tokens", verify=verify)
     expected = expected_attrs(study, corpus, tokenizer, dict(tokens.attrs))
-    path = folder / f"masks-{masks_digest(study, corpus, tokenizer)}.zarr"
+    path = Layout.masks_store_in(folder, masks_digest(study, corpus, tokenizer))
     key = token_key(corpus, tokenizer)
     if path.exists():
         try:

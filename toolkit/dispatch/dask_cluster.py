@@ -127,7 +127,7 @@ def cluster_kwargs(study: StudyConfig) -> dict[str, Any]:
         "job_script_prologue": list(res.setup),
         "job_extra_directives": extra,
         "python": worker_python(study),
-        "log_directory": str(Layout(study).logs_dir / "dask"),
+        "log_directory": str(Layout(study).dask_logs),
         # Workers exit on their own when the scheduler is gone (a killed driver).
         "death_timeout": 60,
         "scheduler_options": {"dashboard_address": ":0"},
@@ -163,7 +163,7 @@ ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL
 
 def _last_log_line(study: StudyConfig, job_ids: list[str]) -> str:
     for job in job_ids:
-        for path in (Layout(study).logs_dir / "dask").glob(f"*-{job}.err"):
+        for path in (Layout(study).dask_logs).glob(f"*-{job}.err"):
             lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
             if lines:
                 return f"; last line of {path}: {lines[-1]}"
@@ -198,7 +198,7 @@ def _wait_first_worker(study: StudyConfig, client: Client, cluster: Any, timeout
             when = "ended before joining" if ended else f"did not join within {timeout_s:.0f} s"
             raise SubmissionError(
                 f"Dask workers on {where} {when}: {what}{_last_log_line(study, ids)}; check the "
-                f"partition (`sinfo -p`), the worker logs in {Layout(study).logs_dir / 'dask'}, "
+                f"partition (`sinfo -p`), the worker logs in {Layout(study).dask_logs}, "
                 "or set dispatch.dask = \"local\"") from e
 
 
