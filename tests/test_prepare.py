@@ -168,7 +168,7 @@ def test_prepare_writes_the_evaluation_masks(prepared: Path) -> None:
     settings, which evaluate opens (and the marker records their digest)."""
     import json as _json
 
-    from toolkit.masks import CHECKED_ATTRS, eval_seq_len, masks_path, open_masks
+    from toolkit.masks import CHECKED_ATTRS, masks_path, open_masks
 
     study = load_study(prepared)
     layout = Layout(study)
@@ -181,7 +181,7 @@ def test_prepare_writes_the_evaluation_masks(prepared: Path) -> None:
         attrs = dict(store.open_store(path, "masks").attrs)
         assert attrs["tokenizer_hash"] == store.open_store(folder / "tokens.zarr", "tokens").attrs["tokenizer_hash"]
         assert {k: attrs[k] for k in CHECKED_ATTRS if k != "tokenizer_hash"} == {
-            "seq_len": eval_seq_len(study), "mask_seed": study.analysis.mask_seed,
+            "seq_len": study.eval_seq_len, "mask_seed": study.analysis.mask_seed,
             "distribution_mask_rate": study.analysis.distribution_mask_rate,
             "fisher_mask_rate": study.analysis.fisher_mask_rate, "eval_records": study.analysis.eval_records,
             "fisher_records": study.analysis.fisher_records,

@@ -494,6 +494,11 @@ class StudyConfig:
         return _resolve(self.base_dir / Path(path).expanduser())
 
     @property
+    def eval_seq_len(self) -> int:
+        """The evaluation sequence length: ``analysis.seq_len``, else ``training.seq_len``."""
+        return self.analysis.seq_len or self.training.seq_len
+
+    @property
     def root(self) -> Path:
         """The study folder, absolute."""
         return _resolve(Path(self.output_dir or f"studies/{self.name}"))
@@ -914,9 +919,7 @@ def validate_study(study: StudyConfig, where: str) -> None:
                 raise err(f"corpora.{name}.synthetic.order = {syn.order} gives "
                           f"{len(syn.alphabet)}^{syn.order + 1} transition probabilities, more than "
                           "20,000,000; lower synthetic.order")
-    t_len = study.training.seq_len
-    a_len = study.analysis.seq_len or t_len
-    _check_model(study.model, "model", t_len, a_len, where)
+    _check_model(study.model, "model", study.training.seq_len, study.eval_seq_len, where)
     for name, run in study.runs.items():
         if "/" in name or not _NAME.match(name):
             raise err(f"runs.{name}: names may only use letters, digits, '.', '_' and '-'")
@@ -943,7 +946,7 @@ def validate_study(study: StudyConfig, where: str) -> None:
         if run.checkpoints and len(run.checkpoints) < len(study.seeds):
             raise err(f"runs.{name}.checkpoints: {len(run.checkpoints)} checkpoint folders for "
                       f"{len(study.seeds)} seeds; give one folder per seed or fewer seeds")
-        _check_model(run.model, f"runs.{name}.model", t_len, a_len, where)
+        _check_model(run.model, f"runs.{name}.model", study.training.seq_len, study.eval_seq_len, where)
     t = study.training
     given = [k for k in ("steps", "tokens", "epochs") if getattr(t, k) is not None]
     if len(given) > 1:

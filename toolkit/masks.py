@@ -67,7 +67,7 @@ def mask_settings(study: StudyConfig, corpus: str, tokenizer: str) -> dict[str, 
         # A run's tokenizer spec ("checkpoint" for a checkpoint's own tokenizer), as recorded
         # when evaluate built the masks: the digests of existing stores stay valid.
         "tokenizer": CHECKPOINT_TOKENIZER if checkpoint_run(tokenizer) is not None else tokenizer,
-        "seq_len": eval_seq_len(study),
+        "seq_len": study.eval_seq_len,
         "mask_seed": a.mask_seed,
         "distribution_mask_rate": a.distribution_mask_rate,
         "fisher_mask_rate": a.fisher_mask_rate,
@@ -96,11 +96,6 @@ def run_token_key(study: StudyConfig, run: str) -> tuple[str, str]:
 def masks_path(study: StudyConfig, run: str) -> Path:
     """Where the evaluation masks of ``run``'s token store live under the current settings."""
     return masks_store(study, *run_token_key(study, run))
-
-
-def eval_seq_len(study: StudyConfig) -> int:
-    """Evaluation sequence length: ``analysis.seq_len``, else ``training.seq_len``."""
-    return study.analysis.seq_len or study.training.seq_len
 
 
 def expected_attrs(study: StudyConfig, corpus: str, tokenizer: str,
@@ -171,7 +166,7 @@ def build_masks(study: StudyConfig, corpus: str, tokenizer: str, tokens: Any, pa
     """Build the masks store of the token store ``<corpus>--<tokenizer>`` at ``path`` (which
     must not exist) from that open token store, all-or-nothing."""
     a = study.analysis
-    seq_len = eval_seq_len(study)
+    seq_len = study.eval_seq_len
     if seq_len < 3:
         raise StoreError(f"analysis.seq_len = {seq_len}: evaluation sequences need room for "
                          "[CLS], one token and [SEP]; use at least 3")

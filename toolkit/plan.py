@@ -39,7 +39,6 @@ import numpy as np
 
 from toolkit.config import CorpusConfig, DispatchConfig, StudyConfig, effective_shape
 from toolkit.errors import ConfigError, CorpusError
-from toolkit.masks import eval_seq_len
 from toolkit.study import Layout, prepare_keys, run_tokenizer
 from toolkit.tokenizers.spec import TOKENIZER_PATTERN, tokenizer_vocab_size
 from toolkit.train import iter_flow_steps, total_steps
@@ -463,7 +462,7 @@ class _Eval:
     @classmethod
     def of(cls, study: StudyConfig, s: RunShape) -> _Eval:
         a = study.analysis
-        T = eval_seq_len(study)
+        T = study.eval_seq_len
         n = min(a.eval_records or s.n_eval, s.n_eval)
         lengths = np.minimum(s.eval_lengths, T - 2) if len(s.eval_lengths) else np.zeros(1)
         mean = float(lengths[lengths > 0].mean()) if (lengths > 0).any() else 1.0

@@ -348,7 +348,7 @@ def _adopt_external(study: StudyConfig, member: Member, vocab_size: int, tokeniz
     else:
         tokenizer = _run_tokenizer(study, member.run, tokenizer_hash)
         _check_checkpoint_tokenizer(source, tokenizer, member.run)
-    seq_len = study.analysis.seq_len or study.training.seq_len
+    seq_len = study.eval_seq_len
     if model_positions(model) < seq_len:
         raise CheckpointError(f"{source}: checkpoint has {model_positions(model)} "
                               f"positions, the study evaluates sequences of {seq_len}; lower "
