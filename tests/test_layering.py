@@ -139,3 +139,18 @@ def test_no_stage_imports_a_later_one() -> None:
             if _layer(dep) > _layer(name):
                 bad.append(f"{name} ({LAYERS[_layer(name)][0]}) imports {dep} ({LAYERS[_layer(dep)][0]})")
     assert not bad, "imports from a later layer:\n" + "\n".join(bad)
+
+
+def test_readme_tour_matches_the_folders() -> None:
+    """The README's tour names every module and package of toolkit/, and only those."""
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    tour = text.split("## A tour", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"\b([a-z_]+(?:\.py|/))", tour))
+    on_disk = {p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    on_disk |= {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    inside = {p.name for p in PACKAGE.glob("*/*.py")}  # modules of a package, named beside it
+    assert named >= on_disk, f"missing from the README's tour: {sorted(on_disk - named)}"
+    stray = named - on_disk - inside - {"storage_schemas/"}
+    assert not stray, f"named in the README's tour but not in toolkit/: {sorted(stray)}"
