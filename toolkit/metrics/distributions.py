@@ -340,13 +340,17 @@ def _no_members(lps: Sequence[Any]) -> None:
         raise StoreError("lps: no members; pass the log-probabilities of at least one member")
 
 
-def _check_members(lps: Sequence[Any]) -> list[np.ndarray]:
-    _no_members(lps)
-    arrs = [_check_lp(f"lps[{k}]", lp) for k, lp in enumerate(lps)]
+def _same_shapes(arrs: Sequence[Any]) -> None:
     for k, x in enumerate(arrs[1:], start=1):
         if x.shape != arrs[0].shape:
             raise StoreError(f"lps[{k}] {x.shape} and lps[0] {arrs[0].shape} differ in shape; compare "
                              "members of the same run evaluated on the same masks.zarr")
+
+
+def _check_members(lps: Sequence[Any]) -> list[np.ndarray]:
+    _no_members(lps)
+    arrs = [_check_lp(f"lps[{k}]", lp) for k, lp in enumerate(lps)]
+    _same_shapes(arrs)
     return arrs
 
 
@@ -523,10 +527,7 @@ def _lazy_members(lps: Sequence[Any]) -> list[dask.array.Array]:
     """Members as dask arrays with the vocabulary in one chunk and the positions chunked as the first's."""
     _no_members(lps)
     arrs = [_as_rows(f"lps[{k}]", lp) for k, lp in enumerate(lps)]
-    for k, x in enumerate(arrs[1:], start=1):
-        if x.shape != arrs[0].shape:
-            raise StoreError(f"lps[{k}] {x.shape} and lps[0] {arrs[0].shape} differ in shape; compare "
-                             "members of the same run evaluated on the same masks.zarr")
+    _same_shapes(arrs)
     return [arrs[0]] + [x.rechunk({0: arrs[0].chunks[0]}) for x in arrs[1:]]
 
 
