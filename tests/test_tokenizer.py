@@ -266,8 +266,9 @@ def test_bad_specs_and_files(tmp_path: Path) -> None:
 
 
 def test_tokenizers_package_imports_no_later_stage() -> None:
-    # The package sits under config and every stage: it may use toolkit.errors and
-    # toolkit.sequences only (spec.py only toolkit.errors, so config.py can import it).
+    # The package sits under config and every stage: it may use toolkit.errors,
+    # toolkit.plumbing (which imports only errors) and toolkit.sequences only (spec.py only
+    # toolkit.errors, so config.py can import it). tests/test_layering.py checks every module.
     import ast
     import subprocess
     import sys
@@ -278,8 +279,8 @@ def test_tokenizers_package_imports_no_later_stage() -> None:
     code = "import sys, toolkit.tokenizers; print(' '.join(m for m in sys.modules if m.startswith('toolkit')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
-    assert {m for m in loaded if not m.startswith("toolkit.tokenizers")} <= {"toolkit", "toolkit.errors",
-                                                                            "toolkit.sequences"}
+    assert {m for m in loaded if not m.startswith("toolkit.tokenizers")} <= {
+        "toolkit", "toolkit.errors", "toolkit.plumbing", "toolkit.sequences"}
     spec = ast.parse((root / "toolkit" / "tokenizers" / "spec.py").read_text(encoding="utf-8"))
     used = {n.module for n in ast.walk(spec) if isinstance(n, ast.ImportFrom) and n.module}
     assert {m for m in used if m.startswith("toolkit")} == {"toolkit.errors"}
