@@ -91,7 +91,6 @@ def file_mode() -> int:
     return 0o666 & ~_UMASK
 
 
-
 def write_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader sees the old file or the new one,
     never a half-written one.

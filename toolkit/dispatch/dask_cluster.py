@@ -163,7 +163,7 @@ ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL
 
 def _last_log_line(study: StudyConfig, job_ids: list[str]) -> str:
     for job in job_ids:
-        for path in (Layout(study).dask_logs).glob(f"*-{job}.err"):
+        for path in Layout(study).dask_logs.glob(f"*-{job}.err"):
             lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
             if lines:
                 return f"; last line of {path}: {lines[-1]}"
